@@ -1,0 +1,21 @@
+# `make demo`: set up (once) and run the main job on the embedded `shapes` data set.
+# `make test`: set up (once) and run the tests.
+# The environment is a virtual environment cached outside the clone (see scripts/setup.sh).
+SHELL := /bin/bash
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo demo-quick test bench
+setup:
+	@bash scripts/setup.sh
+
+demo:
+	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py
+
+demo-quick:
+	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py preset=quick
+
+test:
+	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest -q $(PYTEST_ARGS)
+
+bench:
+	@PY=$$(bash scripts/setup.sh) && for b in bench/*.py; do $$PY $$b; done

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny real components built in seconds on the CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+MICRO_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def micro_clip():
+    from unclip.clip import OpenClipEncoder
+
+    torch.manual_seed(0)
+    return OpenClipEncoder(model_cfg=MICRO_CLIP, name="micro")

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from unclip.checkpoint import load_stage, save_stage
+from unclip.config import UnsafeConfigError, build
+from unclip.embedding import EmbeddingSpace
+from unclip.weights import CheckpointError
+
+
+def test_round_trip_gives_the_same_encoder(micro_clip, tmp_path):
+    ema = type(micro_clip)(model_cfg=micro_clip.model_cfg)  # stands in for EMA weights
+    path = save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space, ema_model=ema)
+    for use_ema, reference in ((False, micro_clip), (True, ema)):
+        loaded = load_stage(path, stage="clip", use_ema=use_ema)
+        assert loaded.space == micro_clip.space
+        images = torch.rand(2, 3, 32, 32) * 2 - 1
+        torch.testing.assert_close(loaded.model.encode_image(images), reference.encode_image(images))
+        torch.testing.assert_close(loaded.model.encode_text(["a red circle"]).embed, reference.encode_text(["a red circle"]).embed)
+    # the space recorded is the space of the weights actually loaded
+    assert load_stage(path, use_ema=False).model.compute_space() == micro_clip.space
+
+
+def test_save_replaces_atomically_and_leaves_no_temporaries(micro_clip, tmp_path):
+    save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space)
+    save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip"]
+
+
+def test_missing_truncated_and_wrong_stage_are_clear_errors(micro_clip, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_stage(tmp_path / "nope")
+    path = save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space)
+    with pytest.raises(CheckpointError, match="is a 'clip' checkpoint, expected a 'prior' one"):
+        load_stage(path, stage="prior")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_stage(path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a stage checkpoint"):
+        load_stage(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("target", ["os.system", "subprocess.Popen", "builtins.eval", "unclip..os"])
+def test_config_naming_code_outside_the_package_is_refused(micro_clip, tmp_path, target):
+    path = save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space)
+    config = json.loads((path / "config.json").read_text())
+    config["model"] = {"_target_": target, "command": "touch pwned"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="only classes of the unclip package"):
+        load_stage(path)
+    with pytest.raises(UnsafeConfigError):
+        build({"nested": [{"_target_": target}]})
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_spaces_of_different_models_refuse_to_meet(micro_clip):
+    other = EmbeddingSpace.from_dict({**micro_clip.space.to_dict(), "fingerprint": "0" * 16, "name": "other"})
+    with pytest.raises(ValueError, match=r"prior was trained in embedding space micro .* but decoder in other"):
+        micro_clip.space.check_same(other, "prior", "decoder")
+    micro_clip.space.check_same(EmbeddingSpace.from_dict(micro_clip.space.to_dict()), "a", "b")

@@ -1,0 +1,50 @@
+"""Every config in conf/ composes, and composes into objects that build."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import CONF
+from unclip.config import build
+
+JOBS = sorted(p.stem for p in CONF.glob("train_*.yaml")) + sorted(p.stem for p in CONF.glob("pipeline_*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _groups():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "experiment"):
+        for option in sorted(group.glob("*.yaml")):
+            yield group.name, option.stem
+
+
+@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_job_composes_with_every_experiment(job, experiment):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name=job, overrides=[f"experiment={experiment}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("group,option", list(_groups()))
+def test_every_group_option_composes_into_a_job(group, option):
+    job = next((j for j in JOBS if group in _job_groups(j)), None)
+    if job is None:
+        pytest.fail(f"conf/{group}/ is used by no job config in conf/")
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name=job, overrides=[f"{group}={option}"])
+    node = OmegaConf.to_container(cfg, resolve=True)[group]
+    if group in ("clip",):
+        assert build(node).space.dim > 0
+
+
+def _job_groups(job):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name=job, return_hydra_config=True)
+    return set(cfg.hydra.runtime.choices)
+
+
+def test_command_line_overrides_reach_the_trainer():
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="train_clip", overrides=["experiment=shapes", "trainer.max_steps=7"])
+    assert cfg.trainer.max_steps == 7
+    assert cfg.name == "shapes"

@@ -1,0 +1,196 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import ROOT
+from unclip.training import NonFiniteLossError, StreamBatchSampler, Trainer, TrainerConfig, lr_at
+
+
+class Toy(nn.Module):
+    """A small noisy regression problem that uses dropout and the global RNG (as diffusion losses do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.1), nn.GELU(), nn.Linear(32, 1))
+
+    @property
+    def config(self):
+        return {"_target_": "tests.Toy"}
+
+
+class ToyData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(4, generator=g)
+        return {"x": x, "y": x.sum(0, keepdim=True)}
+
+
+def toy_loss(model, batch):
+    noise = 0.01 * torch.randn_like(batch["y"])  # global RNG, restored on resume
+    return {"loss": ((model.net(batch["x"]) - batch["y"] - noise) ** 2).mean()}
+
+
+def make_trainer(run_dir, **overrides):
+    torch.manual_seed(0)
+    settings = dict(max_steps=12, batch_size=8, lr=1e-2, warmup_steps=3, mixed_precision="no", ema_beta=0.9,
+                    ema_update_after_step=2, checkpoint_every=4, log_every=2, progress=False)
+    settings.update(overrides)
+    return Trainer(Toy(), toy_loss, ToyData(), TrainerConfig(**settings), run_dir, stage="toy", space_fn=lambda m: None)
+
+
+def test_loss_falls_and_checkpoints_rotate(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=60, checkpoint_every=20)
+    result = trainer.fit()
+    assert result.history[-1]["loss"] < 0.3 * result.history[0]["loss"]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["latest", "step-00000040", "step-00000060"]  # keep_checkpoints=2
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000060"
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all("samples_per_s" in r for r in records if "loss" in r)
+
+
+def _state(run_dir):
+    path = Path(run_dir) / "checkpoints" / "step-00000012"
+    return load_file(path / "model.safetensors"), load_file(path / "ema.safetensors"), path
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights_ema_and_optimizer(tmp_path):
+    make_trainer(tmp_path / "straight").fit()
+
+    class Crash(Exception):
+        pass
+
+    calls = []
+
+    def crash_after_step_10(model):
+        calls.append(1)
+        if len(calls) == 10:
+            raise Crash
+
+    crashing = make_trainer(tmp_path / "crashed")
+    crashing.after_step_fn = crash_after_step_10
+    with pytest.raises(Crash):
+        crashing.fit()
+    assert (tmp_path / "crashed" / "checkpoints" / "latest").read_text() == "step-00000008"
+    resumed = make_trainer(tmp_path / "crashed", resume=True)
+    resumed.fit()
+
+    model_a, ema_a, path_a = _state(tmp_path / "straight")
+    model_b, ema_b, path_b = _state(tmp_path / "crashed")
+    for key in model_a:
+        torch.testing.assert_close(model_a[key], model_b[key], rtol=0, atol=0)
+    for key in ema_a:
+        torch.testing.assert_close(ema_a[key], ema_b[key], rtol=0, atol=0)
+    opt_a = torch.load(path_a / "trainer" / "optimizer.bin", weights_only=True)
+    opt_b = torch.load(path_b / "trainer" / "optimizer.bin", weights_only=True)
+    for key, state in opt_a["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(value, opt_b["state"][key][name], rtol=0, atol=0)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    make_trainer(tmp_path, max_steps=4).fit()
+    with pytest.raises(FileExistsError, match="trainer.resume=true"):
+        make_trainer(tmp_path, max_steps=4).fit()
+    make_trainer(tmp_path, max_steps=4, overwrite=True).fit()
+
+
+def test_non_finite_losses_are_skipped_then_stop_with_the_last_checkpoint(tmp_path):
+    steps = []
+
+    def sometimes_nan(model, batch):
+        steps.append(1)
+        out = toy_loss(model, batch)
+        if len(steps) in (3, 5):  # two isolated bad steps: skipped
+            out["loss"] = out["loss"] * float("nan")
+        if len(steps) >= 9:  # then only bad ones
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    trainer = make_trainer(tmp_path, max_steps=30, max_bad_steps=4)
+    trainer.wrapped.loss_fn = sometimes_nan
+    with pytest.raises(NonFiniteLossError, match=r"4 consecutive steps.*step-00000008"):
+        trainer.fit()
+    skipped = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines() if "skipped" in l]
+    assert len(skipped) == 6
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_stream_sampler_shards_the_same_items_as_one_bigger_batch_and_resumes():
+    one = StreamBatchSampler(37, 8, seed=3)
+    two = [StreamBatchSampler(37, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for batch in range(12):  # crosses several epochs
+        assert one.batch_indices(batch) == two[0].batch_indices(batch) + two[1].batch_indices(batch)
+    resumed = iter(StreamBatchSampler(37, 8, seed=3, start_batch=5))
+    assert next(resumed) == one.batch_indices(5)
+    epoch = [i for b in range(37) for i in StreamBatchSampler(37, 1, seed=0).batch_indices(b)]
+    assert sorted(epoch) == list(range(37))  # each epoch is a permutation
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TrainerConfig(max_steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+
+
+def test_bad_trainer_settings_name_the_value():
+    with pytest.raises(ValueError, match="trainer.mixed_precision must be one of .* got 'fp8'"):
+        TrainerConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match=r"unknown trainer settings \['max_stepz'\]"):
+        TrainerConfig.from_dict({"max_stepz": 3})
+
+
+CLIP_JOB = [
+    "train/clip.py", "experiment=shapes", "clip=micro_vit", "data.image_size=32", "trainer.batch_size=16",
+    "trainer.max_steps=24", "trainer.checkpoint_every=4", "trainer.warmup_steps=2", "trainer.eval_every=0",
+    "trainer.ema_update_after_step=2", "trainer.progress=false", "data.val.length=32", "data.heldout.length=16",
+]
+
+
+def _run_clip(run_dir, *extra, wait=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, *CLIP_JOB, f"hydra.run.dir={run_dir}", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        return out
+    return proc
+
+
+@pytest.mark.slow
+def test_clip_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    out = _run_clip(tmp_path / "straight")
+    metrics = json.loads(out.strip().splitlines()[-1])  # the last line is metrics.json
+    assert metrics == json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert {"zero_shot_top1_val", "zero_shot_top1_heldout", "image_to_text_R@1_val", "text_to_image_R@1_val"} <= set(metrics)
+
+    proc = _run_clip(tmp_path / "killed", wait=False)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-00000008"):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() < "step-00000024", "the run ended before it could be killed"
+    _run_clip(tmp_path / "killed", "trainer.resume=true")
+    final = "checkpoints/step-00000024"
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "straight" / final / name)
+        b = load_file(tmp_path / "killed" / final / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key}")

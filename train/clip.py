@@ -1,0 +1,48 @@
+"""Train a CLIP contrastively and evaluate it: `python train/clip.py experiment=shapes`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.clip import ContrastiveLoss, clamp_logit_scale
+from unclip.config import build
+from unclip.data.shapes import collate
+from unclip.eval.clip_shapes import ShapesClipEvaluator
+from unclip.jobs import finish
+from unclip.training import Trainer, TrainerConfig
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train_clip")
+def main(cfg: DictConfig) -> None:
+    start = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    set_seed(config["trainer"]["seed"])  # the same initial weights for the same seed
+    encoder = build(config["clip"])
+    data = build(config["data"])
+    trainer = Trainer(
+        encoder,
+        ContrastiveLoss(),
+        data["train"],
+        TrainerConfig.from_dict(config["trainer"]),
+        run_dir,
+        stage="clip",
+        space_fn=lambda model: model.compute_space(),
+        collate_fn=collate,
+        evaluate_fn=ShapesClipEvaluator({"val": data["val"], "heldout": data["heldout"]}),
+        after_step_fn=clamp_logit_scale,
+        extra_config={"job": config},
+    )
+    result = trainer.fit()
+    metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint), "minutes": (time.time() - start) / 60}
+    finish(run_dir, metrics, is_main=trainer.is_main)
+
+
+if __name__ == "__main__":
+    main()

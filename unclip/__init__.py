@@ -1,0 +1,1 @@
+"""unclip: DALL-E 2 (unCLIP) from separately trainable stages."""

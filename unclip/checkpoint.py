@@ -1,0 +1,177 @@
+"""Save and load a stage: a self-describing checkpoint directory.
+
+A stage checkpoint is a directory holding
+
+* ``model.safetensors``: the trained weights; ``ema.safetensors``: their EMA (optional);
+* ``config.json``: ``{"format", "stage", "model": <config that rebuilds the model>, ...}``;
+* ``space.json``: the EmbeddingSpace the stage lives in;
+* during training also ``trainer/`` (accelerate's state) and ``trainer.json`` for exact resume.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so a
+crash mid-save leaves the previous checkpoint intact. Loading reads JSON and safetensors only and builds
+the model through :func:`unclip.config.build`, which refuses classes outside this package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from unclip.config import UnsafeConfigError, build
+from unclip.embedding import EmbeddingSpace
+from unclip.weights import CheckpointError, load_weights_file
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class LoadedStage:
+    model: nn.Module
+    config: dict
+    space: EmbeddingSpace | None
+    path: Path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def save_stage_files(
+    directory: Path,
+    model: nn.Module,
+    *,
+    stage: str,
+    space: EmbeddingSpace | None,
+    ema_model: nn.Module | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a stage's files into an existing (temporary) directory. Not atomic by itself."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or "_target_" not in config:
+        raise TypeError(f"{type(model).__name__} has no .config dict with a _target_; cannot save it as a stage")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / "model.safetensors"))
+    if ema_model is not None:
+        save_model(ema_model, str(directory / "ema.safetensors"))
+    meta = {"format": FORMAT_VERSION, "stage": stage, "model": config, **(extra or {})}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    if space is not None:
+        (directory / "space.json").write_text(json.dumps(space.to_dict(), indent=2))
+
+
+def commit_directory(tmp: Path, final: Path) -> None:
+    """Atomically put ``tmp`` at ``final`` (replacing an older ``final``)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_stage(
+    directory: str | Path,
+    model: nn.Module,
+    *,
+    stage: str,
+    space: EmbeddingSpace | None,
+    ema_model: nn.Module | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Save a stage checkpoint atomically to ``directory``."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_stage_files(tmp, model, stage=stage, space=space, ema_model=ema_model, extra=extra)
+    commit_directory(tmp, final)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A stage checkpoint directory from itself, a run directory or a ``checkpoints/`` directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / "config.json").is_file():
+        return path
+    for candidate in (path, path / CHECKPOINTS):
+        latest = candidate / LATEST
+        if latest.is_file():
+            target = candidate / latest.read_text().strip()
+            if (target / "config.json").is_file():
+                return target
+            raise CheckpointError(f"{latest} points at {target}, which is not a complete checkpoint")
+    raise CheckpointError(
+        f"{path} is not a stage checkpoint: expected config.json there, or a run directory with "
+        f"{CHECKPOINTS}/{LATEST}"
+    )
+
+
+def read_stage_config(path: str | Path) -> tuple[Path, dict, EmbeddingSpace | None]:
+    directory = resolve_checkpoint(path)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{directory}/config.json is damaged: {err}") from err
+    if not isinstance(config, dict) or "model" not in config or "stage" not in config:
+        raise CheckpointError(f"{directory}/config.json is not a unclip stage config (no 'stage'/'model')")
+    space = None
+    if (directory / "space.json").is_file():
+        try:
+            space = EmbeddingSpace.from_dict(json.loads((directory / "space.json").read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{directory}/space.json is damaged: {err}") from err
+    return directory, config, space
+
+
+def load_stage(
+    path: str | Path,
+    *,
+    stage: str | None = None,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> LoadedStage:
+    """Rebuild a stage's model from its checkpoint (EMA weights when present and ``use_ema``)."""
+    directory, config, space = read_stage_config(path)
+    if stage is not None and config["stage"] != stage:
+        raise CheckpointError(f"{directory} is a {config['stage']!r} checkpoint, expected a {stage!r} one")
+    try:
+        model = build(config["model"])
+    except UnsafeConfigError as err:
+        raise CheckpointError(f"refusing to load {directory}: {err}") from err
+    weights = directory / "ema.safetensors"
+    if not (use_ema and weights.is_file()):
+        weights = directory / "model.safetensors"
+    state = load_weights_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared_ok = set(_shared_tensor_names(model))
+    missing = [k for k in missing if k not in shared_ok]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not fit the model in {directory}/config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return LoadedStage(model=model.to(map_location), config=config, space=space, path=directory)
+
+
+def _shared_tensor_names(model: nn.Module) -> list[str]:
+    """Names of tensors that alias another one (safetensors' save_model keeps only one of each group)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            groups.setdefault(tensor.data_ptr(), []).append(name)
+    return [name for names in groups.values() if len(names) > 1 for name in names]

@@ -1,0 +1,43 @@
+"""The CLIP contrastive objective, with open_clip's ClipLoss (negatives gathered across processes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from open_clip.loss import ClipLoss
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ContrastiveLoss:
+    """``loss_fn(encoder, batch)``: symmetric cross-entropy over the N×N cosine-similarity matrix.
+
+    With several processes the features of every process are gathered (with gradients), so each
+    image is contrasted against the captions of the whole global batch, not just its own slice.
+    """
+
+    def __call__(self, encoder, batch: dict) -> dict:
+        images, captions = batch["image"], batch["caption"]
+        if images.shape[0] != len(captions):
+            raise ValueError(f"batch has {images.shape[0]} images but {len(captions)} captions")
+        rank, world_size = _world()
+        loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+        image_features = encoder.encode_image(images)
+        text_features = encoder.encode_text(captions).embed
+        logit_scale = encoder.logit_scale.exp()
+        loss = loss_fn(image_features, text_features, logit_scale)
+        return {"loss": loss, "logit_scale": logit_scale.detach()}
+
+
+def clamp_logit_scale(encoder) -> None:
+    """Keep the learnable temperature at most 100 (CLIP paper), after every optimizer step."""
+    with torch.no_grad():
+        encoder.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))

@@ -1,0 +1,199 @@
+"""A ClipEncoder backed by any open_clip architecture (random init, our checkpoint, or a local file)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
+from unclip.weights import load_weights_file
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class OpenClipEncoder(nn.Module):
+    """CLIP text and image encoders from open_clip, returning per-token text states as well.
+
+    Give either ``model_name`` (one of ``open_clip.list_models()``) or ``model_cfg`` (an open_clip model
+    config: ``embed_dim``, ``vision_cfg``, ``text_cfg``; the tiny ones live in ``conf/clip/``).
+    ``checkpoint`` optionally names a local open_clip weights file (.pt, .bin or .safetensors).
+    Nothing is ever downloaded.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        model_cfg: dict | None = None,
+        checkpoint: str | None = None,
+        name: str = "",
+        image_mean: Sequence[float] = OPENAI_MEAN,
+        image_std: Sequence[float] = OPENAI_STD,
+    ):
+        super().__init__()
+        if (model_name is None) == (model_cfg is None):
+            raise ValueError("give exactly one of model_name (an open_clip architecture) or model_cfg")
+        if model_name is not None:
+            model_cfg = _named_model_config(model_name)
+        model_cfg = _plain(model_cfg)
+        self.model_name = model_name
+        self.model_cfg = model_cfg
+        self.checkpoint = checkpoint
+        self.name = name or model_name or "open_clip"
+        self.model = open_clip.CLIP(**copy.deepcopy(model_cfg))
+        if checkpoint is not None:
+            state = load_weights_file(checkpoint)
+            state = state.get("state_dict", state)
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"checkpoint {checkpoint} does not fit the architecture {self.name}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        self.context_length = int(model_cfg["text_cfg"].get("context_length", 77))
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        vision = model_cfg["vision_cfg"]
+        size = vision.get("image_size", 224)
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
+        self._space: EmbeddingSpace | None = None
+
+    # -- config and space ---------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """The config that rebuilds this encoder (weights come from the checkpoint, not the file)."""
+        return {
+            "_target_": "unclip.clip.OpenClipEncoder",
+            "model_cfg": copy.deepcopy(self.model_cfg),
+            "name": self.name,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+    @property
+    def space(self) -> EmbeddingSpace:
+        if self._space is None:
+            self._space = self.compute_space()
+        return self._space
+
+    def compute_space(self) -> EmbeddingSpace:
+        """Describe the joint space, fingerprinting the current weights (cached as ``space``)."""
+        text = self.model_cfg["text_cfg"]
+        self._space = EmbeddingSpace(
+            dim=int(self.model_cfg["embed_dim"]),
+            text_length=self.context_length,
+            token_dim=int(text.get("width", 512)),
+            image_size=self.image_size,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            fingerprint=fingerprint_of(self.config, self.model.state_dict()),
+            name=self.name,
+        )
+        return self._space
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._space = None  # new weights, new fingerprint
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- text ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids [B, T]. A caption longer than the context is truncated with a warning."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise ValueError("tokenize got an empty list of captions; expected at least one")
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"captions must be str, got {type(text).__name__}: {text!r}")
+        encoder = self.tokenizer
+        too_long = [t for t in texts if len(encoder.encode(t)) + 2 > self.context_length]
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} caption(s) longer than the {self.context_length}-token context were "
+                f"truncated, e.g. {too_long[0][:80]!r}",
+                stacklevel=2,
+            )
+        return encoder(texts)
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        device = self._mean.device
+        tokens = tokens.to(device)
+        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
+            raise ValueError(f"token ids must be [B, {self.context_length}], got {tuple(tokens.shape)}")
+        out = self.model.forward_intermediates(
+            text=tokens, text_indices=1, normalize=False, normalize_intermediates=True
+        )
+        token_embeds = out["text_intermediates"][-1]  # [B, T, Dt] after the final layer norm
+        embed = F.normalize(out["text_features"].float(), dim=-1)
+        # Real tokens: everything up to and including the end token (the highest id in each row).
+        end = tokens.argmax(dim=-1, keepdim=True)
+        mask = torch.arange(tokens.shape[1], device=device)[None, :] <= end
+        return TextCondition(embed=embed, tokens=tokens, token_embeds=token_embeds, mask=mask)
+
+    # -- images -------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] to the model's input size and normalisation."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(
+                images.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            )
+        pixels = (images + 1) / 2
+        return (pixels - self._mean) / self._std
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(self.preprocess(images.to(self._mean.device)))
+        return F.normalize(features.float(), dim=-1)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+
+def _named_model_config(model_name: str) -> dict:
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"model_name {model_name!r}: nothing is fetched from a hub; name an open_clip architecture and give "
+            "the weights as a local file with checkpoint=..."
+        )
+    known = open_clip.list_models()
+    if model_name not in known:
+        raise ValueError(f"unknown open_clip model {model_name!r}; known models: {', '.join(known)}")
+    cfg = open_clip.get_model_config(model_name)
+    if cfg.get("text_cfg", {}).get("hf_model_name") or "hf_tokenizer_name" in cfg.get("text_cfg", {}):
+        raise ValueError(
+            f"open_clip model {model_name!r} uses a Hugging Face text tower, which would be downloaded; "
+            "use a transformers CLIPModel from a local directory instead"
+        )
+    if cfg.get("custom_text") or "multimodal_cfg" in cfg:
+        raise ValueError(f"open_clip model {model_name!r} is not a plain CLIP; it is not supported here")
+    return cfg
+
+
+def _plain(value):
+    """OmegaConf / tuples to plain dicts and lists (JSON-serialisable)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def list_models() -> list[str]:
+    return open_clip.list_models()
+
+
+__all__ = ["OpenClipEncoder", "list_models"]

@@ -1,0 +1,65 @@
+"""The training loop's settings, one dataclass shared by every stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float | None = 1.0
+    mixed_precision: str = "bf16"
+    ema_beta: float = 0.999
+    ema_update_after_step: int = 100
+    ema_update_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    preview_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    resume: bool = False  # continue from the run directory's latest checkpoint
+    overwrite: bool = False  # discard the run directory's checkpoints and start over
+    max_bad_steps: int = 10  # consecutive non-finite losses before training stops
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "preview_every", "checkpoint_every", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"trainer.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not self.lr > 0:
+            raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError(f"trainer.ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.resume and self.overwrite:
+            raise ValueError("trainer.resume and trainer.overwrite are both set; choose one")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown trainer settings {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
