@@ -12,7 +12,7 @@ demo:
 	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py
 
 demo-quick:
-	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py preset=quick
+	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py preset=quick out=outputs/demo-quick
 
 test:
 	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest -q $(PYTEST_ARGS)

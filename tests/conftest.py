@@ -25,3 +25,12 @@ def micro_clip():
 
     torch.manual_seed(0)
     return OpenClipEncoder(model_cfg=MICRO_CLIP, name="micro")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

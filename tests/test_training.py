@@ -21,6 +21,7 @@ class Toy(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.1), nn.GELU(), nn.Linear(32, 1))
+        self.register_buffer("mask", torch.tensor([0.0, float("-inf")]), persistent=False)  # like a causal mask
 
     @property
     def config(self):
@@ -54,6 +55,7 @@ def test_loss_falls_and_checkpoints_rotate(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=60, checkpoint_every=20)
     result = trainer.fit()
     assert result.history[-1]["loss"] < 0.3 * result.history[0]["loss"]
+    assert torch.equal(trainer.ema.ema_model.mask, trainer.model.mask)  # buffers copied, never averaged to NaN
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["latest", "step-00000040", "step-00000060"]  # keep_checkpoints=2
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000060"

@@ -157,7 +157,10 @@ def load_stage(
     if not (use_ema and weights.is_file()):
         weights = directory / "model.safetensors"
     state = load_weights_file(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensors of the wrong shape
+        raise CheckpointError(f"{weights} does not fit the model in {directory}/config.json: {err}") from err
     shared_ok = set(_shared_tensor_names(model))
     missing = [k for k in missing if k not in shared_ok]
     if missing or unexpected:

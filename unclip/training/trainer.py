@@ -130,6 +130,8 @@ class Trainer:
             beta=config.ema_beta,
             update_after_step=config.ema_update_after_step,
             update_every=config.ema_update_every,
+            # Buffers are copied, not averaged: averaging breaks constant ones such as a causal mask's -inf.
+            param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
         )
         self.ema.to(self.accelerator.device)
         optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
@@ -195,19 +197,28 @@ class Trainer:
         return final
 
     def _prune_checkpoints(self) -> None:
-        kept = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir())
+        # Only checkpoints up to the current one: a newer one is an orphan of a run killed before it moved
+        # `latest` (replaced when this run gets there); counting it could prune the one `latest` names.
+        current = f"step-{self.step:08d}"
+        kept = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir() and p.name <= current)
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "trainer.json").read_text())
-        if state["num_processes"] != self.accelerator.num_processes:
-            self.accelerator.print(
-                f"note: {path} was written by {state['num_processes']} process(es), resuming with "
-                f"{self.accelerator.num_processes}; the data stream continues at the same global position"
-            )
-        self.accelerator.load_state(str(path / "trainer"))
-        load_model(self.ema.ema_model, str(path / "ema.safetensors"), device=str(self.accelerator.device))
+        try:
+            state = json.loads((path / "trainer.json").read_text())
+            if state["num_processes"] != self.accelerator.num_processes:
+                self.accelerator.print(
+                    f"note: {path} was written by {state['num_processes']} process(es), resuming with "
+                    f"{self.accelerator.num_processes}; the data stream continues at the same global position"
+                )
+            self.accelerator.load_state(str(path / "trainer"))
+            load_model(self.ema.ema_model, str(path / "ema.safetensors"), device=str(self.accelerator.device))
+        except Exception as err:  # json, torch.load, safetensors and accelerate raise many kinds
+            raise CheckpointError(
+                f"cannot resume from {path}, it is damaged ({type(err).__name__}: {err}); write an earlier "
+                f"checkpoint's name into {self.checkpoint_root / LATEST}, or start over with trainer.overwrite=true"
+            ) from err
         self.ema.step.fill_(state["ema_step"])
         self.ema.initted.fill_(state["ema_initted"])
         self.step = state["step"]

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from stages import TINY_UNET, micro_stages
+from unclip.decoder import Decoder, Upsampler
+from unclip.decoder.upsampler import resize
+from unclip.eval.decoder import psnr
+
+
+def test_decoder_trains_and_samples_in_range():
+    torch.manual_seed(0)
+    clip, _, decoder, _ = micro_stages()
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    embed = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    text = clip.encode_text(["a red circle"] * 4)
+    opt = torch.optim.Adam(decoder.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = decoder.training_loss(images, embed, text)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5])
+    samples = decoder.sample(embed, text, steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 3, 16, 16) and samples.min() >= -1 and samples.max() <= 1
+    again = decoder.sample(embed, text, steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(samples, again)
+    ddpm = decoder.sample(embed, None, steps=5, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    assert ddpm.shape == samples.shape
+
+
+def test_decoder_bad_inputs_name_what_was_expected():
+    _, _, decoder, _ = micro_stages()
+    with pytest.raises(ValueError, match=r"image_embed must be \[B, 32\].*got \(2, 31\)"):
+        decoder.sample(torch.randn(2, 31), steps=2)
+    with pytest.raises(ValueError, match="images must be 16x16"):
+        decoder.training_loss(torch.zeros(2, 3, 32, 32), torch.randn(2, 32))
+    with pytest.raises(ValueError, match="divisible"):
+        Decoder(image_size=18, image_embed_dim=32, text_length=16, unet={**TINY_UNET, "channel_mult": [1, 2, 2]})
+    with pytest.raises(ValueError, match="caption must be one of"):
+        Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="bert")
+
+
+def test_upsampler_checks_its_input_trains_and_samples_at_the_output_size():
+    torch.manual_seed(0)
+    from unclip.data.shapes import ShapesDataset, collate
+
+    up = Upsampler(low_res_size=16, image_size=32, unet=TINY_UNET, num_steps=100, max_aug_level=0.1)
+    with pytest.raises(ValueError, match=r"low-resolution images \[B, 3, 16, 16\], got \(1, 3, 32, 32\)"):
+        up.sample(torch.zeros(1, 3, 32, 32))
+    data = collate([ShapesDataset(split="train", length=16, image_size=32)[i] for i in range(16)])["image"]
+    opt = torch.optim.Adam(up.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = up.training_loss(data)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    low = resize(data[:8], 16)
+    samples = up.sample(low, steps=10, aug_level=0.0, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (8, 3, 32, 32) and samples.min() >= -1 and samples.max() <= 1
+    assert psnr(samples, samples) > 90 and psnr(-data[:8], data[:8]) < psnr(resize(low, 32), data[:8])
+    with pytest.raises(ValueError, match=r"aug_level must be in \[0, max_aug_level=0.1\]"):
+        up.sample(low, aug_level=0.5)

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import micro_stages, save_micro_pipeline
+from unclip.checkpoint import save_stage
+from unclip.pipeline import UnCLIPPipeline, slerp
+from unclip.weights import CheckpointError
+
+FAST = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    return save_micro_pipeline(tmp_path_factory.mktemp("stages"))
+
+
+@pytest.fixture(scope="module")
+def pipe(stages):
+    return UnCLIPPipeline.from_pretrained(
+        clip=stages["clip"], prior=stages["prior"], decoder=stages["decoder"], upsamplers=stages["upsamplers"], device="cpu"
+    )
+
+
+def _array(images):
+    return np.stack([np.asarray(i) for i in images])
+
+
+def test_generate_returns_pil_images_at_the_last_stages_size(pipe):
+    images = pipe.generate(["a red circle", "a blue square"], num_images_per_prompt=2, seed=0, **FAST)
+    assert len(images) == 4 and all(isinstance(i, Image.Image) and i.size == (32, 32) for i in images)
+
+
+def test_same_seed_same_images_different_seed_different_images(pipe):
+    a = _array(pipe.generate(["a red circle"], seed=1, **FAST))
+    b = _array(pipe.generate(["a red circle"], seed=1, **FAST))
+    c = _array(pipe.generate(["a red circle"], seed=2, **FAST))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_rerank_keeps_one_image_per_request(pipe):
+    images = pipe.generate(["a red circle", "a green triangle"], seed=0, rerank=3, **FAST)
+    assert len(images) == 2
+
+
+def test_variations_interpolation_and_text_diff(pipe):
+    source = Image.new("RGB", (50, 40), (220, 40, 40))  # another size: converted
+    variations = pipe.variations(source, n=3, seed=0, **FAST)
+    assert len(variations) == 3
+    arrays = _array(variations)
+    assert not np.array_equal(arrays[0], arrays[1])  # fresh noise per variation
+    grey = Image.new("L", (32, 32), 128)  # another mode: converted
+    frames = pipe.interpolate(source, grey, steps=4, seed=0, **FAST)
+    assert len(frames) == 4
+    diffs = pipe.text_diff(source, "a red circle", "a blue circle", amounts=(0.0, 0.5), seed=0, **FAST)
+    assert len(diffs) == 2
+
+
+def test_slerp_passes_through_both_ends():
+    a, b = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    torch.testing.assert_close(slerp(a, b, 0.5).norm(), torch.tensor(1.0))
+
+
+def test_bad_requests_are_clear_errors(pipe):
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        pipe.generate([])
+    with pytest.raises(ValueError, match="non-empty string"):
+        pipe.generate(["a red circle", "  "])
+    with pytest.raises(ValueError, match="decoder_guidance must be a number >= 0, got -1"):
+        pipe.generate(["a red circle"], decoder_guidance=-1)
+    with pytest.raises(ValueError, match="prior_steps must be an int >= 1, got 0"):
+        pipe.generate(["a red circle"], prior_steps=0)
+    with pytest.raises(TypeError, match="unknown generation settings"):
+        pipe.generate(["a red circle"], guidance=3)
+
+
+def test_save_pretrained_round_trip_and_missing_stage(pipe, tmp_path):
+    saved = pipe.save_pretrained(tmp_path / "pipeline")
+    again = UnCLIPPipeline.from_pretrained(saved, device="cpu")
+    np.testing.assert_array_equal(_array(pipe.generate(["a red circle"], seed=3, **FAST)), _array(again.generate(["a red circle"], seed=3, **FAST)))
+    manifest = json.loads((saved / "pipeline.json").read_text())
+    import shutil
+
+    shutil.rmtree(saved / manifest["stages"]["prior"])
+    with pytest.raises(CheckpointError, match="missing its prior stage"):
+        UnCLIPPipeline.from_pretrained(saved)
+
+
+def test_stages_from_different_clips_refuse_to_compose(stages, tmp_path):
+    other_clip, prior, _, _ = micro_stages(seed=1)
+    other = save_stage(tmp_path / "prior", prior, stage="prior", space=other_clip.space)
+    with pytest.raises(ValueError, match=r"the CLIP was trained in embedding space micro \(dim 32, fingerprint \w+\) but the prior in micro \(dim 32, fingerprint \w+\)"):
+        UnCLIPPipeline.from_pretrained(clip=stages["clip"], prior=other, decoder=stages["decoder"])

@@ -1,0 +1,110 @@
+"""The main job: train CLIP -> embeddings -> prior -> decoder -> upsampler on `shapes`, then sample and judge.
+
+`python train/demo.py` (README's first command runs it through `make demo`). Each stage runs as its own
+job (train/<stage>.py) in `<out>/<stage>/`; a stage that already finished is skipped, an interrupted one
+resumes. The trained pipeline lands in `<out>/pipeline/`, the grid, images and metrics.json in `<out>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.data.shapes import ShapesDataset
+from unclip.eval.pipeline import evaluate_text_to_image
+from unclip.images import save_grid
+from unclip.jobs import finish
+from unclip.pipeline import UnCLIPPipeline
+
+TRAIN = Path(__file__).resolve().parent
+
+
+def run_stage(name: str, script: str, out: Path, overrides: list[str], force: bool) -> dict:
+    run_dir = out / name
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file() and not force:
+        print(f"[demo] {name}: done already ({metrics_file}); force=true re-runs it", flush=True)
+        return json.loads(metrics_file.read_text())
+    resume = ["trainer.overwrite=true"] if force else ["trainer.resume=true"]
+    if script in ("embed", "sample"):
+        resume = []
+    cmd = [sys.executable, str(TRAIN / f"{script}.py"), f"hydra.run.dir={run_dir}", *resume, *overrides]
+    print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
+    started = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"[demo] {name}: {(time.time() - started) / 60:.1f} min", flush=True)
+    return json.loads(metrics_file.read_text())
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="demo")
+def main(cfg: DictConfig) -> None:
+    start = time.time()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config["preset"] not in config["presets"]:
+        raise ValueError(f"preset must be one of {sorted(config['presets'])}, got {config['preset']!r}")
+    preset = config["presets"][config["preset"]]
+    out = Path(config["out"])
+    force = config["force"]
+    data = [f"data.pair_fraction={config['pair_fraction']}"]
+    common = ["experiment=shapes", *data]
+    stages = {}
+    stages["clip"] = run_stage("clip", "clip", out, [*common, *preset["clip"]], force)
+    stages["embed"] = run_stage("embed", "embed", out, [*common, f"clip_checkpoint={out / 'clip'}", *preset["embed"]], force)
+    prior_common = ["experiment=shapes", f"embeddings={out / 'embed'}"]
+    stages["prior"] = run_stage("prior", "prior", out, [*prior_common, *preset["prior"]], force)
+    stages["prior_passthrough"] = run_stage("prior_passthrough", "prior", out, [*prior_common, "prior=passthrough",
+                                            *[o for o in preset["prior"] if o.startswith("eval_items")]], force)
+    stages["decoder"] = run_stage("decoder", "decoder", out, [*common, f"clip_checkpoint={out / 'clip'}", *preset["decoder"]], force)
+    stages["upsampler"] = run_stage("upsampler", "upsampler", out, [*common, *preset["upsampler"]], force)
+
+    print("[demo] composing the pipeline", flush=True)
+    pipe = UnCLIPPipeline.from_pretrained(
+        clip=out / "clip", prior=out / "prior", decoder=out / "decoder", upsamplers=[out / "upsampler"]
+    )
+    pipe.save_pretrained(out / "pipeline")
+    prompts, n = config["prompts"], config["images_per_prompt"]
+    images = pipe.generate(prompts, n, seed=config["seed"])
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(image_dir / f"{i // n:02d}-{i % n}.png")
+    save_grid(images, out / "grid.png", columns=n)
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
+
+    print("[demo] judging text-to-image samples", flush=True)
+    counts = preset["eval_items"]
+    sets = {
+        "val": ShapesDataset(split="val", length=counts["val"], seed=1),
+        "heldout": ShapesDataset(split="heldout", length=counts["heldout"], seed=1),
+        "pair": ShapesDataset(split="val", length=counts["pair"], pair_fraction=1.0, seed=2),
+    }
+    metrics = {"preset": config["preset"]}
+    passthrough = UnCLIPPipeline.from_pretrained(
+        clip=out / "clip", prior=out / "prior_passthrough", decoder=out / "decoder", upsamplers=[out / "upsampler"]
+    )
+    for label, candidate in (("", pipe), ("passthrough_", passthrough)):
+        for split, dataset in sets.items():
+            captions = [dataset[i]["caption"] for i in range(len(dataset))]
+            metas = [dataset[i]["meta"] for i in range(len(dataset))]
+            result = evaluate_text_to_image(candidate, captions, metas, seed=config["seed"])
+            for key, value in result.items():
+                if key.endswith("_acc") or key.startswith("n_"):
+                    metrics[f"{label}{split}_{key}"] = value
+    for stage, stage_metrics in stages.items():
+        for key, value in stage_metrics.items():
+            if isinstance(value, (int, float)):
+                metrics[f"{stage}/{key}"] = value
+    metrics["minutes"] = (time.time() - start) / 60
+    metrics["pipeline"] = str(out / "pipeline")
+    metrics["grid"] = str(out / "grid.png")
+    finish(out, metrics)
+
+
+if __name__ == "__main__":
+    main()

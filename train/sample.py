@@ -1,0 +1,59 @@
+"""Generate images from prompts: `python train/sample.py pipeline.path=outputs/demo/pipeline prompts='[a red circle]'`.
+
+Writes each image as PNG, a grid (one row per prompt), and samples.jsonl (prompt, seed, settings per image).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.images import save_grid
+from unclip.jobs import finish
+from unclip.pipeline import UnCLIPPipeline
+
+
+def load_pipeline(spec: dict) -> UnCLIPPipeline:
+    if spec.get("path"):
+        pipe = UnCLIPPipeline.from_pretrained(spec["path"])
+    else:
+        pipe = UnCLIPPipeline.from_pretrained(
+            clip=spec["clip"], prior=spec["prior"], decoder=spec["decoder"], upsamplers=spec.get("upsamplers") or []
+        )
+    pipe.settings = pipe._settings(spec.get("settings") or {})
+    return pipe
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train_sample")
+def main(cfg: DictConfig) -> None:
+    start = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    prompts = list(config["prompts"] or [])
+    if config["prompts_file"]:
+        lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    pipe = load_pipeline(config["pipeline"])
+    n = config["num_images_per_prompt"]
+    images = pipe.generate(prompts, n, seed=config["seed"], rerank=config["rerank"])
+    image_dir = run_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as log:
+        for i, image in enumerate(images):
+            prompt = prompts[i // n]
+            name = f"{i:04d}.png"
+            image.save(image_dir / name)
+            record = {"file": f"images/{name}", "prompt": prompt, "seed": config["seed"], "index_in_prompt": i % n,
+                      "rerank": config["rerank"], "settings": vars(pipe.settings)}
+            log.write(json.dumps(record) + "\n")
+    grid = save_grid(images, run_dir / "grid.png", columns=n)
+    finish(run_dir, {"images": len(images), "grid": str(grid), "minutes": (time.time() - start) / 60})
+
+
+if __name__ == "__main__":
+    main()

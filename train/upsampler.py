@@ -1,0 +1,75 @@
+"""Train an upsampler (low-res image -> high-res image): `python train/upsampler.py experiment=shapes`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.config import build
+from unclip.data.collate import collate_dicts
+from unclip.decoder.upsampler import resize
+from unclip.eval.decoder import psnr
+from unclip.images import save_grid, to_pil
+from unclip.jobs import finish
+from unclip.training import Trainer, TrainerConfig
+
+
+def upsampler_loss(model, batch):
+    return model.training_loss(resize(batch["image"], model.image_size))
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train_upsampler")
+def main(cfg: DictConfig) -> None:
+    start = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    set_seed(config["trainer"]["seed"])
+    data = build(config["data"])
+    model = build(config["upsampler"])
+    evaluation = config["evaluation"]
+    val = collate_dicts([data["val"][i] for i in range(min(evaluation["val_items"], len(data["val"])))])
+    truth = resize(val["image"], model.image_size)
+    low_res = resize(truth, model.low_res_size)
+
+    def upsample(m, images):
+        generator = torch.Generator(device=next(m.parameters()).device).manual_seed(0)
+        return torch.cat([
+            m.sample(images[i : i + 64], steps=evaluation["steps"], aug_level=evaluation["aug_level"], generator=generator).cpu()
+            for i in range(0, len(images), 64)
+        ])
+
+    def evaluate(m) -> dict:
+        samples = upsample(m, low_res)
+        return {"psnr_val": psnr(samples, truth), "psnr_bicubic_val": psnr(resize(low_res, m.image_size), truth)}
+
+    def preview(m, out_dir: Path, step: int) -> None:
+        samples = upsample(m, low_res[:8])
+        row = to_pil(resize(low_res[:8], m.image_size)) + to_pil(samples) + to_pil(truth[:8])
+        save_grid(row, out_dir / f"upsampler-{step:08d}.png", columns=8)
+
+    trainer = Trainer(
+        model,
+        upsampler_loss,
+        data["train"],
+        TrainerConfig.from_dict(config["trainer"]),
+        run_dir,
+        stage="upsampler",
+        space_fn=lambda _: None,
+        collate_fn=collate_dicts,
+        evaluate_fn=evaluate,
+        preview_fn=preview,
+        extra_config={"job": config},
+    )
+    result = trainer.fit()
+    metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint), "minutes": (time.time() - start) / 60}
+    finish(run_dir, metrics, is_main=trainer.is_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Precomputed-embedding shards: what the prior trains on, without touching images.
+
+A shard is one safetensors file holding, for N items of a data set encoded by one CLIP:
+
+* ``image_embed`` [N, D] and ``text_embed`` [N, D]: unit-norm CLIP embeddings (float16);
+* ``token_embeds`` [N, T, Dt] (float16) and ``mask`` [N, T] (bool): the per-token text states;
+* ``tokens`` [N, T] (int32);
+
+and as metadata the EmbeddingSpace (JSON), the captions and the items' metadata (JSON lists).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from unclip.embedding import EmbeddingSpace, TextCondition
+from unclip.weights import CheckpointError
+
+FORMAT = "unclip-embeddings/1"
+TENSORS = ("image_embed", "text_embed", "token_embeds", "mask", "tokens")
+
+
+@torch.no_grad()
+def write_embedding_shards(
+    out_dir: str | Path,
+    encoder,
+    dataset: Dataset,
+    *,
+    collate_fn,
+    shard_size: int = 8192,
+    batch_size: int = 256,
+    progress: bool = True,
+    desc: str = "embed",
+) -> list[Path]:
+    """Encode every item of ``dataset`` (dicts with "image", "caption", "meta") into shards."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    space = encoder.space
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False)
+    paths: list[Path] = []
+    pending: dict[str, list] = {name: [] for name in (*TENSORS, "caption", "meta")}
+
+    def flush() -> None:
+        if not pending["caption"]:
+            return
+        with torch.autocast("cpu", enabled=False):  # the pending tensors live on the CPU
+            tensors = {name: torch.cat(pending[name]).contiguous() for name in TENSORS}
+        metadata = {
+            "format": FORMAT,
+            "space": json.dumps(space.to_dict()),
+            "captions": json.dumps(pending["caption"]),
+            "metas": json.dumps(pending["meta"]),
+        }
+        path = out / f"shard-{len(paths):05d}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        paths.append(path)
+        for values in pending.values():
+            values.clear()
+
+    for batch in tqdm(loader, desc=desc, disable=not progress):
+        cond = encoder.encode_text(batch["caption"])
+        pending["image_embed"].append(encoder.encode_image(batch["image"]).half().cpu())
+        pending["text_embed"].append(cond.embed.half().cpu())
+        pending["token_embeds"].append(cond.token_embeds.half().cpu())
+        pending["mask"].append(cond.mask.cpu())
+        pending["tokens"].append(cond.tokens.int().cpu())
+        pending["caption"].extend(batch["caption"])
+        pending["meta"].extend(batch.get("meta", [None] * len(batch["caption"])))
+        if len(pending["caption"]) >= shard_size:
+            flush()
+    flush()
+    return paths
+
+
+def _shard_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"embedding shards {path} do not exist")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no embedding shards (*.safetensors)")
+    return files
+
+
+class EmbeddingShards(Dataset):
+    """All shards of a directory, in memory. Items: {"image_embed", "text_embed", "token_embeds", "mask", "caption", "meta"}."""
+
+    def __init__(self, path: str | Path | Iterable[str | Path], expected_space: EmbeddingSpace | None = None):
+        files = [f for p in ([path] if isinstance(path, (str, Path)) else path) for f in _shard_files(p)]
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
+        self.captions: list[str] = []
+        self.metas: list = []
+        self.space: EmbeddingSpace | None = None
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as shard:
+                    metadata = shard.metadata() or {}
+                    if metadata.get("format") != FORMAT:
+                        raise CheckpointError(f"{file} is not an embedding shard (format {metadata.get('format')!r}, expected {FORMAT!r})")
+                    space = EmbeddingSpace.from_dict(json.loads(metadata["space"]))
+                    tensors = {name: shard.get_tensor(name) for name in TENSORS}
+            except CheckpointError:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"embedding shard {file} is damaged: {type(err).__name__}: {err}") from err
+            if self.space is None:
+                self.space = space
+            else:
+                self.space.check_same(space, f"shard {files[0]}", f"shard {file}")
+            _check_shapes(file, tensors, space)
+            for name in TENSORS:
+                parts[name].append(tensors[name])
+            self.captions.extend(json.loads(metadata["captions"]))
+            self.metas.extend(json.loads(metadata["metas"]))
+        if expected_space is not None:
+            expected_space.check_same(self.space, "the CLIP named in the config", f"the embedding shards in {path}")
+        self.tensors = {name: torch.cat(values) for name, values in parts.items()}
+        if len(self.captions) != len(self.tensors["image_embed"]):
+            raise CheckpointError(f"{path}: {len(self.captions)} captions for {len(self.tensors['image_embed'])} embeddings")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {
+            "image_embed": self.tensors["image_embed"][i].float(),
+            "text_embed": self.tensors["text_embed"][i].float(),
+            "token_embeds": self.tensors["token_embeds"][i].float(),
+            "mask": self.tensors["mask"][i],
+            "tokens": self.tensors["tokens"][i].long(),
+            "caption": self.captions[i],
+            "meta": self.metas[i],
+        }
+        return item
+
+    def text_condition(self, indices=None) -> TextCondition:
+        """The text side of items (all, or ``indices``) as a TextCondition."""
+        index = slice(None) if indices is None else indices
+        return TextCondition(
+            embed=self.tensors["text_embed"][index].float(),
+            tokens=self.tensors["tokens"][index].long(),
+            token_embeds=self.tensors["token_embeds"][index].float(),
+            mask=self.tensors["mask"][index],
+        )
+
+
+def _check_shapes(file: Path, tensors: dict, space: EmbeddingSpace) -> None:
+    n = tensors["image_embed"].shape[0]
+    expected = {
+        "image_embed": (n, space.dim),
+        "text_embed": (n, space.dim),
+        "token_embeds": (n, space.text_length, space.token_dim),
+        "mask": (n, space.text_length),
+        "tokens": (n, space.text_length),
+    }
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"embedding shard {file}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                f"for the embedding space {space.describe()}"
+            )

@@ -1,0 +1,142 @@
+"""Samplers as plain functions of a model function.
+
+``model_fn(x_t, t) -> model output`` in the diffusion's objective, where ``t`` is the original training
+timestep as a LongTensor [B]. Both samplers make exactly ``steps`` model calls, draw all their noise from
+``generator`` (on x_T's device) and return the final x0 as float32. Wrap a conditional network with
+``functools.partial`` / a lambda, or with ``classifier_free_guidance`` for guided sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .gaussian import GaussianDiffusion
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# callback(i, t, x_t, pred_x0): step index (0 first), training timestep, the step's input, its predicted x0
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def respaced_timesteps(num_train_steps: int, num_sample_steps: int) -> torch.Tensor:
+    """``num_sample_steps`` training timesteps, evenly strided and descending, LongTensor [num_sample_steps].
+
+    The first is the noisiest step (num_train_steps - 1) and the last is t = 0, e.g.
+    ``respaced_timesteps(1000, 4) == [999, 666, 333, 0]``. With a single step only the noisiest step is
+    kept: denoising pure noise in one step must start from the noise end.
+    """
+    for name, value in (("num_train_steps", num_train_steps), ("num_sample_steps", num_sample_steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if num_train_steps < 1:
+        raise ValueError(f"num_train_steps must be >= 1, got {num_train_steps}")
+    if not 1 <= num_sample_steps <= num_train_steps:
+        raise ValueError(
+            f"sampling steps must be in [1, {num_train_steps}] (the training steps), got {num_sample_steps}"
+        )
+    if num_sample_steps == 1:
+        return torch.tensor([num_train_steps - 1], dtype=torch.long)
+    last, gaps = num_train_steps - 1, num_sample_steps - 1
+    # round(i * last / gaps) in integer arithmetic; the stride is >= 1 so the steps are distinct
+    ascending = [(i * last + gaps // 2) // gaps for i in range(num_sample_steps)]
+    return torch.tensor(ascending[::-1], dtype=torch.long)
+
+
+def _check_inputs(x_T: torch.Tensor, generator: torch.Generator | None) -> None:
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
+        raise TypeError(f"x_T must be a float tensor [B, ...], got {type(x_T).__name__} {getattr(x_T, 'shape', '')}")
+    if generator is not None and generator.device.type != x_T.device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but x_T is on {x_T.device}; create it on x_T's device"
+        )
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+
+def _denoise(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor):
+    """(x0, eps) predicted at x_t; x0 clamped to ``diffusion.clip_denoised`` and eps made consistent with it."""
+    model_out = model_fn(x, t)
+    if not isinstance(model_out, torch.Tensor):
+        raise TypeError(f"model_fn must return a tensor, got {type(model_out).__name__}")
+    x0 = diffusion.predict_x0(model_out, x, t)
+    if diffusion.clip_denoised is None:
+        return x0, diffusion.predict_eps(model_out, x, t)
+    x0 = x0.clamp(*diffusion.clip_denoised)
+    return x0, diffusion.eps_from_x0(x0, x, t)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    x_T: torch.Tensor,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling: x_{s} ~ q(x_s | x_t, x0 = predicted x0) from x_T (standard normal) down to x0.
+
+    ``steps`` (default: every training step) uses the respaced process, whose betas come from
+    ``alphas_cumprod`` at the kept steps; the variance is the posterior's ("fixed small"). No noise is
+    added at the final step, which returns the predicted x0.
+    """
+    _check_inputs(x_T, generator)
+    timesteps = respaced_timesteps(diffusion.num_steps, diffusion.num_steps if steps is None else steps)
+    spaced = diffusion.respace(timesteps)  # its index j has the alphas_cumprod of the j-th smallest kept step
+    batch, device = x_T.shape[0], x_T.device
+    x = x_T.float()
+    for i, t in enumerate(tqdm(timesteps.tolist(), desc="ddpm", disable=not progress)):
+        t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
+        x0, _ = _denoise(model_fn, diffusion, x, t_batch)
+        if callback is not None:
+            callback(i, t, x, x0)
+        index = len(timesteps) - 1 - i
+        if index == 0:
+            return x0
+        mean, _, log_variance = spaced.q_posterior(x0, x, torch.full_like(t_batch, index))
+        x = mean + (0.5 * log_variance).exp() * _noise_like(x, generator)
+    raise AssertionError("unreachable: the last step returns")
+
+
+@torch.no_grad()
+def sample_ddim(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    x_T: torch.Tensor,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021) over ``steps`` evenly strided timesteps.
+
+    ``eta = 0`` is deterministic given x_T; ``eta = 1`` has the ancestral sampler's variance. The last
+    step returns the predicted x0.
+    """
+    _check_inputs(x_T, generator)
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    timesteps = respaced_timesteps(diffusion.num_steps, steps).tolist()
+    alphas_cumprod = diffusion.alphas_cumprod.tolist()  # python floats (float64)
+    batch, device = x_T.shape[0], x_T.device
+    x = x_T.float()
+    for i, t in enumerate(tqdm(timesteps, desc="ddim", disable=not progress)):
+        t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
+        x0, eps = _denoise(model_fn, diffusion, x, t_batch)
+        if callback is not None:
+            callback(i, t, x, x0)
+        if i == len(timesteps) - 1:
+            return x0
+        abar, abar_prev = alphas_cumprod[t], alphas_cumprod[timesteps[i + 1]]
+        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * _noise_like(x, generator)
+    raise AssertionError("unreachable: the last step returns")

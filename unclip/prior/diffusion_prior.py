@@ -1,0 +1,136 @@
+"""The diffusion prior stage (DALL-E 2, section 2.2): text condition -> CLIP image embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.configurable import Configurable
+from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim
+from unclip.embedding import TextCondition
+from unclip.prior.transformer import PriorTransformer
+
+
+def check_prompts(text: TextCondition) -> None:
+    if len(text) == 0:
+        raise ValueError("the prior got a batch of zero prompts; expected at least one")
+
+
+class DiffusionPrior(Configurable, nn.Module):
+    """A causal transformer denoising standardised CLIP image embeddings, conditioned on the text.
+
+    Image embeddings are standardised per dimension with a mean and std measured on the training data
+    (``fit_normalisation``) and kept as buffers, so they travel inside the checkpoint's weights.
+    The network predicts the clean embedding (``objective="x0"``, as the paper); sampling returns unit-norm
+    embeddings, the best of ``num_candidates`` by dot product with the text embedding.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        token_dim: int,
+        text_length: int,
+        width: int = 512,
+        depth: int = 6,
+        heads: int = 8,
+        dropout: float = 0.0,
+        use_caption_tokens: bool = True,
+        num_steps: int = 1000,
+        schedule: str = "cosine",
+        objective: str = "x0",
+        loss_weighting: str = "none",
+        cond_drop_prob: float = 0.2,
+    ):
+        super().__init__()
+        if not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        self.remember_config(
+            embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, width=width, depth=depth,
+            heads=heads, dropout=dropout, use_caption_tokens=use_caption_tokens, num_steps=num_steps,
+            schedule=schedule, objective=objective, loss_weighting=loss_weighting, cond_drop_prob=cond_drop_prob,
+        )
+        self.net = PriorTransformer(
+            embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, width=width, depth=depth,
+            heads=heads, dropout=dropout, use_caption_tokens=use_caption_tokens,
+        )
+        self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting)
+        self.cond_drop_prob = cond_drop_prob
+        self.use_caption_tokens = use_caption_tokens
+        self.register_buffer("embed_mean", torch.zeros(embed_dim))
+        self.register_buffer("embed_std", torch.full((embed_dim,), embed_dim**-0.5))
+
+    # -- normalisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_normalisation(self, image_embeds: torch.Tensor) -> None:
+        """Measure the per-dimension mean and std of (unit-norm) image embeddings [N, D]."""
+        image_embeds = image_embeds.float()
+        self.embed_mean.copy_(image_embeds.mean(0))
+        self.embed_std.copy_(image_embeds.std(0).clamp_min(1e-4))
+
+    def standardise(self, image_embed: torch.Tensor) -> torch.Tensor:
+        return (image_embed.float() - self.embed_mean) / self.embed_std  # a new tensor: inputs untouched
+
+    def unstandardise(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.embed_std + self.embed_mean
+
+    # -- training ---------------------------------------------------------------------------
+    def _net(self, x, t, drop_text, text_embed, token_embeds, mask):
+        if not self.use_caption_tokens:
+            token_embeds = mask = None
+        return self.net(x, t, text_embed, token_embeds, mask, drop_text=drop_text)
+
+    def training_loss(self, batch: dict) -> dict:
+        """Optional batch keys ``t`` [B], ``noise`` [B, D] and ``drop`` [B] (bool) replace the random draws
+        (e.g. drawn per item, so that data-parallel runs can be compared with one process)."""
+        image_embed = batch["image_embed"]
+        batch_size = image_embed.shape[0]
+        drop = batch.get("drop")
+        if drop is None:
+            drop = torch.rand(batch_size, device=image_embed.device) < self.cond_drop_prob
+        losses = self.diffusion.training_loss(
+            self._net,
+            self.standardise(image_embed),
+            t=batch.get("t"),
+            noise=batch.get("noise"),
+            drop_text=drop,
+            text_embed=batch["text_embed"],
+            token_embeds=batch.get("token_embeds"),
+            mask=batch.get("mask"),
+        )
+        return {"loss": losses.mean()}
+
+    # -- sampling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        text: TextCondition,
+        *,
+        steps: int = 64,
+        guidance_scale: float = 1.0,
+        num_candidates: int = 2,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Unit-norm image embeddings [B, D] for the captions in ``text``."""
+        check_prompts(text)
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        device = self.embed_mean.device
+        text = text.to(device)
+        batch = len(text)
+        repeated = text.repeat_interleave(num_candidates)
+        model_fn = classifier_free_guidance(
+            self._net,
+            guidance_scale,
+            text_embed=repeated.embed.float(),
+            token_embeds=repeated.token_embeds.float(),
+            mask=repeated.mask,
+        )
+        x_T = torch.randn(batch * num_candidates, self.embed_mean.shape[0], device=device, generator=generator)
+        x0 = sample_ddim(model_fn, self.diffusion, x_T, steps=steps, eta=eta, generator=generator)
+        candidates = F.normalize(self.unstandardise(x0), dim=-1).view(batch, num_candidates, -1)
+        scores = torch.einsum("bnd,bd->bn", candidates, text.embed.float())
+        best = scores.argmax(dim=1)
+        return candidates[torch.arange(batch, device=device), best]
