@@ -43,6 +43,14 @@ def _job_groups(job):
     return set(cfg.hydra.runtime.choices)
 
 
+def test_demo_config_composes_with_every_preset():
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name="demo"), resolve=True)
+    assert cfg["preset"] in cfg["presets"]
+    for name, preset in cfg["presets"].items():
+        assert set(preset) == {"clip", "embed", "prior", "decoder", "upsampler", "eval_items"}, name
+
+
 def test_command_line_overrides_reach_the_trainer():
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name="train_clip", overrides=["experiment=shapes", "trainer.max_steps=7"])

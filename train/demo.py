@@ -16,8 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from unclip.data.shapes import ShapesDataset
-from unclip.eval.pipeline import evaluate_text_to_image
+from unclip.eval.pipeline import evaluate_edits, evaluate_on_shapes, shapes_prompt_sets
 from unclip.images import save_grid
 from unclip.jobs import finish
 from unclip.pipeline import UnCLIPPipeline
@@ -77,25 +76,17 @@ def main(cfg: DictConfig) -> None:
     save_grid(images, out / "grid.png", columns=n)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
 
-    print("[demo] judging text-to-image samples", flush=True)
-    counts = preset["eval_items"]
-    sets = {
-        "val": ShapesDataset(split="val", length=counts["val"], seed=1),
-        "heldout": ShapesDataset(split="heldout", length=counts["heldout"], seed=1),
-        "pair": ShapesDataset(split="val", length=counts["pair"], pair_fraction=1.0, seed=2),
-    }
-    metrics = {"preset": config["preset"]}
+    print("[demo] judging text-to-image samples, variations, interpolations and text diffs", flush=True)
+    sets = shapes_prompt_sets(preset["eval_items"])
     passthrough = UnCLIPPipeline.from_pretrained(
         clip=out / "clip", prior=out / "prior_passthrough", decoder=out / "decoder", upsamplers=[out / "upsampler"]
     )
-    for label, candidate in (("", pipe), ("passthrough_", passthrough)):
-        for split, dataset in sets.items():
-            captions = [dataset[i]["caption"] for i in range(len(dataset))]
-            metas = [dataset[i]["meta"] for i in range(len(dataset))]
-            result = evaluate_text_to_image(candidate, captions, metas, seed=config["seed"])
-            for key, value in result.items():
-                if key.endswith("_acc") or key.startswith("n_"):
-                    metrics[f"{label}{split}_{key}"] = value
+    metrics = {"preset": config["preset"]}
+    metrics.update(evaluate_on_shapes(pipe, sets, seed=config["seed"]))
+    metrics.update(evaluate_on_shapes(passthrough, sets, seed=config["seed"], prefix="passthrough_"))
+    edit_sources = sets["val"]
+    k = preset["eval_items"]["edits"]
+    metrics.update(evaluate_edits(pipe, edit_sources["images"][:k], edit_sources["metas"][:k], seed=config["seed"]))
     for stage, stage_metrics in stages.items():
         for key, value in stage_metrics.items():
             if isinstance(value, (int, float)):

@@ -18,17 +18,6 @@ from unclip.jobs import finish
 from unclip.pipeline import UnCLIPPipeline
 
 
-def load_pipeline(spec: dict) -> UnCLIPPipeline:
-    if spec.get("path"):
-        pipe = UnCLIPPipeline.from_pretrained(spec["path"])
-    else:
-        pipe = UnCLIPPipeline.from_pretrained(
-            clip=spec["clip"], prior=spec["prior"], decoder=spec["decoder"], upsamplers=spec.get("upsamplers") or []
-        )
-    pipe.settings = pipe._settings(spec.get("settings") or {})
-    return pipe
-
-
 @hydra.main(version_base=None, config_path="../conf", config_name="train_sample")
 def main(cfg: DictConfig) -> None:
     start = time.time()
@@ -38,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     if config["prompts_file"]:
         lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
-    pipe = load_pipeline(config["pipeline"])
+    pipe = UnCLIPPipeline.from_config(config["pipeline"])
     n = config["num_images_per_prompt"]
     images = pipe.generate(prompts, n, seed=config["seed"], rerank=config["rerank"])
     image_dir = run_dir / "images"

@@ -152,6 +152,20 @@ class UnCLIPPipeline:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return pipe.to(device)
 
+    @classmethod
+    def from_config(cls, spec: dict, **kwargs) -> "UnCLIPPipeline":
+        """From a ``conf/pipeline/`` node: ``path`` (a saved pipeline) or ``clip``/``prior``/``decoder``/``upsamplers``
+        stage checkpoints, and ``settings`` (GenerationSettings overrides)."""
+        if spec.get("path"):
+            pipe = cls.from_pretrained(spec["path"], **kwargs)
+        else:
+            pipe = cls.from_pretrained(
+                clip=spec.get("clip"), prior=spec.get("prior"), decoder=spec.get("decoder"),
+                upsamplers=spec.get("upsamplers") or [], **kwargs,
+            )
+        pipe.settings = pipe._settings(spec.get("settings") or {})
+        return pipe
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Copy every stage (weights, config, space) into one directory with a pipeline.json."""
         directory = Path(directory)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import html
+import re
 import warnings
 from typing import Sequence
 
@@ -14,6 +16,9 @@ from torch import nn
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
 from unclip.weights import load_weights_file
 
+# The tokenizer turns these strings into its special tokens wherever they appear in a caption (also
+# HTML-escaped): a caption must not be able to end itself early.
+_SPECIAL = re.compile(r"<\s*/?\s*(start|end)_of_text\s*>", re.IGNORECASE)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -116,6 +121,7 @@ class OpenClipEncoder(nn.Module):
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"captions must be str, got {type(text).__name__}: {text!r}")
+        texts = [_plain_text(t) for t in texts]
         encoder = self.tokenizer
         too_long = [t for t in texts if len(encoder.encode(t)) + 2 > self.context_length]
         if too_long:
@@ -161,6 +167,14 @@ class OpenClipEncoder(nn.Module):
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
+
+
+def _plain_text(text: str) -> str:
+    """A caption with the tokenizer's special-token strings removed (after undoing HTML escapes)."""
+    previous = None
+    while previous != text:  # escapes may be nested: &amp;lt;end_of_text&amp;gt;
+        previous, text = text, _SPECIAL.sub(" ", html.unescape(text))
+    return text
 
 
 def _named_model_config(model_name: str) -> dict:

@@ -21,7 +21,12 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 class Upsampler(Configurable, nn.Module):
     """``low_res_size`` -> ``image_size``. Training corrupts the conditioning image with Gaussian noise of a
-    random level in [0, ``max_aug_level``] (fed to the model), so that it tolerates the decoder's flaws."""
+    random level in [0, ``max_aug_level``] (fed to the model), so that it tolerates the decoder's flaws.
+
+    With ``predict_residual`` the diffusion runs on the difference between the high-resolution image and the
+    bicubic upsampling of the low-resolution one: zero wherever the low-resolution image already says it
+    all (flat regions), so sampling noise cannot tint them; the result is ``bicubic + residual``.
+    """
 
     def __init__(
         self,
@@ -34,6 +39,7 @@ class Upsampler(Configurable, nn.Module):
         objective: str = "v",
         loss_weighting: str = "min_snr",
         max_aug_level: float = 0.2,
+        predict_residual: bool = True,
     ):
         super().__init__()
         if not 0 < low_res_size < image_size:
@@ -44,10 +50,13 @@ class Upsampler(Configurable, nn.Module):
         self.remember_config(
             low_res_size=low_res_size, image_size=image_size, unet=unet, num_steps=num_steps, schedule=schedule,
             objective=objective, loss_weighting=loss_weighting, max_aug_level=max_aug_level,
+            predict_residual=predict_residual,
         )
+        self.predict_residual = predict_residual
         self.low_res_size, self.image_size, self.max_aug_level = low_res_size, image_size, max_aug_level
         self.unet = UNet(image_size=image_size, low_res_channels=3, aug_level_conditioning=True, **unet)
-        self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-1.0, 1.0))
+        bound = 2.0 if predict_residual else 1.0  # a residual of [-1, 1] images lies in [-2, 2]
+        self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-bound, bound))
 
     def _check_low_res(self, low_res: torch.Tensor) -> None:
         if low_res.ndim != 4 or low_res.shape[1] != 3 or low_res.shape[-2:] != (self.low_res_size, self.low_res_size):
@@ -70,9 +79,8 @@ class Upsampler(Configurable, nn.Module):
         aug_level = torch.rand(images.shape[0], device=images.device) * self.max_aug_level
         cond = self.condition(low_res, aug_level)
         scaled = aug_level / max(self.max_aug_level, 1e-8)
-        losses = self.diffusion.training_loss(
-            lambda x, t: self.unet(x, t, low_res=cond, aug_level=scaled), images.float()
-        )
+        target = images.float() - resize(low_res, self.image_size) if self.predict_residual else images.float()
+        losses = self.diffusion.training_loss(lambda x, t: self.unet(x, t, low_res=cond, aug_level=scaled), target)
         return {"loss": losses.mean()}
 
     @torch.no_grad()
@@ -101,4 +109,7 @@ class Upsampler(Configurable, nn.Module):
             return self.unet(x, t, low_res=cond, aug_level=scaled).float()
 
         noise = torch.randn(batch, 3, self.image_size, self.image_size, device=device, generator=generator)
-        return sample_ddim(model_fn, self.diffusion, noise, steps=steps, eta=eta, generator=generator, progress=progress)
+        out = sample_ddim(model_fn, self.diffusion, noise, steps=steps, eta=eta, generator=generator, progress=progress)
+        if self.predict_residual:
+            out = resize(low_res, self.image_size) + out
+        return out.clamp(-1, 1)

@@ -6,6 +6,9 @@ positions ``[g*b*P, (g+1)*b*P)``, and process ``r`` takes the ``r``-th slice of 
 
 * two processes with batch ``b`` see exactly the items one process with batch ``2b`` sees;
 * resuming at micro-batch ``g`` continues the stream exactly where it stopped.
+
+``start_position`` shifts every micro-batch by that many stream positions: a run resumed with another
+number of processes or batch size starts at the position the checkpoint had reached.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 class StreamBatchSampler(Sampler[list[int]]):
     def __init__(
-        self, length: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
+        self, length: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0,
+        start_position: int = 0,
     ):
         if length < 1:
             raise ValueError(f"the data set is empty (length {length}); nothing to train on")
@@ -28,7 +32,7 @@ class StreamBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.length, self.batch_size = length, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start_batch = start_batch
+        self.start_batch, self.start_position = start_batch, start_position
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _item(self, position: int) -> int:
@@ -39,7 +43,7 @@ class StreamBatchSampler(Sampler[list[int]]):
         return int(self._perm[offset])
 
     def batch_indices(self, batch: int) -> list[int]:
-        start = (batch * self.world_size + self.rank) * self.batch_size
+        start = self.start_position + (batch * self.world_size + self.rank) * self.batch_size
         return [self._item(p) for p in range(start, start + self.batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -58,11 +62,13 @@ def stream_loader(
     world_size: int = 1,
     seed: int = 0,
     start_batch: int = 0,
+    start_position: int = 0,
     num_workers: int = 0,
 ) -> DataLoader:
     """An endless DataLoader over ``dataset`` following :class:`StreamBatchSampler`."""
     sampler = StreamBatchSampler(
-        len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed, start_batch=start_batch
+        len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed, start_batch=start_batch,
+        start_position=start_position,
     )
     return DataLoader(
         dataset,

@@ -138,6 +138,7 @@ class Trainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
         self.step = 0
         self.bad_steps = 0
+        self.stream_position = 0  # data items consumed by all processes together
         self.last_checkpoint: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Trainer:
                 "ema_step": int(self.ema.step.item()),
                 "ema_initted": bool(self.ema.initted.item()),
                 "num_processes": acc.num_processes,
+                "stream_position": self.stream_position,
             }
             (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
             commit_directory(tmp, final)
@@ -223,6 +225,9 @@ class Trainer:
         self.ema.initted.fill_(state["ema_initted"])
         self.step = state["step"]
         self.bad_steps = state["bad_steps"]
+        # Where the data stream stands; older checkpoints lack it (assume this batch size and grad_accum).
+        samples_per_step = self.config.batch_size * self.config.grad_accum * state["num_processes"]
+        self.stream_position = state.get("stream_position", self.step * samples_per_step)
         self.last_checkpoint = path
 
     def _prepare_run_dir(self) -> None:
@@ -298,7 +303,7 @@ class Trainer:
             rank=acc.process_index,
             world_size=acc.num_processes,
             seed=cfg.seed,
-            start_batch=self.step * cfg.grad_accum,
+            start_position=self.stream_position,
             num_workers=cfg.num_workers,
         )
         batches = iter(loader)
@@ -340,6 +345,10 @@ class Trainer:
                 self.ema.update()
                 self.bad_steps = 0
             else:
+                if grad_norm is not None and acc.scaler is not None:
+                    # fp16: clipping unscaled the gradients; the GradScaler's step skips the update, lowers the
+                    # scale and resets, without which the next step's unscale_ raises.
+                    self.optimizer.step()
                 self.bad_steps += 1
                 self._log({"step": self.step, "skipped": "non-finite loss or gradient", "bad_steps": self.bad_steps})
                 if self.bad_steps >= cfg.max_bad_steps:
@@ -351,6 +360,7 @@ class Trainer:
                     )
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.stream_position += samples_per_step
             bar.update(1)
             window_steps += 1
             if finite:

@@ -1,0 +1,250 @@
+"""Data-parallel training equals one process with the global batch.
+
+``accelerate.debug_launcher`` forks two real processes joined by a gloo group on the CPU (``accelerate
+launch --cpu --num_processes 2`` would silently run one). Each stage trains for ``STEPS`` steps with the
+real ``Trainer``: on 2 processes with per-process batch ``B`` and on 1 process with batch ``2B``, same seed,
+full precision. The stream sampler gives process r the r-th half of each global batch, DDP averages the
+gradients, so the weights must agree to float round-off.
+
+The diffusion losses draw timesteps, noise and condition dropout at random; the global RNG is the same
+on every process, so here each data item carries its own draws (seeded by its index) and the same item
+gets the same noise whichever process sees it.
+
+Tolerance. The two runs sum the same gradients in a different order, so they differ by float round-off,
+and AdamW divides each gradient by its own running magnitude: where a gradient is round-off alone, that
+round-off becomes a step of arbitrary sign. Such elements exist (biases just before a GroupNorm with one
+channel per group, layers behind the decoder's zero-initialised output), and the attention key bias of
+nn.MultiheadAttention (open_clip) is the extreme case: softmax ignores it, its exact gradient is zero,
+so it is left out of the comparison. Everything else must agree to ``ATOL`` per element (5% of one
+AdamW step at lr 1e-3) and, taken as one vector, the two runs' updates to ``REL`` relative; training
+without gathered negatives misses them by 10x and 100x or more.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import debug_launcher
+from accelerate.state import AcceleratorState, GradientState
+from open_clip.loss import ClipLoss
+from safetensors.torch import load_file
+
+from conftest import MICRO_CLIP
+from stages import TINY_UNET
+from unclip.clip import ContrastiveLoss, OpenClipEncoder, clamp_logit_scale
+from unclip.data.collate import collate_dicts
+from unclip.data.shapes import ShapesDataset, collate
+from unclip.decoder import Decoder
+from unclip.embedding import TextCondition
+from unclip.prior import DiffusionPrior
+from unclip.training import StreamBatchSampler, Trainer, TrainerConfig
+
+STEPS = 4
+BATCH = 4  # per process; the one-process reference uses 2 * BATCH
+ITEMS = 2 * BATCH * STEPS  # one epoch: every item is seen once
+LR = 1e-3
+ATOL = 5e-5  # per weight (the largest difference seen: 7e-6)
+REL = 1e-3  # of the whole update (seen: 3e-5)
+EMBED_DIM, TOKEN_DIM, TEXT_LENGTH, NUM_STEPS = 16, 8, 6, 50
+
+
+def _item_generator(index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(10_000 + index)
+
+
+class RandomEmbeddings(torch.utils.data.Dataset):
+    """Prior training items (as EmbeddingShards gives them) plus the item's own diffusion draws."""
+
+    def __len__(self):
+        return ITEMS
+
+    def __getitem__(self, index):
+        g = _item_generator(index)
+        length = int(torch.randint(2, TEXT_LENGTH + 1, (), generator=g))
+        return {
+            "image_embed": torch.nn.functional.normalize(torch.randn(EMBED_DIM, generator=g), dim=0),
+            "text_embed": torch.nn.functional.normalize(torch.randn(EMBED_DIM, generator=g), dim=0),
+            "token_embeds": torch.randn(TEXT_LENGTH, TOKEN_DIM, generator=g),
+            "mask": torch.arange(TEXT_LENGTH) < length,
+            "t": torch.randint(0, NUM_STEPS, (), generator=g),
+            "noise": torch.randn(EMBED_DIM, generator=g),
+            "drop": torch.rand((), generator=g) < 0.3,
+        }
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Decoder training items: an image, its embedding, caption tokens, and the item's own draws."""
+
+    def __len__(self):
+        return ITEMS
+
+    def __getitem__(self, index):
+        g = _item_generator(index)
+        length = int(torch.randint(2, TEXT_LENGTH + 1, (), generator=g))
+        tokens = torch.zeros(TEXT_LENGTH, dtype=torch.long)
+        tokens[:length] = torch.randint(1, 60, (length,), generator=g)
+        tokens[length - 1] = 63  # the end token: the highest id
+        return {
+            "image": torch.rand(3, 16, 16, generator=g) * 2 - 1,
+            "image_embed": torch.nn.functional.normalize(torch.randn(EMBED_DIM, generator=g), dim=0),
+            "tokens": tokens,
+            "mask": torch.arange(TEXT_LENGTH) < length,
+            "t": torch.randint(0, NUM_STEPS, (), generator=g),
+            "noise": torch.randn(3, 16, 16, generator=g),
+            "drop_image_embed": torch.rand((), generator=g) < 0.3,
+            "drop_caption": torch.rand((), generator=g) < 0.5,
+        }
+
+
+def prior_loss(model, batch):
+    return model.training_loss(batch)
+
+
+def decoder_loss(model, batch):
+    text = TextCondition(
+        embed=batch["image_embed"],  # not read by the caption transformer
+        tokens=batch["tokens"],
+        token_embeds=torch.zeros(*batch["tokens"].shape, TOKEN_DIM, device=batch["tokens"].device),
+        mask=batch["mask"],
+    )
+    return model.training_loss(
+        batch["image"], batch["image_embed"], text, t=batch["t"], noise=batch["noise"],
+        drop_image_embed=batch["drop_image_embed"], drop_caption=batch["drop_caption"],
+    )
+
+
+def local_contrastive_loss(encoder, batch):
+    """The contrastive loss WITHOUT gathering: each process contrasts only its own slice of the batch."""
+    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=1)
+    image_features = encoder.encode_image(batch["image"])
+    text_features = encoder.encode_text(batch["caption"]).embed
+    return {"loss": loss_fn(image_features, text_features, encoder.logit_scale.exp())}
+
+
+def build_stage(name: str):
+    """(model, loss_fn, dataset, collate_fn, after_step_fn) of a tiny stage, initialised from seed 0."""
+    torch.manual_seed(0)
+    if name in ("clip", "clip_without_gather"):
+        model = OpenClipEncoder(model_cfg=MICRO_CLIP, name="micro")
+        loss = ContrastiveLoss() if name == "clip" else local_contrastive_loss
+        return model, loss, ShapesDataset("train", length=ITEMS, image_size=32), collate, clamp_logit_scale
+    if name == "prior":
+        model = DiffusionPrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH, width=32, depth=2,
+                               heads=2, num_steps=NUM_STEPS, cond_drop_prob=0.3)
+        model.fit_normalisation(torch.nn.functional.normalize(torch.randn(64, EMBED_DIM), dim=-1))
+        return model, prior_loss, RandomEmbeddings(), collate_dicts, None
+    if name == "decoder":
+        model = Decoder(image_size=16, image_embed_dim=EMBED_DIM, text_length=TEXT_LENGTH, unet=TINY_UNET,
+                        caption_width=32, caption_layers=1, caption_heads=2, vocab_size=64, num_steps=NUM_STEPS)
+        return model, decoder_loss, RandomImages(), collate_dicts, None
+    raise ValueError(name)
+
+
+def train(name: str, run_dir: str, batch_size: int) -> None:
+    model, loss_fn, dataset, collate_fn, after_step_fn = build_stage(name)
+    config = TrainerConfig(
+        max_steps=STEPS, batch_size=batch_size, lr=LR, warmup_steps=1, mixed_precision="no", ema_beta=0.5,
+        ema_update_after_step=0, checkpoint_every=0, log_every=1, progress=False, seed=0,
+    )
+    Trainer(model, loss_fn, dataset, config, run_dir, stage=name, space_fn=lambda m: None, collate_fn=collate_fn,
+            after_step_fn=after_step_fn).fit()
+
+
+def train_on_each_process(name: str, run_dir: str, batch_size: int) -> None:
+    """Runs in every process that debug_launcher forks."""
+    # A fork inherits accelerate's singletons from the test process (set there by earlier one-process runs).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(1)
+    train(name, run_dir, batch_size)
+
+
+def final_weights(run_dir):
+    checkpoint = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    processes = json.loads((checkpoint / "trainer.json").read_text())["num_processes"]
+    return load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "ema.safetensors"), processes
+
+
+def _compared(weights: dict) -> torch.Tensor:
+    """All weights as one vector, without nn.MultiheadAttention's key bias (its exact gradient is zero)."""
+    parts = []
+    for name in sorted(weights):
+        value = weights[name].float()
+        if name.endswith("in_proj_bias"):
+            query, _, value_bias = value.view(3, -1)  # [query | key | value] biases
+            value = torch.cat([query, value_bias])
+        parts.append(value.flatten())
+    return torch.cat(parts)
+
+
+def differences(a: dict, b: dict, initial: dict) -> tuple[float, float]:
+    """(largest per-weight difference, |a - b| / |a - initial|) over the compared weights."""
+    assert a.keys() == b.keys()
+    a, b, initial = _compared(a), _compared(b), _compared({k: initial[k] for k in a})
+    update = a - initial
+    assert update.abs().max() > 10 * ATOL, "training did not change the weights: the comparison would prove nothing"
+    return (a - b).abs().max().item(), ((a - b).norm() / update.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """The one-process references, trained lazily once per stage."""
+    root, runs = tmp_path_factory.mktemp("one_process"), {}
+
+    def get(name):
+        if name not in runs:
+            train(name, str(root / name), 2 * BATCH)
+            runs[name] = final_weights(root / name)
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["clip", "prior", "decoder"])
+def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(name, tmp_path, one_process_runs):
+    debug_launcher(train_on_each_process, args=(name, str(tmp_path), BATCH), num_processes=2)
+    model_2, ema_2, processes = final_weights(tmp_path)
+    model_1, ema_1, _ = one_process_runs(name)
+    assert processes == 2
+    initial = build_stage(name)[0].state_dict()
+    largest, relative = differences(model_1, model_2, initial)
+    assert largest < ATOL and relative < REL, f"weights differ by up to {largest:.2e} ({relative:.2e} of the update)"
+    largest, relative = differences(ema_1, ema_2, initial)
+    assert largest < ATOL and relative < REL, f"EMA weights differ by up to {largest:.2e} ({relative:.2e} of the update)"
+
+
+def test_clip_without_gathered_negatives_trains_different_weights(tmp_path, one_process_runs):
+    """The test above can fail: contrasting each process's slice on its own is a different objective."""
+    debug_launcher(train_on_each_process, args=("clip_without_gather", str(tmp_path), BATCH), num_processes=2)
+    model_2, _, processes = final_weights(tmp_path)
+    model_1, _, _ = one_process_runs("clip")
+    assert processes == 2
+    largest, relative = differences(model_1, model_2, build_stage("clip")[0].state_dict())
+    assert largest > 10 * ATOL and relative > 100 * REL
+
+
+class LoggedEmbeddings(RandomEmbeddings):
+    """Records the items this process reads."""
+
+    seen: list[int] = []
+
+    def __getitem__(self, index):
+        self.seen.append(index)
+        return super().__getitem__(index)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_where_the_stream_stopped(tmp_path, capsys):
+    """Resuming with another number of processes continues the data stream at the global position reached."""
+    debug_launcher(train_on_each_process, args=("prior", str(tmp_path), BATCH), num_processes=2)
+    model, _, dataset, collate_fn, _ = build_stage("prior")
+    config = TrainerConfig(max_steps=STEPS + 2, batch_size=BATCH, lr=LR, mixed_precision="no", checkpoint_every=0,
+                           progress=False, resume=True)
+    LoggedEmbeddings.seen = []
+    Trainer(model, prior_loss, LoggedEmbeddings(), config, tmp_path, stage="prior", space_fn=lambda m: None,
+            collate_fn=collate_fn).fit()
+    assert "written by 2 process(es), resuming with 1" in capsys.readouterr().out
+    stream = StreamBatchSampler(ITEMS, 1, seed=0)
+    reached = STEPS * 2 * BATCH  # the two processes consumed 2 * BATCH items per step
+    assert LoggedEmbeddings.seen == [stream.batch_indices(p)[0] for p in range(reached, reached + 2 * BATCH)]

@@ -1,0 +1,36 @@
+"""The command-line jobs end to end on tiny stages: they run, write their files and print metrics.json last."""
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import ROOT
+from stages import save_micro_pipeline
+
+
+def _run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_sample_job_writes_images_grid_and_jsonl(tmp_path):
+    stages = save_micro_pipeline(tmp_path / "stages")
+    out = tmp_path / "run"
+    stdout = _run(
+        "train/sample.py", f"hydra.run.dir={out}", f"pipeline.clip={stages['clip']}", f"pipeline.prior={stages['prior']}",
+        f"pipeline.decoder={stages['decoder']}", f"pipeline.upsamplers=[{stages['upsamplers'][0]}]",
+        "prompts=[a red circle,a blue square]", "num_images_per_prompt=2", "seed=7",
+        "pipeline.settings.prior_steps=2", "pipeline.settings.decoder_steps=2", "pipeline.settings.upsampler_steps=2",
+    )
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert metrics == json.loads((out / "metrics.json").read_text()) and metrics["images"] == 4
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert all(r["seed"] == 7 and r["settings"]["decoder_steps"] == 2 for r in records)
+    assert Image.open(out / records[0]["file"]).size == (32, 32)
+    assert Image.open(out / "grid.png").size[0] > 64
