@@ -30,9 +30,7 @@ def run_stage(name: str, script: str, out: Path, overrides: list[str], force: bo
     if metrics_file.is_file() and not force:
         print(f"[demo] {name}: done already ({metrics_file}); force=true re-runs it", flush=True)
         return json.loads(metrics_file.read_text())
-    resume = ["trainer.overwrite=true"] if force else ["trainer.resume=true"]
-    if script in ("embed", "sample"):
-        resume = []
+    resume = [] if script == "embed" else ["trainer.overwrite=true"] if force else ["trainer.resume=true"]
     cmd = [sys.executable, str(TRAIN / f"{script}.py"), f"hydra.run.dir={run_dir}", *resume, *overrides]
     print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
     started = time.time()
