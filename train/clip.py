@@ -14,7 +14,7 @@ from unclip.clip import ContrastiveLoss, clamp_logit_scale
 from unclip.config import build
 from unclip.data.shapes import collate
 from unclip.eval.clip_shapes import ShapesClipEvaluator
-from unclip.jobs import finish
+from unclip.jobs import fit_and_finish
 from unclip.training import Trainer, TrainerConfig
 
 
@@ -39,9 +39,7 @@ def main(cfg: DictConfig) -> None:
         after_step_fn=clamp_logit_scale,
         extra_config={"job": config},
     )
-    result = trainer.fit()
-    metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint), "minutes": (time.time() - start) / 60}
-    finish(run_dir, metrics, is_main=trainer.is_main)
+    fit_and_finish(trainer, run_dir, start)
 
 
 if __name__ == "__main__":

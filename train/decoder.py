@@ -17,7 +17,7 @@ from unclip.config import build
 from unclip.data.collate import collate_dicts
 from unclip.eval.decoder import evaluate_decoder
 from unclip.images import save_grid, to_pil
-from unclip.jobs import finish
+from unclip.jobs import fit_and_finish
 from unclip.training import Trainer, TrainerConfig
 
 
@@ -93,9 +93,7 @@ def main(cfg: DictConfig) -> None:
         extra_config={"job": config},
     )
     clip.to(trainer.accelerator.device)
-    result = trainer.fit()
-    metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint), "minutes": (time.time() - start) / 60}
-    finish(run_dir, metrics, is_main=trainer.is_main)
+    fit_and_finish(trainer, run_dir, start)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from unclip.config import build
 from unclip.data.collate import collate_dicts
 from unclip.data.embeddings import EmbeddingShards
 from unclip.eval.prior import evaluate_prior
-from unclip.jobs import finish
+from unclip.jobs import finish, fit_and_finish
 from unclip.prior import PassthroughPrior
 from unclip.training import Trainer, TrainerConfig
 
@@ -64,9 +64,7 @@ def main(cfg: DictConfig) -> None:
         evaluate_fn=evaluate,
         extra_config={"job": config},
     )
-    result = trainer.fit()
-    metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint), "minutes": (time.time() - start) / 60}
-    finish(run_dir, metrics, is_main=trainer.is_main)
+    fit_and_finish(trainer, run_dir, start)
 
 
 if __name__ == "__main__":

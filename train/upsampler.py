@@ -16,7 +16,7 @@ from unclip.data.collate import collate_dicts
 from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import psnr
 from unclip.images import save_grid, to_pil
-from unclip.jobs import finish
+from unclip.jobs import fit_and_finish
 from unclip.training import Trainer, TrainerConfig
 
 
@@ -66,9 +66,7 @@ def main(cfg: DictConfig) -> None:
         preview_fn=preview,
         extra_config={"job": config},
     )
-    result = trainer.fit()
-    metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint), "minutes": (time.time() - start) / 60}
-    finish(run_dir, metrics, is_main=trainer.is_main)
+    fit_and_finish(trainer, run_dir, start)
 
 
 if __name__ == "__main__":

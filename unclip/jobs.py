@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +28,15 @@ def finish(run_dir: str | Path, metrics: dict, *, is_main: bool = True) -> dict:
         path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(json.dumps(metrics, sort_keys=True), flush=True)
     return metrics
+
+
+def fit_and_finish(trainer, run_dir: str | Path, started: float) -> dict:
+    """Train, then write and print the job's metrics: the final evaluation, step, checkpoint and minutes."""
+    result = trainer.fit()
+    metrics = {
+        **result.metrics,
+        "step": result.step,
+        "checkpoint": str(result.checkpoint),
+        "minutes": (time.time() - started) / 60,
+    }
+    return finish(run_dir, metrics, is_main=trainer.is_main)
