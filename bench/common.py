@@ -227,3 +227,10 @@ def loss_summary(losses: list[float]) -> dict:
     """First and last loss and the mean of the last quarter of steps (the loss of one step is noisy)."""
     tail = losses[-max(1, len(losses) // 4):]
     return {"first": losses[0], "last": losses[-1], "tail_mean": sum(tail) / len(tail), "tail_steps": len(tail)}
+
+
+def print_json(benchmark: str, args, **payload) -> None:
+    """The closing JSON line: the benchmark's name, its settings (as run) and every number."""
+    config = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items() if k != "worker"}
+    config["threads_used"] = torch.get_num_threads()
+    print(json.dumps({"benchmark": benchmark, "config": config, **payload}))

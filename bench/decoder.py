@@ -139,11 +139,9 @@ def report(args, results: dict) -> None:
                     REFERENCE["sample_guided_s"] / 2, at_least=False,
                     comparable=args.comparable and args.sample_steps == 64),
     ]
-    config = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items() if k != "worker"}
-    config["threads_used"] = torch.get_num_threads()
-    print(json.dumps({"benchmark": "decoder", "config": config, "results": results,
-                      "loss": {p: common.loss_summary(results[p]["losses"]) for p in ps},
-                      "reference": REFERENCE, "goals": goals}))
+    common.print_json("decoder", args, results=results,
+                      loss={p: common.loss_summary(results[p]["losses"]) for p in ps},
+                      reference=REFERENCE, goals=goals)
 
 
 def main() -> None:

@@ -130,10 +130,8 @@ def report(args, results: dict) -> None:
                     REFERENCE["sample_guided_s"] / 4, at_least=False,
                     comparable=args.comparable and args.sample_steps == 64),
     ]
-    config = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items() if k != "worker"}
-    config["threads_used"] = torch.get_num_threads()
-    print(json.dumps({"benchmark": "prior", "config": config, "results": results, "loss": summary,
-                      "reference": REFERENCE, "goals": goals}))
+    common.print_json("prior", args, results=results, loss=summary,
+                      reference=REFERENCE, goals=goals)
 
 
 def main() -> None:

@@ -8,14 +8,6 @@ from unclip.prior import PriorTransformer
 D, DT, T = 16, 12, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_prior(**overrides) -> PriorTransformer:
     torch.manual_seed(0)

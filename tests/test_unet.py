@@ -9,15 +9,6 @@ from unclip.decoder.unet import AttentionBlock
 B, SIZE, EMBED, CTX, T = 4, 16, 12, 32, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP threads that wait on
-    each other make these tests 10-100x slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_unet(**overrides) -> UNet:
     config = dict(image_size=SIZE, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,

@@ -260,15 +260,20 @@ class Trainer:
         model = self.ema.ema_model if self.ema.initted.item() else self.model
         return model
 
+    def _run_on_eval_model(self, fn):
+        """``fn(model)`` on the EMA (or raw) model in eval mode, without gradients, under autocast."""
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            result = fn(model)
+        model.train(was_training)
+        return result
+
     def _evaluate(self) -> dict:
         metrics: dict = {}
         if self.evaluate_fn is not None and self.is_main:
-            model = self.eval_model()
-            was_training = model.training
-            model.eval()
-            with torch.no_grad(), self.accelerator.autocast():
-                metrics = self.evaluate_fn(model)
-            model.train(was_training)
+            metrics = self._run_on_eval_model(self.evaluate_fn)
             self._log({"step": self.step, "eval": metrics})
             self.accelerator.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(metrics)))
         self.accelerator.wait_for_everyone()
@@ -276,12 +281,7 @@ class Trainer:
 
     def _preview(self) -> None:
         if self.preview_fn is not None and self.is_main:
-            model = self.eval_model()
-            was_training = model.training
-            model.eval()
-            with torch.no_grad(), self.accelerator.autocast():
-                self.preview_fn(model, self.run_dir / "previews", self.step)
-            model.train(was_training)
+            self._run_on_eval_model(lambda model: self.preview_fn(model, self.run_dir / "previews", self.step))
         self.accelerator.wait_for_everyone()
 
     def _log(self, record: dict) -> None:
