@@ -189,3 +189,21 @@ def test_learns_to_map_text_embeddings_to_targets():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 / 10, (losses[:3], losses[-3:])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_prefix_gives_the_full_forward(padded):
+    """Sampling encodes [caption tokens | text embed] once: every step must equal the full forward."""
+    prior = make_prior().eval()
+    inputs = make_inputs(batch=6)
+    if not padded:
+        inputs["mask"] = None
+    drop = torch.tensor([False, True, False, True, False, False])
+    with torch.no_grad():
+        cache = prior.encode_prefix(inputs["text_embed"], inputs["token_embeds"], inputs["mask"], drop_text=drop)
+        for step in range(3):  # the same cache, new timesteps and noised embeddings
+            x = torch.randn(6, D, generator=torch.Generator().manual_seed(step))
+            t = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(10 + step))
+            full = prior(x, t, inputs["text_embed"], inputs["token_embeds"], inputs["mask"], drop_text=drop)
+            cached = prior.forward_with_prefix(x, t, cache)
+            torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)

@@ -81,6 +81,21 @@ class DiffusionPrior(Configurable, nn.Module):
             token_embeds = mask = None
         return self.net(x, t, text_embed, token_embeds, mask, drop_text=drop_text)
 
+    def _cached_net(self):
+        """``_net`` for sampling: the prefix (caption tokens and text embedding) of a conditioning is encoded
+        once and reused at every step; the samplers and guidance pass the same tensors at every step."""
+        caches: dict = {}
+
+        def net(x, t, drop_text, text_embed, token_embeds, mask):
+            if not self.use_caption_tokens:
+                token_embeds = mask = None
+            key = (id(text_embed), tuple(drop_text.tolist()))
+            if key not in caches:
+                caches[key] = (text_embed, self.net.encode_prefix(text_embed, token_embeds, mask, drop_text=drop_text))
+            return self.net.forward_with_prefix(x, t, caches[key][1])
+
+        return net
+
     def training_loss(self, batch: dict) -> dict:
         """Optional batch keys ``t`` [B], ``noise`` [B, D] and ``drop`` [B] (bool) replace the random draws
         (e.g. drawn per item, so that data-parallel runs can be compared with one process)."""
@@ -122,7 +137,7 @@ class DiffusionPrior(Configurable, nn.Module):
         batch = len(text)
         repeated = text.repeat_interleave(num_candidates)
         model_fn = classifier_free_guidance(
-            self._net,
+            self._cached_net(),
             guidance_scale,
             text_embed=repeated.embed.float(),
             token_embeds=repeated.token_embeds.float(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,24 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.out(rearrange(attended, "b h s d -> b s (h d)")))
 
 
+    def forward_prefix(self, x: torch.Tensor, attn_mask: torch.Tensor | None):
+        """Self-attention over the prefix x [B, P, W]; returns the output and its keys and values [B, h, P, d]."""
+        q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
+        attended = attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        return self.out(rearrange(attended, "b h s d -> b s (h d)")), k, v
+
+    def forward_after(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                      attn_mask: torch.Tensor, final_only: bool) -> torch.Tensor:
+        """The positions after a cached prefix: x [B, N, W] attends to the prefix's keys and values and
+        causally to itself; ``attn_mask`` [B, 1, N, P + N] bool. ``final_only``: the last position only."""
+        q, k, v = rearrange(self.qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        if final_only:
+            q, attn_mask = q[:, :, -1:], attn_mask[:, :, -1:]
+        attended = attention(q, k, v, attn_mask=attn_mask)
+        return self.out(rearrange(attended, "b h s d -> b s (h d)"))
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -108,6 +127,27 @@ class Block(nn.Module):
         attended = self.attn(self.norm_attn(x), attn_mask, final_only)
         x = (x[:, -1:] if final_only else x) + attended
         return x + self.ff(self.norm_ff(x))
+
+    def forward_prefix(self, x: torch.Tensor, attn_mask: torch.Tensor | None):
+        attended, k, v = self.attn.forward_prefix(self.norm_attn(x), attn_mask)
+        x = x + attended
+        return x + self.ff(self.norm_ff(x)), k, v
+
+    def forward_after(self, x, past_k, past_v, attn_mask, final_only: bool = False) -> torch.Tensor:
+        attended = self.attn.forward_after(self.norm_attn(x), past_k, past_v, attn_mask, final_only)
+        x = (x[:, -1:] if final_only else x) + attended
+        return x + self.ff(self.norm_ff(x))
+
+
+@dataclass
+class PrefixCache:
+    """Every block's keys and values [B, h, P, d] for the prefix [caption tokens | text embed], which
+    does not depend on the timestep or the noised embedding: computed once, reused at every sampling step.
+    ``key_valid`` [B, P] bool marks the prefix keys that may be attended to (None: all)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor | None
 
 
 class PriorTransformer(nn.Module):
@@ -193,6 +233,49 @@ class PriorTransformer(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x, attn_mask)
         x = self.blocks[-1](x, attn_mask, final_only=True)  # only the query's output is used
+        return self.to_out(self.norm_out(x[:, 0]))
+
+    @torch.no_grad()
+    def encode_prefix(self, text_embed, token_embeds=None, mask=None, drop_text=None) -> PrefixCache:
+        """Run the prefix [caption tokens | text embed] once; see :meth:`forward_with_prefix`."""
+        probe = torch.zeros(text_embed.shape[0], self.embed_dim, device=text_embed.device, dtype=text_embed.dtype)
+        t = torch.zeros(text_embed.shape[0], device=text_embed.device, dtype=torch.long)
+        x, attn_mask = self._embed(probe, t, text_embed, token_embeds, mask, drop_text)
+        prefix = x.shape[1] - (NUM_SPECIAL - 1)  # caption tokens + text embed
+        x = x[:, :prefix]
+        prefix_mask = None if attn_mask is None else attn_mask[:, :, :prefix, :prefix]
+        keys, values = [], []
+        for block in self.blocks:
+            x, k, v = block.forward_prefix(x, prefix_mask)
+            keys.append(k)
+            values.append(v)
+        key_valid = None if attn_mask is None else attn_mask[:, 0, -1, :prefix]  # the query's row: valid keys
+        return PrefixCache(keys, values, key_valid)
+
+    def forward_with_prefix(self, noised_image_embed: torch.Tensor, t: torch.Tensor, prefix: PrefixCache) -> torch.Tensor:
+        """The same as :meth:`forward` with the conditioning of ``prefix`` (from :meth:`encode_prefix`),
+        computing only the timestep, noised embedding and query positions: 3 of up to 81 per step."""
+        batch, device = noised_image_embed.shape[0], noised_image_embed.device
+        dtype = self.pos_embed.dtype
+        x = torch.stack(
+            [
+                self.time_mlp(timestep_embedding(t, self.width).to(dtype)).to(dtype),
+                self.image_proj(noised_image_embed).to(dtype),
+                self.query.expand(batch, -1),
+            ],
+            dim=1,
+        ) + self.pos_embed[-(NUM_SPECIAL - 1):]
+        new = NUM_SPECIAL - 1
+        past = prefix.keys[0].shape[2]
+        key_valid = prefix.key_valid
+        if key_valid is None:
+            key_valid = torch.ones(batch, past, dtype=torch.bool, device=device)
+        causal = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+        attn_mask = torch.cat([key_valid[:, None, :].expand(batch, new, past), causal.expand(batch, new, new)], dim=2)
+        attn_mask = attn_mask[:, None]  # [B, 1, new, past + new]
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x = block.forward_after(x, prefix.keys[i], prefix.values[i], attn_mask, final_only=last)
         return self.to_out(self.norm_out(x[:, 0]))
 
     def hidden_states(self, noised_image_embed, t, text_embed, token_embeds=None, mask=None, drop_text=None):
