@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
-from unclip.weights import load_weights_file
+from unclip.weights import CheckpointError, load_weights_file
 
 # The tokenizer turns these strings into its special tokens wherever they appear in a caption (also
 # HTML-escaped): a caption must not be able to end itself early.
@@ -54,11 +54,17 @@ class OpenClipEncoder(nn.Module):
         self.model = open_clip.CLIP(**copy.deepcopy(model_cfg))
         if checkpoint is not None:
             state = load_weights_file(checkpoint)
-            state = state.get("state_dict", state)
+            state = state.get("state_dict", state)  # open_clip's training checkpoints wrap the weights
             state = {k.removeprefix("module."): v for k, v in state.items()}
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # tensors of the wrong shape
+                first = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} does not fit the architecture {self.name}: {first} ..."
+                ) from err
             if missing or unexpected:
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint {checkpoint} does not fit the architecture {self.name}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
