@@ -196,3 +196,67 @@ def test_clip_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
         b = load_file(tmp_path / "killed" / final / name)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key}")
+
+
+class DirtyToyData(ToyData):
+    """ToyData whose every fifth item reports a skipped bad file before it, like the folder source does."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        item["issues"] = {"corrupt_image": 1} if i % 5 == 0 else {}
+        return item
+
+
+class ToyStream:
+    """A streaming source (the shape of WebDatasetSource): each process reads its own half of 40 items."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, int]] = []
+
+    def stream(self, rank, world_size, seed):
+        source = self
+
+        class Items(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                order = torch.randperm(40, generator=torch.Generator().manual_seed(seed)).tolist()
+                for i in order[rank::world_size]:
+                    source.seen.append((seed, i))
+                    item = ToyData()[i]
+                    item["issues"] = {"empty_caption": 1} if i % 10 == 0 else {}
+                    yield item
+
+        return Items()
+
+
+def test_data_issues_are_counted_per_epoch_and_reported(tmp_path):
+    settings = dict(max_steps=25, batch_size=8, lr=1e-2, warmup_steps=3, mixed_precision="no", ema_beta=0.9,
+                    ema_update_after_step=2, checkpoint_every=0, log_every=5, progress=False)
+    torch.manual_seed(0)
+    trainer = Trainer(Toy(), toy_loss, DirtyToyData(), TrainerConfig(**settings), tmp_path, stage="toy",
+                      space_fn=lambda m: None)
+    result = trainer.fit()
+    # 25 steps x 8 = 200 items = 4 epochs of 50, each with the 10 items i % 5 == 0.
+    assert result.metrics["data_issues"] == {"corrupt_image": 40}
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    # An epoch is reported at the end of the step that finishes it (a batch may straddle two epochs).
+    assert sum(r["data_issues"]["corrupt_image"] for r in epochs) == 40
+    assert all(8 <= r["data_issues"]["corrupt_image"] <= 12 for r in epochs)
+
+
+def test_streaming_source_runs_epoch_after_epoch_with_new_shuffles(tmp_path):
+    settings = dict(max_steps=12, batch_size=8, lr=1e-2, warmup_steps=3, mixed_precision="no", ema_beta=0.9,
+                    ema_update_after_step=2, checkpoint_every=0, log_every=4, progress=False)
+    torch.manual_seed(0)
+    source = ToyStream()
+    trainer = Trainer(Toy(), toy_loss, source, TrainerConfig(**settings), tmp_path, stage="toy",
+                      space_fn=lambda m: None)
+    result = trainer.fit()
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    # 40 items = 5 batches an epoch: 12 steps read 3 epochs, each a new permutation of all 40 items.
+    seeds = sorted({seed for seed, _ in source.seen})
+    assert len(seeds) == 3
+    for seed in seeds[:2]:
+        assert sorted(i for s, i in source.seen if s == seed) == list(range(40))
+    assert result.metrics["data_issues"]["empty_caption"] >= 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -15,3 +16,15 @@ def collate_dicts(items: Sequence[dict]) -> dict:
         values = [item[key] for item in items]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
+
+
+def first_items(dataset, n: int) -> dict:
+    """The first ``n`` items (fewer if the data set is smaller) of a map-style data set or a streaming
+    source, collated: the fixed evaluation and preview batches of the jobs."""
+    if hasattr(dataset, "stream"):  # webdataset shards: the first n good items of one pass
+        items = list(itertools.islice(iter(dataset), n))
+    else:
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+    if not items:
+        raise ValueError(f"no items to evaluate on in {dataset!r}")
+    return collate_dicts(items)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unclip.data.collate import collate_dicts
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "orange": (245, 140, 20),
@@ -310,11 +312,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 def collate(items: Sequence[dict]) -> dict:
     """Batch dataset items: images stacked to [B, 3, S, S]; captions and metas as lists."""
-    return {
-        "image": torch.stack([item["image"] for item in items]),
-        "caption": [item["caption"] for item in items],
-        "meta": [item["meta"] for item in items],
-    }
+    return collate_dicts(items)
 
 
 def write_folder(out_dir, n: int, **dataset_kwargs) -> Path:

@@ -5,6 +5,13 @@ A stage supplies a model (an ``nn.Module`` with a ``.config`` that rebuilds it),
 preview functions. The loop handles the device, data-parallel processes, mixed precision, gradient
 accumulation, AdamW with warm-up and cosine decay, EMA (ema-pytorch), a progress bar, periodic
 evaluation and previews, non-finite losses, and atomic checkpoints that resume exactly.
+
+Data comes either as a map-style dataset, read in a deterministic stream that resumes exactly where it
+stopped, or as a streaming source with ``stream(rank, world_size, seed) -> IterableDataset`` (webdataset
+shards), which splits itself across processes; a resumed run continues such a stream with a fresh shuffle
+rather than at the exact item. Items may carry ``"issues"`` (counts of bad or repaired data met while
+producing them); the trainer sums them, prints them at the end of every epoch and reports them in the
+final metrics as ``data_issues``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +39,7 @@ from unclip.checkpoint import (
     commit_directory,
     save_stage_files,
 )
+from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
 from unclip.training.config import TrainerConfig
 from unclip.training.data import stream_loader
@@ -119,7 +128,7 @@ class Trainer:
         self.after_step_fn = after_step_fn
         self.extra_config = extra_config or {}
         self.dataset = dataset
-        self.collate_fn = collate_fn
+        self.collate_fn = collate_fn or collate_dicts
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
         )
@@ -139,6 +148,9 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.stream_position = 0  # data items consumed by all processes together
+        self.data_issues: Counter = Counter()  # this process's bad / repaired data items, whole run
+        self.epoch_issues: Counter = Counter()  # the same, current epoch
+        self.epoch = 0
         self.last_checkpoint: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
@@ -188,6 +200,8 @@ class Trainer:
                 "ema_initted": bool(self.ema.initted.item()),
                 "num_processes": acc.num_processes,
                 "stream_position": self.stream_position,
+                "epoch": self.epoch,
+                "data_issues": dict(self.data_issues),
             }
             (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
             commit_directory(tmp, final)
@@ -228,6 +242,8 @@ class Trainer:
         # Where the data stream stands; older checkpoints lack it (assume this batch size and grad_accum).
         samples_per_step = self.config.batch_size * self.config.grad_accum * state["num_processes"]
         self.stream_position = state.get("stream_position", self.step * samples_per_step)
+        self.epoch = state.get("epoch", 0)
+        self.data_issues = Counter(state.get("data_issues", {}))
         self.last_checkpoint = path
 
     def _prepare_run_dir(self) -> None:
@@ -296,17 +312,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self._prepare_run_dir()
-        loader = stream_loader(
-            self.dataset,
-            cfg.batch_size,
-            collate_fn=self.collate_fn,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            seed=cfg.seed,
-            start_position=self.stream_position,
-            num_workers=cfg.num_workers,
-        )
-        batches = iter(loader)
+        index_issues = getattr(self.dataset, "index_issues", None)
+        if index_issues:
+            summary = ", ".join(f"{reason} {n}" for reason, n in sorted(index_issues.items()))
+            acc.print(f"data set index: files left out: {summary}")
+        batches = self._batches()
         samples_per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
         bar = tqdm(
             total=cfg.max_steps,
@@ -324,7 +334,7 @@ class Trainer:
             finite = True
             logs: dict = {}
             for _ in range(cfg.grad_accum):
-                batch = to_device(next(batches), acc.device)
+                batch = to_device(self._count_issues(next(batches)), acc.device)
                 with acc.accumulate(self.wrapped):
                     out = self.wrapped(batch)
                     loss = out["loss"]
@@ -361,6 +371,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.stream_position += samples_per_step
+            if not hasattr(self.dataset, "stream"):  # a map-style epoch ends every len(dataset) stream items
+                while self.epoch < self.stream_position // len(self.dataset):
+                    self._end_epoch()
             bar.update(1)
             window_steps += 1
             if finite:
@@ -396,7 +409,80 @@ class Trainer:
             self.save_checkpoint()
         self._preview()
         metrics = self._evaluate()
+        issues = self._all_data_issues()
+        if issues:
+            metrics = {**metrics, "data_issues": issues}
         return TrainResult(step=self.step, metrics=metrics, checkpoint=self.last_checkpoint, history=history)
+
+    # -- data -------------------------------------------------------------------------------
+    def _batches(self):
+        """Endless batches for this process: the map-style stream, or a streaming source epoch after epoch."""
+        cfg, acc = self.config, self.accelerator
+        if not hasattr(self.dataset, "stream"):
+            loader = stream_loader(
+                self.dataset,
+                cfg.batch_size,
+                collate_fn=self.collate_fn,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                seed=cfg.seed,
+                start_position=self.stream_position,
+                num_workers=cfg.num_workers,
+            )
+            yield from loader
+            return
+        while True:
+            # A resumed run cannot seek inside a stream: it draws a new order (seeded by the position).
+            seed = cfg.seed + self.epoch * 1_000_003 + self.stream_position
+            loader = torch.utils.data.DataLoader(
+                self.dataset.stream(acc.process_index, acc.num_processes, seed),
+                batch_size=cfg.batch_size,
+                collate_fn=self.collate_fn,
+                num_workers=cfg.num_workers,
+                drop_last=True,
+            )
+            produced = 0
+            for batch in loader:
+                produced += 1
+                yield batch
+            if produced == 0:
+                raise ValueError(
+                    f"the data source {self.dataset!r} gave process {acc.process_index} no full batch of "
+                    f"{cfg.batch_size} items in a whole epoch; check its shards or lower trainer.batch_size"
+                )
+            self._end_epoch()
+
+    def _count_issues(self, batch):
+        """Take the items' ``issues`` counts out of the batch and add them up."""
+        if isinstance(batch, dict) and "issues" in batch:
+            for counts in batch.pop("issues"):
+                self.epoch_issues.update(counts)
+                self.data_issues.update(counts)
+        return batch
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        if self.epoch_issues:
+            summary = ", ".join(f"{reason} {n}" for reason, n in sorted(self.epoch_issues.items()))
+            where = f" (process {self.accelerator.process_index})" if self.accelerator.num_processes > 1 else ""
+            message = f"epoch {self.epoch} data issues{where}: {summary}"
+            if self.accelerator.num_processes > 1 or self.is_main:
+                tqdm.write(message)
+            self._log({"step": self.step, "epoch": self.epoch, "data_issues": dict(self.epoch_issues)})
+        self.epoch_issues = Counter()
+
+    def _all_data_issues(self) -> dict:
+        """The data issues of every process, summed (every process must call this), plus those the data set
+        found while indexing its files (``index_issues``, e.g. images without a caption file)."""
+        totals: Counter = Counter(getattr(self.dataset, "index_issues", None) or {})
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            for counts in gather_object([dict(self.data_issues)]):
+                totals.update(counts)
+        else:
+            totals.update(self.data_issues)
+        return dict(sorted(totals.items()))
 
 
 def _scalars(metrics: dict):
