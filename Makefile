@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo demo-quick test bench
+.PHONY: setup demo demo-quick demo-emoji test bench
 setup:
 	@bash scripts/setup.sh
 
@@ -13,6 +13,9 @@ demo:
 
 demo-quick:
 	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py preset=quick out=outputs/demo-quick
+
+demo-emoji:
+	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py experiment=emoji
 
 test:
 	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest -q $(PYTEST_ARGS)

@@ -59,4 +59,27 @@ fi
 if [ "$("$py" -c 'import unclip, os; print(os.path.dirname(os.path.dirname(unclip.__file__)))' 2>/dev/null)" != "$root" ]; then
   "$py" -m pip install -q --no-deps -e "$root" >&2
 fi
+# Best effort, never fatal: data=emoji renders the Noto Color Emoji font. Installed with apt-get when it
+# is missing and we are root or have passwordless sudo; UNCLIP_NO_APT=1 skips this.
+install_emoji_font() {
+  [ "${UNCLIP_NO_APT:-0}" = 1 ] && return 0
+  [ -n "${UNCLIP_EMOJI_FONT:-}" ] && [ -f "$UNCLIP_EMOJI_FONT" ] && return 0
+  if [ -n "$(find /usr/share/fonts /usr/local/share/fonts "${HOME:-/nonexistent}/.fonts" "${HOME:-/nonexistent}/.local/share/fonts" \
+      -name 'NotoColorEmoji*.ttf' -print 2>/dev/null | head -n 1)" ]; then
+    return 0
+  fi
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      log "the emoji font is missing (for data=emoji): sudo apt-get install fonts-noto-color-emoji"
+      return 0
+    fi
+  fi
+  log "installing the emoji font (fonts-noto-color-emoji, for data=emoji)"
+  local install="$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji"
+  $install >&2 2>/dev/null || { $sudo apt-get update -qq >&2 && $install >&2; } ||
+    log "could not install fonts-noto-color-emoji; data=emoji needs it (or UNCLIP_EMOJI_FONT=<NotoColorEmoji.ttf>)"
+}
+install_emoji_font || true
 echo "$py"

@@ -32,8 +32,12 @@ def test_every_group_option_composes_into_a_job(group, option):
         pytest.fail(f"conf/{group}/ is used by no job config in conf/")
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name=job, overrides=[f"{group}={option}"])
+    # ???: a local file or folder the user names (e.g. data.root, clip.path)
+    missing = [key for key in cfg[group] if OmegaConf.is_missing(cfg[group], key)]
+    for key in missing:
+        cfg[group][key] = "/a/path/the/user/names"
     node = OmegaConf.to_container(cfg, resolve=True)[group]
-    if group in ("clip",):
+    if group in ("clip",) and not missing:
         assert build(node).space.dim > 0
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from unclip.clip.open_clip_encoder import _plain_text
 
 from conftest import MICRO_CLIP
-from test_shapes import POSITION_WORDS, RELATION_WORDS, SIDE, object_list, pixel_classes
+from test_shapes import POSITION_WORDS, RELATION_WORDS, object_list, pixel_classes
 from unclip.clip import OpenClipEncoder
 from unclip.data.shapes import COLOURS, DEFAULT_HELDOUT, POSITIONS, SHAPES, SIZES, ShapesDataset, generate_item
 

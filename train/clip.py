@@ -12,10 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from unclip.clip import ContrastiveLoss, clamp_logit_scale
 from unclip.config import build
-from unclip.data.shapes import collate
+from unclip.data.collate import collate_dicts
 from unclip.eval.clip_shapes import ShapesClipEvaluator
 from unclip.jobs import fit_and_finish
 from unclip.training import Trainer, TrainerConfig
+
+
+EVAL_SPLITS = ("val", "heldout", "train_names")  # whichever the data set has (emoji: val, train_names)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train_clip")
@@ -34,8 +37,8 @@ def main(cfg: DictConfig) -> None:
         run_dir,
         stage="clip",
         space_fn=lambda model: model.compute_space(),
-        collate_fn=collate,
-        evaluate_fn=ShapesClipEvaluator({"val": data["val"], "heldout": data["heldout"]}),
+        collate_fn=collate_dicts,
+        evaluate_fn=ShapesClipEvaluator({split: data[split] for split in EVAL_SPLITS if split in data}),
         after_step_fn=clamp_logit_scale,
         extra_config={"job": config},
     )

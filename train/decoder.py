@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unclip.checkpoint import load_stage
 from unclip.config import build
-from unclip.data.collate import collate_dicts
+from unclip.data.collate import collate_dicts, first_items
 from unclip.eval.decoder import evaluate_decoder
 from unclip.images import save_grid, to_pil
 from unclip.jobs import fit_and_finish
@@ -54,7 +54,9 @@ def main(cfg: DictConfig) -> None:
     evaluation = config["evaluation"]
     eval_sets = {}
     for split, n in (("val", evaluation["val_items"]), ("heldout", evaluation["heldout_items"])):
-        batch = collate_dicts([data[split][i] for i in range(min(n, len(data[split])))])
+        if split not in data or n == 0:  # e.g. emoji: val holds the held-out names
+            continue
+        batch = first_items(data[split], n)
         eval_sets[split] = batch
 
     def preview(model, out_dir: Path, step: int) -> None:

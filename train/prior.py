@@ -36,7 +36,10 @@ def main(cfg: DictConfig) -> None:
     shards = Path(config["embeddings"])
     train = EmbeddingShards(shards / "train")
     space = train.space
-    evals = {split: EmbeddingShards(shards / split, expected_space=space) for split in ("val", "heldout")}
+    splits = [split for split in ("val", "heldout", "train_names") if (shards / split).is_dir()]
+    if not splits:
+        raise FileNotFoundError(f"{shards} has no val/ or heldout/ embedding shards to evaluate the prior on")
+    evals = {split: EmbeddingShards(shards / split, expected_space=space) for split in splits}
     sampling = config["sampling"]
 
     def evaluate(model):

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from unclip.config import build
-from unclip.data.collate import collate_dicts
+from unclip.data.collate import collate_dicts, first_items
 from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import psnr
 from unclip.images import save_grid, to_pil
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     data = build(config["data"])
     model = build(config["upsampler"])
     evaluation = config["evaluation"]
-    val = collate_dicts([data["val"][i] for i in range(min(evaluation["val_items"], len(data["val"])))])
+    val = first_items(data["val"], evaluation["val_items"])
     truth = resize(val["image"], model.image_size)
     low_res = resize(truth, model.low_res_size)
 

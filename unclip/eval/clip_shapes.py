@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from unclip.clip.evaluation import embed_images, embed_texts, retrieval_recall, zero_shot_top1
-from unclip.data.shapes import class_prompts, collate
+from unclip.data.collate import first_items
+from unclip.data.shapes import class_prompts
 
 
 class ShapesClipEvaluator:
     """Callable ``evaluator(encoder) -> metrics`` over fixed evaluation splits (rendered once).
 
     For every split: ``zero_shot_top1_<split>`` over the 32 colour×shape classes (prompt "a {colour}
-    {shape}", single-object items), and ``image_to_text_R@k_<split>`` / ``text_to_image_R@k_<split>`` with
+    {shape}", single-object `shapes` items; other data sets skip it), and ``image_to_text_R@k_<split>`` / ``text_to_image_R@k_<split>`` with
     the item's own caption as the only correct match.
     """
 
@@ -21,9 +22,10 @@ class ShapesClipEvaluator:
         index = {(colour, shape): i for i, (colour, shape, _) in enumerate(self.classes)}
         self.splits = {}
         for name, dataset in splits.items():
-            batch = collate([dataset[i] for i in range(min(len(dataset), max_items))])
+            batch = first_items(dataset, max_items)
             labels = [
-                index[(m["objects"][0]["colour"], m["objects"][0]["shape"])] if m["scene"] == "single" else -1
+                index[(m["objects"][0]["colour"], m["objects"][0]["shape"])]
+                if isinstance(m, dict) and m.get("scene") == "single" else -1
                 for m in batch["meta"]
             ]
             self.splits[name] = (batch["image"], batch["caption"], torch.tensor(labels))

@@ -1,9 +1,11 @@
-"""Decoder and upsampler quality on `shapes`, judged from the pixels (unclip.eval.judge)."""
+"""Decoder and upsampler quality: on `shapes` judged from the pixels (unclip.eval.judge); on any other data
+by CLIP, comparing the decoded images with their source images and captions against shuffled pairs."""
 
 from __future__ import annotations
 
 import torch
 
+from unclip.eval.clip_retrieval import clip_agreement
 from unclip.eval.judge import judge_batch, score
 
 
@@ -25,7 +27,11 @@ def evaluate_decoder(
     """Decode the true CLIP image embeddings of ``images`` and judge the results against their metadata.
 
     Returns metrics ``{colour_acc, shape_acc, ...}_g<scale><suffix>`` and the samples of the first scale.
+    Items without `shapes` metadata (other data sets) are scored by CLIP instead: ``image_cosine`` (decoded vs
+    source image embedding), ``clip_score`` (decoded image vs caption), each beside ``shuffled_*``, the same
+    over mismatched pairs.
     """
+    judged_by_pixels = all(isinstance(m, dict) and "scene" in m for m in metas)
     metrics: dict = {}
     first = None
     for scale in guidance_scales:
@@ -40,8 +46,11 @@ def evaluate_decoder(
             )
         samples = torch.cat(samples)
         first = samples if first is None else first
-        judged = score(judge_batch(samples), metas)
         tag = f"_g{scale:g}{suffix}"
+        if not judged_by_pixels:
+            metrics.update({k + tag: v for k, v in clip_agreement(clip, samples, images, captions).items()})
+            continue
+        judged = score(judge_batch(samples), metas)
         for key in ("colour_acc", "shape_acc", "colour_shape_acc"):
             if key in judged:
                 metrics[key + tag] = judged[key]

@@ -1,7 +1,11 @@
-"""Text-to-image quality of a whole pipeline on `shapes` prompts, judged from the pixels."""
+"""Text-to-image quality of a whole pipeline: on `shapes` prompts judged from the pixels; on other captioned
+data by CLIP against shuffled pairs."""
 
 from __future__ import annotations
 
+import torch
+
+from unclip.eval.clip_retrieval import clip_agreement
 from unclip.eval.judge import judge_batch, score
 from unclip.images import from_pil
 
@@ -99,3 +103,19 @@ def evaluate_on_shapes(pipe, sets: dict[str, dict], *, seed: int = 0, prefix: st
             if key.endswith("_acc") or key.startswith("n_"):
                 metrics[f"{prefix}{name}_{key}"] = value
     return metrics
+
+
+def evaluate_captions(pipe, captions: list[str], references, *, seed: int = 0, prefix: str = "", **settings) -> dict:
+    """Text -> image on any captioned data, judged by the pipeline's CLIP: one image per caption.
+
+    ``references`` are the data set's real images of those captions ([N, 3, S, S] in [-1, 1]). Metrics
+    (see :func:`unclip.eval.clip_retrieval.clip_agreement`): ``image_cosine`` (generated vs real image of the
+    caption), ``clip_score`` (generated image vs caption), each beside its ``shuffled_*`` baseline.
+    """
+    generated = torch.cat([
+        pipe.generate(captions[i : i + 64], seed=seed + i, output="tensor", **settings).float().cpu()
+        for i in range(0, len(captions), 64)
+    ])
+    with pipe._autocast():
+        metrics = clip_agreement(pipe.clip, generated, references.float(), captions, seed=seed)
+    return {f"{prefix}{key}": value for key, value in metrics.items()}

@@ -1,4 +1,5 @@
-"""How well a prior predicts CLIP image embeddings: cosine to the truth and retrieval by colour and shape."""
+"""How well a prior predicts CLIP image embeddings: cosine to the truth, and retrieval by colour and shape
+(`shapes`) or by caption (other data sets)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,14 @@ def evaluate_prior(
 ) -> dict:
     """For each split: ``cosine_<split>`` (mean cosine of predicted and true image embedding), and
     ``retrieval_colour_shape_<split>``: the real image nearest to the predicted embedding among all the
-    ``gallery`` shards' images has the prompt's colour and shape. ``passthrough_*`` give the same for the text embedding itself."""
+    ``gallery`` shards' images has the prompt's colour and shape. Without `shapes` metadata,
+    ``retrieval_caption_<split>``: that image's caption is the prompt. ``passthrough_*`` give the same for the
+    text embedding itself."""
     gallery_embeds = torch.cat([g.tensors["image_embed"].float() for g in gallery])
     gallery_labels = [_label(m) for g in gallery for m in g.metas]
+    by_caption = all(label is None for label in gallery_labels)
+    if by_caption:
+        gallery_labels = [c for g in gallery for c in g.captions]
     generator = torch.Generator(device=prior.embed_mean.device if hasattr(prior, "embed_mean") else "cpu")
     generator.manual_seed(generator_seed)
     metrics = {}
@@ -42,11 +48,12 @@ def evaluate_prior(
         predicted = torch.cat(preds)
         truth = shards.tensors["image_embed"][:n].float()
         text = shards.tensors["text_embed"][:n].float()
-        labels = [_label(m) for m in shards.metas[:n]]
+        labels = list(shards.captions[:n]) if by_caption else [_label(m) for m in shards.metas[:n]]
+        kind = "caption" if by_caption else "colour_shape"
         for prefix, embeds in (("", predicted), ("passthrough_", text)):
             metrics[f"{prefix}cosine_{name}"] = (embeds * truth).sum(-1).mean().item()
             nearest = (embeds @ gallery_embeds.T).argmax(dim=1).tolist()
             hits = [labels[i] == gallery_labels[j] for i, j in enumerate(nearest) if labels[i] is not None]
             if hits:
-                metrics[f"{prefix}retrieval_colour_shape_{name}"] = sum(hits) / len(hits)
+                metrics[f"{prefix}retrieval_{kind}_{name}"] = sum(hits) / len(hits)
     return metrics
