@@ -47,12 +47,24 @@ def _job_groups(job):
     return set(cfg.hydra.runtime.choices)
 
 
-def test_demo_config_composes_with_every_preset():
+@pytest.mark.parametrize("experiment", ["shapes", "emoji"])
+def test_demo_config_composes_with_every_preset(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = OmegaConf.to_container(compose(config_name="demo"), resolve=True)
+        cfg = OmegaConf.to_container(compose(config_name="demo", overrides=[f"experiment={experiment}"]), resolve=True)
     assert cfg["preset"] in cfg["presets"]
     for name, preset in cfg["presets"].items():
         assert set(preset) == {"clip", "embed", "prior", "decoder", "upsampler", "eval_items"}, name
+    assert cfg["evaluation"] == {"shapes": "shapes", "emoji": "captions"}[experiment]
+    assert cfg["data"]["train"]["_target_"].endswith({"shapes": "ShapesDataset", "emoji": "EmojiDataset"}[experiment])
+
+
+@pytest.mark.parametrize("job", ["train_clip", "train_embed", "train_decoder", "train_upsampler"])
+def test_experiment_emoji_switches_every_job_to_the_emoji_data(job):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name=job, overrides=["experiment=emoji"]), resolve=True)
+    assert cfg["name"] == "emoji"
+    assert {split: node["_target_"] for split, node in cfg["data"].items() if isinstance(node, dict)} == {
+        split: "unclip.data.emoji.EmojiDataset" for split in ("train", "val", "train_names")}
 
 
 def test_command_line_overrides_reach_the_trainer():
