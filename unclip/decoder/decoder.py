@@ -7,7 +7,7 @@ from torch import nn
 
 from unclip.configurable import Configurable
 from unclip.decoder.text_encoder import CaptionEncoder, ClipTokenProjection
-from unclip.decoder.unet import UNet
+from unclip.decoder.unet import UNet, sampling_layout
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim, sample_ddpm
 from unclip.embedding import TextCondition
 
@@ -182,6 +182,9 @@ class Decoder(Configurable, nn.Module):
             noise = torch.randn(shape, device=device, generator=generator)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        noise = sampling_layout(noise.to(device))
         if sampler == "ddpm":
-            return sample_ddpm(model_fn, self.diffusion, noise.to(device), steps=steps, generator=generator, progress=progress)
-        return sample_ddim(model_fn, self.diffusion, noise.to(device), steps=steps, eta=eta, generator=generator, progress=progress)
+            out = sample_ddpm(model_fn, self.diffusion, noise, steps=steps, generator=generator, progress=progress)
+        else:
+            out = sample_ddim(model_fn, self.diffusion, noise, steps=steps, eta=eta, generator=generator, progress=progress)
+        return out.contiguous()

@@ -51,6 +51,13 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def sampling_layout(x: Tensor) -> Tensor:
+    """The memory layout a UNet samples fastest in: channels_last on the CPU, where oneDNN's convolutions then
+    skip a reorder per call (guided 64-px sampling measured 1.17x faster); elsewhere ``x`` unchanged. The
+    layout follows the input through every layer. Training keeps NCHW (see the module docstring)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.ndim == 4 else x
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.configurable import Configurable
-from unclip.decoder.unet import UNet
+from unclip.decoder.unet import UNet, sampling_layout
 from unclip.diffusion import GaussianDiffusion, sample_ddim
 
 
@@ -109,7 +109,9 @@ class Upsampler(Configurable, nn.Module):
             return self.unet(x, t, low_res=cond, aug_level=scaled).float()
 
         noise = torch.randn(batch, 3, self.image_size, self.image_size, device=device, generator=generator)
-        out = sample_ddim(model_fn, self.diffusion, noise, steps=steps, eta=eta, generator=generator, progress=progress)
+        cond = sampling_layout(cond)
+        out = sample_ddim(model_fn, self.diffusion, sampling_layout(noise), steps=steps, eta=eta, generator=generator,
+                          progress=progress).contiguous()
         if self.predict_residual:
             out = resize(low_res, self.image_size) + out
         return out.clamp(-1, 1)
