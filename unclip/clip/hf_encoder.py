@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
+from unclip.clip.base import ClipEncoderBase
 from unclip.clip.open_clip_encoder import OPENAI_MEAN, OPENAI_STD
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
 from unclip.weights import CheckpointError
@@ -28,7 +26,7 @@ _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
-class HFClipEncoder(nn.Module):
+class HFClipEncoder(ClipEncoderBase):
     """CLIP text and image encoders from a transformers ``CLIPModel`` directory (``save_pretrained`` layout).
 
     ``path`` must hold ``config.json``, the weights (unless ``load_weights=False``) and the tokenizer files
@@ -65,15 +63,9 @@ class HFClipEncoder(nn.Module):
         self.image_size = int(vision.image_size)
         self.tokenizer = _load_tokenizer(directory, int(text.vocab_size))
         special = sorted(self.tokenizer.all_special_tokens, key=len, reverse=True)
-        self._special = re.compile("|".join(re.escape(s) for s in special), re.IGNORECASE)
+        self.special = re.compile("|".join(re.escape(s) for s in special), re.IGNORECASE)
         mean, std = _image_normalisation(directory)
-        self.image_mean = tuple(float(m) for m in (image_mean if image_mean is not None else mean))
-        self.image_std = tuple(float(s) for s in (image_std if image_std is not None else std))
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values, got {self.image_mean} and {self.image_std}")
-        self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
-        self._space: EmbeddingSpace | None = None
+        self._set_normalisation(image_mean if image_mean is not None else mean, image_std if image_std is not None else std)
 
     # -- config and space ---------------------------------------------------------------------
     @property
@@ -87,12 +79,6 @@ class HFClipEncoder(nn.Module):
             "image_std": list(self.image_std),
             "load_weights": False,
         }
-
-    @property
-    def space(self) -> EmbeddingSpace:
-        if self._space is None:
-            self._space = self.compute_space()
-        return self._space
 
     def compute_space(self) -> EmbeddingSpace:
         """Describe the joint space, fingerprinting the current weights (cached as ``space``).
@@ -123,30 +109,11 @@ class HFClipEncoder(nn.Module):
         )
         return self._space
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._space = None  # new weights, new fingerprint
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     # -- text ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids [B, T], padded to the model's context. A longer caption is truncated with a warning."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("tokenize got an empty list of captions; expected at least one")
-        for text in texts:
-            if not isinstance(text, str):
-                raise TypeError(f"captions must be str, got {type(text).__name__}: {text!r}")
-        texts = [self._plain_text(t) for t in texts]
-        lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]]
-        too_long = [t for t, n in zip(texts, lengths) if n > self.context_length]
-        if too_long:
-            warnings.warn(
-                f"{len(too_long)} caption(s) longer than the {self.context_length}-token context were "
-                f"truncated, e.g. {too_long[0][:80]!r}",
-                stacklevel=2,
-            )
+        texts = self._captions(texts)
+        self._warn_truncated(texts, [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]])
         return self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
         )["input_ids"]
@@ -166,33 +133,11 @@ class HFClipEncoder(nn.Module):
         # last_hidden_state is after the final layer norm
         return TextCondition(embed=embed, tokens=tokens, token_embeds=out.last_hidden_state, mask=mask)
 
-    def _plain_text(self, text: str) -> str:
-        """A caption with the tokenizer's special-token strings removed (after undoing HTML escapes)."""
-        previous = None
-        while previous != text:  # escapes may be nested: &amp;lt;|endoftext|&amp;gt;
-            previous, text = text, self._special.sub(" ", html.unescape(text))
-        return text
-
     # -- images -------------------------------------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] to the model's input size and normalisation."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-            )
-        pixels = (images + 1) / 2
-        return (pixels - self._mean) / self._std
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pixels = self.preprocess(images.to(self._mean.device))
         pooled = self.model.vision_model(pixel_values=pixels, return_dict=True).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
-
-    @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
 
 
 def _check_directory(directory: Path, load_weights: bool) -> None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-import html
 import re
-import warnings
 from typing import Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from unclip.clip.base import ClipEncoderBase, strip_special
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
 from unclip.weights import CheckpointError, load_weights_file
 
@@ -23,7 +21,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class OpenClipEncoder(nn.Module):
+class OpenClipEncoder(ClipEncoderBase):
     """CLIP text and image encoders from open_clip, returning per-token text states as well.
 
     Give either ``model_name`` (one of ``open_clip.list_models()``) or ``model_cfg`` (an open_clip model
@@ -73,11 +71,8 @@ class OpenClipEncoder(nn.Module):
         vision = model_cfg["vision_cfg"]
         size = vision.get("image_size", 224)
         self.image_size = int(size if isinstance(size, int) else size[0])
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
-        self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
-        self._space: EmbeddingSpace | None = None
+        self.special = _SPECIAL
+        self._set_normalisation(image_mean, image_std)
 
     # -- config and space ---------------------------------------------------------------------
     @property
@@ -90,12 +85,6 @@ class OpenClipEncoder(nn.Module):
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
         }
-
-    @property
-    def space(self) -> EmbeddingSpace:
-        if self._space is None:
-            self._space = self.compute_space()
-        return self._space
 
     def compute_space(self) -> EmbeddingSpace:
         """Describe the joint space, fingerprinting the current weights (cached as ``space``)."""
@@ -112,31 +101,12 @@ class OpenClipEncoder(nn.Module):
         )
         return self._space
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._space = None  # new weights, new fingerprint
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     # -- text ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids [B, T]. A caption longer than the context is truncated with a warning."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("tokenize got an empty list of captions; expected at least one")
-        for text in texts:
-            if not isinstance(text, str):
-                raise TypeError(f"captions must be str, got {type(text).__name__}: {text!r}")
-        texts = [_plain_text(t) for t in texts]
-        encoder = self.tokenizer
-        too_long = [t for t in texts if len(encoder.encode(t)) + 2 > self.context_length]
-        if too_long:
-            warnings.warn(
-                f"{len(too_long)} caption(s) longer than the {self.context_length}-token context were "
-                f"truncated, e.g. {too_long[0][:80]!r}",
-                stacklevel=2,
-            )
-        return encoder(texts)
+        texts = self._captions(texts)
+        self._warn_truncated(texts, [len(self.tokenizer.encode(t)) + 2 for t in texts])
+        return self.tokenizer(texts)
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
@@ -155,32 +125,14 @@ class OpenClipEncoder(nn.Module):
         return TextCondition(embed=embed, tokens=tokens, token_embeds=token_embeds, mask=mask)
 
     # -- images -------------------------------------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] to the model's input size and normalisation."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-            )
-        pixels = (images + 1) / 2
-        return (pixels - self._mean) / self._std
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         features = self.model.encode_image(self.preprocess(images.to(self._mean.device)))
         return F.normalize(features.float(), dim=-1)
 
-    @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
-
 
 def _plain_text(text: str) -> str:
-    """A caption with the tokenizer's special-token strings removed (after undoing HTML escapes)."""
-    previous = None
-    while previous != text:  # escapes may be nested: &amp;lt;end_of_text&amp;gt;
-        previous, text = text, _SPECIAL.sub(" ", html.unescape(text))
-    return text
+    """A caption with open_clip's special-token strings removed (after undoing HTML escapes)."""
+    return strip_special(text, _SPECIAL)
 
 
 def _named_model_config(model_name: str) -> dict:
