@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from unclip.diffusion.timesteps import timestep_embedding
+
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # torch < 2.3: let SDPA choose
@@ -47,17 +49,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> to
     backend = sdpa_kernel(SDPBackend.MATH) if reduced_on_cpu and sdpa_kernel else contextlib.nullcontext()
     with backend:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (integer or float) timesteps: [B] -> [B, dim], float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
 
 
 class CausalSelfAttention(nn.Module):
@@ -256,15 +247,7 @@ class PriorTransformer(nn.Module):
         """The same as :meth:`forward` with the conditioning of ``prefix`` (from :meth:`encode_prefix`),
         computing only the timestep, noised embedding and query positions: 3 of up to 81 per step."""
         batch, device = noised_image_embed.shape[0], noised_image_embed.device
-        dtype = self.pos_embed.dtype
-        x = torch.stack(
-            [
-                self.time_mlp(timestep_embedding(t, self.width).to(dtype)).to(dtype),
-                self.image_proj(noised_image_embed).to(dtype),
-                self.query.expand(batch, -1),
-            ],
-            dim=1,
-        ) + self.pos_embed[-(NUM_SPECIAL - 1):]
+        x = self._step_tokens(noised_image_embed, t) + self.pos_embed[-(NUM_SPECIAL - 1):]
         new = NUM_SPECIAL - 1
         past = prefix.keys[0].shape[2]
         key_valid = prefix.key_valid
@@ -289,6 +272,18 @@ class PriorTransformer(nn.Module):
             x = block(x, attn_mask)
         return x
 
+    def _step_tokens(self, noised_image_embed: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The positions that change at every sampling step: timestep, noised image embed, query [B, 3, W]."""
+        dtype = self.pos_embed.dtype
+        return torch.stack(
+            [
+                self.time_mlp(timestep_embedding(t, self.width).to(dtype)).to(dtype),
+                self.image_proj(noised_image_embed).to(dtype),
+                self.query.expand(noised_image_embed.shape[0], -1),
+            ],
+            dim=1,
+        )
+
     def _embed(self, noised_image_embed, t, text_embed, token_embeds, mask, drop_text):
         """The input sequence [B, S, W] and its attention mask ([B, 1, S, S] bool, or None = causal)."""
         self._check_inputs(noised_image_embed, t, text_embed, token_embeds, mask, drop_text)
@@ -297,15 +292,7 @@ class PriorTransformer(nn.Module):
         text = self.text_proj(text_embed)
         if drop_text is not None:
             text = torch.where(drop_text[:, None], self.null_text.to(text.dtype), text)
-        special = torch.stack(
-            [
-                text.to(dtype),
-                self.time_mlp(timestep_embedding(t, self.width).to(dtype)).to(dtype),
-                self.image_proj(noised_image_embed).to(dtype),
-                self.query.expand(batch, -1),
-            ],
-            dim=1,
-        )  # [B, 4, W]
+        special = torch.cat([text.to(dtype)[:, None], self._step_tokens(noised_image_embed, t)], dim=1)  # [B, 4, W]
         positions_special = self.pos_embed[-NUM_SPECIAL:]
         if not self.use_caption_tokens or token_embeds is None:
             return special + positions_special, None
