@@ -21,7 +21,7 @@ import torch
 from ema_pytorch import EMA
 
 from unclip.training.config import TrainerConfig
-from unclip.training.trainer import param_groups
+from unclip.training.trainer import make_optimizer
 
 PRECISIONS = ("bf16", "fp32")
 REFERENCE = "DALLE2-pytorch 1.15.6"
@@ -126,7 +126,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, make_batch: Callable[[int],
     """
     cfg, device = TrainerConfig(), args.device
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = make_optimizer(model, cfg)
     ema = None
     if args.ema:
         no_ema = {name for name, _ in model.named_buffers()}  # as the Trainer: buffers are copied

@@ -13,15 +13,18 @@ def test_decoder_trains_and_samples_in_range():
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     embed = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
     text = clip.encode_text(["a red circle"] * 4)
+    # A fixed problem (timesteps, noise, no dropping), so the loss must fall, whatever the random draws.
+    fixed = dict(t=torch.tensor([3, 15, 30, 45]), noise=torch.randn(4, 3, 16, 16),
+                 drop_image_embed=torch.zeros(4, dtype=torch.bool), drop_caption=torch.zeros(4, dtype=torch.bool))
     opt = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):
-        loss = decoder.training_loss(images, embed, text)["loss"]
+        loss = decoder.training_loss(images, embed, text, **fixed)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) < sum(losses[:5])
+    assert losses[-1] < 0.8 * losses[0], losses
     samples = decoder.sample(embed, text, steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, 3, 16, 16) and samples.min() >= -1 and samples.max() <= 1
     again = decoder.sample(embed, text, steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))

@@ -85,6 +85,18 @@ def test_three_levels_and_attention_at_listed_resolutions_only():
     assert sorted(seen) == [8, 16, 16, 16]
 
 
+@pytest.mark.parametrize("width, expected", [("next", [64, 32]), ("same", [128, 64])])
+def test_upsampling_outputs_the_finer_levels_width_unless_same(width, expected):
+    """The default narrows in the upsampling conv (level 2 -> 1 -> 0: 128 -> 64 -> 32 channels); ADM's
+    "same" keeps the coarse width and narrows in the next residual block. Both run end to end."""
+    model = tiny_unet(image_size=32, channel_mult=(1, 2, 4), upsample_width=width)
+    ups = [level.resample.conv.out_channels for level in model.up if level.resample is not None]
+    assert ups == expected
+    kw = inputs()
+    kw["x"] = torch.randn(B, 3, 32, 32)
+    assert run(model, kw).shape == (B, 3, 32, 32)
+
+
 def test_gradients_reach_every_parameter(trained_like):
     model = trained_like.train()
     kw = inputs()
@@ -190,6 +202,7 @@ def test_image_tokens_without_caption_encoder():
     (dict(base_channels=48), r"base_channels=48 must be a multiple of 32"),
     (dict(channel_mult=()), r"channel_mult"),
     (dict(dropout=1.0), r"dropout"),
+    (dict(upsample_width="wide"), r"upsample_width must be one of \('next', 'same'\), got 'wide'"),
 ])
 def test_bad_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):

