@@ -25,6 +25,8 @@ from unclip.training.trainer import make_optimizer
 
 PRECISIONS = ("bf16", "fp32")
 REFERENCE = "DALLE2-pytorch 1.15.6"
+HERE = "ref-here"  # the worker (and the column) of a reference measured in this run, where a benchmark offers it
+PAIRED = "paired"  # the worker that alternates our default precision's steps with the reference's
 
 
 # -- flags --------------------------------------------------------------------------------------------
@@ -41,7 +43,7 @@ def parser(description: str, *, steps: int, warmup: int, sample_runs: int = 3) -
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one training step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny counts: check that the script runs")
-    p.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)  # internal: measure one precision
+    p.add_argument("--worker", choices=(*PRECISIONS, HERE, PAIRED), help=argparse.SUPPRESS)  # internal: measure one
     return p
 
 
@@ -115,14 +117,11 @@ class PeakMemory:
         return {"peak_mb": peak, "growth_mb": peak - self.baseline}
 
 
-def train(model: torch.nn.Module, loss_fn: Callable, make_batch: Callable[[int], dict], args, precision: str) -> dict:
-    """``args.warmup + args.steps`` optimizer steps taken as the Trainer takes them.
+def train_step(model: torch.nn.Module, loss_fn: Callable, args, precision: str) -> Callable[[dict], tuple]:
+    """One optimizer step as the Trainer takes it: ``step(batch) -> (loss, [forward_s, backward_s, optimizer_s])``.
 
     AdamW with the Trainer's defaults and parameter groups; the loss ``loss_fn(model, batch)["loss"]`` under
     autocast, backward outside it, gradient clipping, the step (and the EMA update with ``--ema``).
-    ``make_batch(i)`` builds step i's batch outside the timed region. Returns the median seconds of each phase
-    over the timed steps, every step's loss, the peak memory of the whole loop and, with ``--profile``, a
-    table of the top ops of one extra step.
     """
     cfg, device = TrainerConfig(), args.device
     model.train()
@@ -146,6 +145,19 @@ def train(model: torch.nn.Module, loss_fn: Callable, make_batch: Callable[[int],
             ema.update()
         done = now(device)
         return loss.detach(), [forward - start, backward - forward, done - backward]
+
+    return step
+
+
+def train(model: torch.nn.Module, loss_fn: Callable, make_batch: Callable[[int], dict], args, precision: str) -> dict:
+    """``args.warmup + args.steps`` steps of ``train_step``.
+
+    ``make_batch(i)`` builds step i's batch outside the timed region. Returns the median seconds of each phase
+    over the timed steps, every step's loss, the peak memory of the whole loop and, with ``--profile``, a
+    table of the top ops of one extra step.
+    """
+    device = args.device
+    step = train_step(model, loss_fn, args, precision)
 
     memory = PeakMemory(device)
     phases, losses = [], []
@@ -172,6 +184,29 @@ def train(model: torch.nn.Module, loss_fn: Callable, make_batch: Callable[[int],
     return result
 
 
+def paired(steps: dict[str, Callable[[dict], tuple]], make_batch: Callable[[int], dict], args) -> dict:
+    """Alternate training steps of several models in one process, so that a slow spell of the machine slows
+    all of them alike: ``args.warmup`` untimed rounds, then ``args.steps`` timed rounds, the order rotating
+    every round. Returns each model's median step seconds and, for every pair, the median per-round ratio."""
+    names, seconds = list(steps), {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        batch = make_batch(i)
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            _, phases = steps[name](batch)
+            if i >= args.warmup:
+                seconds[name].append(sum(phases))
+        if i >= args.warmup:
+            print("  round " + ", ".join(f"{n} {seconds[n][-1]:.3f} s" for n in names), file=sys.stderr, flush=True)
+    result = {f"{name}_step_s": statistics.median(seconds[name]) for name in names}
+    for a in names:
+        for b in names:
+            if a < b:
+                result[f"{b}/{a}"] = statistics.median(y / x for x, y in zip(seconds[a], seconds[b]))
+    result["rounds"] = seconds
+    return result
+
+
 def latency(fn: Callable[[int], object], args) -> float:
     """Median seconds of ``fn(args.sample_steps)`` over ``args.sample_runs`` runs, after a 2-step warm-up."""
     fn(min(2, args.sample_steps))
@@ -184,10 +219,11 @@ def latency(fn: Callable[[int], object], args) -> float:
 
 
 # -- processes ----------------------------------------------------------------------------------------
-def run_workers(script: str, args) -> dict[str, dict]:
-    """Run ``script`` once per precision in a fresh process; echo its output and collect its JSON line."""
+def run_workers(script: str, args, workers: list[str] | None = None) -> dict[str, dict]:
+    """Run ``script`` once per precision (or per name in ``workers``) in a fresh process; echo its output and
+    collect its JSON line."""
     results = {}
-    for precision in args.precisions:
+    for precision in workers or args.precisions:
         print(f"measuring {precision} in a fresh process ...", file=sys.stderr, flush=True)
         argv = [sys.executable, script, *sys.argv[1:], "--worker", precision]
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
@@ -207,7 +243,7 @@ def table(rows: list[tuple[str, dict, object]], precisions, fmt: str = "{:.2f}")
     def cell(value) -> str:
         return "-" if value is None else fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
-    print(f"{'':<44}" + "".join(f"{p:>12}" for p in precisions) + f"   {REFERENCE} (fp32)")
+    print(f"{'':<44}" + "".join(f"{p:>12}" for p in precisions) + f"   {REFERENCE} (fp32, the issue's numbers)")
     for label, values, reference in rows:
         print(f"{label:<44}" + "".join(f"{cell(values.get(p)):>12}" for p in precisions) + f"   {cell(reference)}")
 
