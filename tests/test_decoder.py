@@ -68,3 +68,14 @@ def test_upsampler_checks_its_input_trains_and_samples_at_the_output_size():
     assert psnr(samples, samples) > 90 and psnr(-data[:8], data[:8]) < psnr(resize(low, 32), data[:8])
     with pytest.raises(ValueError, match=r"aug_level must be in \[0, max_aug_level=0.1\]"):
         up.sample(low, aug_level=0.5)
+
+
+def test_saved_configs_record_the_upsampling_width():
+    """A saved decoder or upsampler rebuilds with the same upsampling width whatever the default becomes."""
+    decoder = Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none", unet=TINY_UNET)
+    assert decoder.config["unet"]["upsample_width"] == "next"
+    same = Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none",
+                   unet={**TINY_UNET, "upsample_width": "same"})
+    assert same.config["unet"]["upsample_width"] == "same"
+    up = Upsampler(low_res_size=16, image_size=32, unet=TINY_UNET)
+    assert up.config["unet"]["upsample_width"] == "next"

@@ -47,6 +47,7 @@ from unclip.diffusion.timesteps import timestep_embedding
 
 GROUPS = 32  # GroupNorm groups everywhere, as ADM
 UPSAMPLE_WIDTHS = ("next", "same")
+DEFAULT_UPSAMPLE_WIDTH = "next"  # see the module docstring
 
 
 def sampling_layout(x: Tensor) -> Tensor:
@@ -184,7 +185,7 @@ class UNet(nn.Module):
         low_res_channels: int = 0,
         aug_level_conditioning: bool = False,
         use_scale_shift_norm: bool = True,
-        upsample_width: str = "next",
+        upsample_width: str = DEFAULT_UPSAMPLE_WIDTH,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
