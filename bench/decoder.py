@@ -15,7 +15,9 @@ Machines of that type differ by tens of percent from session to session, so ``--
 measures the reference itself, in the same run, the same training loop (``common.train``: the Trainer's
 AdamW, clipping, median of the timed steps) and the same sampling latency, and judges the goals against it
 too; and then, in one more process, alternates bf16 steps of ours with the reference's fp32 steps
-(``common.paired``), whose median per-round ratio is the comparison least moved by the machine's drift. Its ``Unet`` at the benchmark configuration: ``dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
+(``common.paired``), whose median per-round ratio is the comparison least moved by the machine's drift.
+
+Its ``Unet`` at the benchmark configuration: ``dim=64, dim_mults=(1, 2, 4), num_resnet_blocks=2,
 self_attn=(False, False, True)`` (attention at 16 px and the middle), ``image_embed_dim=512``, image-embedding
 conditioning only; its ``Decoder`` with its defaults (1000 steps, learned variance) and ``sample_timesteps``
 set to the DDIM steps. DIR holds the package and what it imports, without replacing our torch::
@@ -40,7 +42,6 @@ from unclip.embedding import TextCondition
 
 REFERENCE = {"train_samples_per_s": 3.9, "train_samples_per_s_caption": 3.6, "train_step_s": 2.03,
              "train_peak_mb": 2.3 * 1024, "sample_s": 7.5, "sample_guided_s": 15.0}  # fp32, this machine type
-REFERENCE_NAME = "DALLE2-pytorch 1.15.6 (fp32)"
 MODEL_FLAGS = ("image_size", "base_channels", "channel_mult", "res_blocks", "attention", "embed_dim", "batch")
 
 
@@ -218,7 +219,8 @@ def report(args, results: dict) -> None:
     ]
     here = results.get(common.HERE)
     if here:
-        print(f"{common.HERE}: {REFERENCE_NAME} measured in this run ({here['parameters'] / 1e6:.1f}M parameters)")
+        print(f"{common.HERE}: {common.REFERENCE} (fp32) measured in this run "
+              f"({here['parameters'] / 1e6:.1f}M parameters)")
         goals += [
             common.goal(f"bf16 training samples/s (2x {common.HERE})", default and args.batch / default["step_s"],
                         2 * args.batch / here["step_s"], at_least=True, comparable=not args.quick),

@@ -7,7 +7,7 @@ from torch import nn
 
 from unclip.configurable import Configurable
 from unclip.decoder.text_encoder import CaptionEncoder, ClipTokenProjection
-from unclip.decoder.unet import DEFAULT_UPSAMPLE_WIDTH, UNet, sampling_layout
+from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim, sample_ddpm
 from unclip.embedding import TextCondition
 
@@ -50,9 +50,7 @@ class Decoder(Configurable, nn.Module):
         for name, p in (("image_embed_drop_prob", image_embed_drop_prob), ("caption_drop_prob", caption_drop_prob)):
             if not 0 <= p < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
-        # The resolved upsampling width goes into the saved config, so a later change of its default cannot
-        # rebuild a saved model differently.
-        unet = {"upsample_width": DEFAULT_UPSAMPLE_WIDTH, **(unet or {})}
+        unet = with_resolved_upsample_width(unet)
         self.remember_config(
             image_size=image_size, image_embed_dim=image_embed_dim, text_length=text_length, token_dim=token_dim,
             unet=unet, caption=caption, caption_width=caption_width, caption_layers=caption_layers,

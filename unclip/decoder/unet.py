@@ -57,6 +57,12 @@ def sampling_layout(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.ndim == 4 else x
 
 
+def with_resolved_upsample_width(unet: dict | None) -> dict:
+    """A stage's UNet settings with ``upsample_width`` filled in: stages save this, so a later change of the
+    default cannot rebuild a saved model differently."""
+    return {"upsample_width": DEFAULT_UPSAMPLE_WIDTH, **(unet or {})}
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -134,9 +140,9 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour doubling, then a 3x3 convolution from ``channels`` to ``out_channels``."""
 
-    def __init__(self, channels: int, out_channels: int | None = None):
+    def __init__(self, channels: int, out_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -280,12 +286,11 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 out = base_channels * mult
-                upsample = None
+                ch_in, ch, upsample = ch, out, None
                 if level > 0 and i == num_res_blocks:
-                    width = base_channels * channel_mult[level - 1] if upsample_width == "next" else out
-                    upsample = Upsample(out, width)
-                self.up.append(Level(res(ch + skip_channels.pop(), out), attention(out, resolution), upsample))
-                ch = upsample.conv.out_channels if upsample is not None else out
+                    ch = base_channels * channel_mult[level - 1] if upsample_width == "next" else out
+                    upsample = Upsample(out, ch)
+                self.up.append(Level(res(ch_in + skip_channels.pop(), out), attention(out, resolution), upsample))
             if level > 0:
                 resolution *= 2
         assert not skip_channels

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.configurable import Configurable
-from unclip.decoder.unet import DEFAULT_UPSAMPLE_WIDTH, UNet, sampling_layout
+from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
 from unclip.diffusion import GaussianDiffusion, sample_ddim
 
 
@@ -46,9 +46,7 @@ class Upsampler(Configurable, nn.Module):
             raise ValueError(f"low_res_size must be in (0, image_size={image_size}), got {low_res_size}")
         if not 0 <= max_aug_level <= 1:
             raise ValueError(f"max_aug_level must be in [0, 1], got {max_aug_level}")
-        # The resolved upsampling width goes into the saved config, so a later change of its default cannot
-        # rebuild a saved model differently.
-        unet = {"upsample_width": DEFAULT_UPSAMPLE_WIDTH, **(unet or {})}
+        unet = with_resolved_upsample_width(unet)
         self.remember_config(
             low_res_size=low_res_size, image_size=image_size, unet=unet, num_steps=num_steps, schedule=schedule,
             objective=objective, loss_weighting=loss_weighting, max_aug_level=max_aug_level,
