@@ -152,7 +152,7 @@ def load_stage(
     try:
         model = build(config["model"])
     except UnsafeConfigError as err:
-        raise CheckpointError(f"refusing to load {directory}: {err}") from err
+        raise CheckpointError(f"refusing to load {directory / 'config.json'}: {err}") from err
     weights = directory / "ema.safetensors"
     if not (use_ema and weights.is_file()):
         weights = directory / "model.safetensors"

@@ -1,32 +1,33 @@
-"""Build objects from config dictionaries, allowing only classes of this package.
+"""Build objects from config dictionaries, allowing only the registered classes of this package.
 
 Configs are data: a mapping with ``_target_`` (a dotted path) and keyword arguments, possibly nested.
-Hydra's ``instantiate`` would build anything importable; a config read from disk (a checkpoint) must not
-be able to name ``os.system``, so this builder refuses every target outside the ``unclip`` package.
+Hydra's ``instantiate`` would build anything importable; a config read from disk (a checkpoint) must not be
+able to name ``os.system`` or a function of this package that writes files. So every ``_target_`` of the
+whole tree must name a class marked ``@configurable`` or ``@register`` (``unclip.configurable``), checked
+before anything is built; everything else is refused with its name.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Mapping
 
+from unclip.configurable import is_registered
+
 ALLOWED_PREFIX = "unclip."
+_DOTTED = re.compile(r"^unclip(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 class UnsafeConfigError(ValueError):
-    """A config names something outside the unclip package."""
+    """A config names something that may not be built from a config."""
 
 
 def check_targets(config: Any, where: str = "config") -> None:
-    """Raise UnsafeConfigError if any ``_target_`` in ``config`` lies outside the package."""
+    """Raise UnsafeConfigError unless every ``_target_`` in ``config`` names a registered class."""
     if isinstance(config, Mapping):
-        target = config.get("_target_")
-        if target is not None:
-            if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIX) or ".." in target:
-                raise UnsafeConfigError(
-                    f"{where} names _target_ {target!r}; only classes of the unclip package "
-                    f"(starting with {ALLOWED_PREFIX!r}) may be built from a config"
-                )
+        if "_target_" in config:
+            locate(config["_target_"], where)
         for key, value in config.items():
             check_targets(value, f"{where}.{key}")
     elif isinstance(config, (list, tuple)):
@@ -34,19 +35,28 @@ def check_targets(config: Any, where: str = "config") -> None:
             check_targets(value, f"{where}[{i}]")
 
 
-def locate(target: str) -> Any:
-    """Import ``unclip.a.b.Name`` and return ``Name``."""
-    check_targets({"_target_": target})
+def locate(target: Any, where: str = "config") -> type:
+    """The registered class ``unclip.a.b.Name`` names (importing its module), or UnsafeConfigError."""
+    refusal = (
+        f"{where} names _target_ {target!r}; only classes of the unclip package registered for configs "
+        "(@configurable / @register in unclip.configurable) may be built from a config"
+    )
+    if not isinstance(target, str) or not _DOTTED.match(target):
+        raise UnsafeConfigError(refusal)
     module_name, _, attr = target.rpartition(".")
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot find _target_ {target!r}: {err}") from err
+        raise UnsafeConfigError(f"{refusal}; and it names nothing that exists: {err}") from err
+    if not is_registered(found):
+        raise UnsafeConfigError(f"{refusal}; it names a {type(found).__name__}, not a registered class")
+    return found
 
 
 def build(config: Any, **overrides: Any) -> Any:
-    """Recursively build every mapping that has a ``_target_``; other values pass through."""
+    """Recursively build every mapping that has a ``_target_``; other values pass through.
+
+    ``overrides`` are keyword arguments for the outermost target (values a job computes, e.g. widths)."""
     check_targets(config)
     return _build(config, overrides)
 

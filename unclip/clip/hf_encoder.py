@@ -14,6 +14,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 
 from unclip.clip.base import ClipEncoderBase
 from unclip.clip.open_clip_encoder import OPENAI_MEAN, OPENAI_STD
+from unclip.configurable import configurable
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
 from unclip.weights import CheckpointError
 
@@ -26,6 +27,7 @@ _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
+@configurable(target="unclip.clip.HFClipEncoder")
 class HFClipEncoder(ClipEncoderBase):
     """CLIP text and image encoders from a transformers ``CLIPModel`` directory (``save_pretrained`` layout).
 
@@ -68,17 +70,11 @@ class HFClipEncoder(ClipEncoderBase):
         self._set_normalisation(image_mean if image_mean is not None else mean, image_std if image_std is not None else std)
 
     # -- config and space ---------------------------------------------------------------------
-    @property
-    def config(self) -> dict:
-        """The config that rebuilds this encoder from ``path`` (weights come from the checkpoint, not the file)."""
-        return {
-            "_target_": "unclip.clip.HFClipEncoder",
-            "path": self.path,
-            "name": self.name,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "load_weights": False,
-        }
+    def _rebuild_arguments(self, given: dict) -> dict:
+        """The saved config rebuilds the architecture, tokenizer and preprocessing from ``path``, without its
+        weights (they come from the stage checkpoint)."""
+        return {**given, "path": self.path, "name": self.name, "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std), "load_weights": False}
 
     def compute_space(self) -> EmbeddingSpace:
         """Describe the joint space, fingerprinting the current weights (cached as ``space``).

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.clip.base import ClipEncoderBase, strip_special
+from unclip.configurable import configurable
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
 from unclip.weights import CheckpointError, load_weights_file
 
@@ -21,6 +22,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+@configurable(target="unclip.clip.OpenClipEncoder")
 class OpenClipEncoder(ClipEncoderBase):
     """CLIP text and image encoders from open_clip, returning per-token text states as well.
 
@@ -75,16 +77,12 @@ class OpenClipEncoder(ClipEncoderBase):
         self._set_normalisation(image_mean, image_std)
 
     # -- config and space ---------------------------------------------------------------------
-    @property
-    def config(self) -> dict:
-        """The config that rebuilds this encoder (weights come from the checkpoint, not the file)."""
-        return {
-            "_target_": "unclip.clip.OpenClipEncoder",
-            "model_cfg": copy.deepcopy(self.model_cfg),
-            "name": self.name,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
+    def _rebuild_arguments(self, given: dict) -> dict:
+        """The saved config rebuilds the architecture (a named model as its config); the weights come from the
+        stage checkpoint, never again from the file."""
+        del given["model_name"], given["checkpoint"]
+        return {**given, "model_cfg": copy.deepcopy(self.model_cfg), "name": self.name,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
 
     def compute_space(self) -> EmbeddingSpace:
         """Describe the joint space, fingerprinting the current weights (cached as ``space``)."""

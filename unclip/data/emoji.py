@@ -32,9 +32,12 @@ import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from unclip.configurable import register
 
 from .shapes import check_image_size, to_tensor
 
@@ -376,6 +379,7 @@ def clear_memory_cache() -> None:
 # the data set
 
 
+@register
 class EmojiDataset(torch.utils.data.Dataset):
     """Map-style emoji images with their names as captions.
 

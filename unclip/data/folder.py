@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from unclip.data.cleaning import (MAX_CAPTION_CHARS, MAX_PIXELS, MIN_SIZE, BadItem, add_issues, clean_caption,
-                                  load_image)
+from unclip.configurable import register
+from unclip.data.cleaning import MAX_CAPTION_CHARS, MAX_PIXELS, MIN_SIZE, BadItem, add_issues, clean_caption, load_image
 
 CAPTIONS_FILE = "captions.jsonl"
 SPLITS = ("train", "val", "all")
@@ -43,6 +43,7 @@ def split_of(file: str, val_fraction: float, seed: int = 0) -> str:
     return "val" if int.from_bytes(digest, "big") / 2**64 < val_fraction else "train"
 
 
+@register
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Image/caption items {"image", "caption", "meta": {"file"}, "issues"} from a folder (see module)."""
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unclip.configurable import register
 from unclip.data.collate import collate_dicts
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -287,6 +288,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(chw / np.float32(127.5) - np.float32(1.0))
 
 
+@register
 class ShapesDataset(torch.utils.data.Dataset):
     """Map-style view of the first ``length`` items of a shapes stream, rendered on the fly."""
 

@@ -25,8 +25,8 @@ import torch
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from unclip.data.cleaning import (MAX_CAPTION_CHARS, MAX_PIXELS, MIN_SIZE, BadItem, add_issues, clean_caption,
-                                  load_image)
+from unclip.configurable import register
+from unclip.data.cleaning import MAX_CAPTION_CHARS, MAX_PIXELS, MIN_SIZE, BadItem, add_issues, clean_caption, load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
@@ -45,6 +45,7 @@ def expand_shards(urls: str | list[str]) -> list[str]:
     return shards
 
 
+@register
 class WebDatasetSource(torch.utils.data.IterableDataset):
     """Items {"image", "caption", "meta": {"key", "url"}, "issues"} from tar shards.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unclip.configurable import Configurable
+from unclip.configurable import configurable
 from unclip.decoder.text_encoder import CaptionEncoder, ClipTokenProjection
 from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim, sample_ddpm
@@ -15,7 +15,8 @@ CAPTION_MODES = ("transformer", "clip_tokens", "none")
 SAMPLERS = ("ddim", "ddpm")
 
 
-class Decoder(Configurable, nn.Module):
+@configurable
+class Decoder(nn.Module):
     """A diffusion UNet conditioned on a unit-norm CLIP image embedding and, optionally, the caption.
 
     ``caption="transformer"``: the decoder's own small caption transformer over CLIP token ids (GLIDE);
@@ -51,13 +52,6 @@ class Decoder(Configurable, nn.Module):
             if not 0 <= p < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         unet = with_resolved_upsample_width(unet)
-        self.remember_config(
-            image_size=image_size, image_embed_dim=image_embed_dim, text_length=text_length, token_dim=token_dim,
-            unet=unet, caption=caption, caption_width=caption_width, caption_layers=caption_layers,
-            caption_heads=caption_heads, vocab_size=vocab_size, num_steps=num_steps, schedule=schedule,
-            objective=objective, loss_weighting=loss_weighting, image_embed_drop_prob=image_embed_drop_prob,
-            caption_drop_prob=caption_drop_prob,
-        )
         self.caption = caption
         if caption == "transformer":
             self.caption_encoder = CaptionEncoder(
@@ -81,6 +75,11 @@ class Decoder(Configurable, nn.Module):
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-1.0, 1.0))
         self.image_embed_drop_prob = image_embed_drop_prob
         self.caption_drop_prob = caption_drop_prob
+
+    def _rebuild_arguments(self, given: dict) -> dict:
+        """The saved config names the UNet's upsample_width, so a later change of its default cannot rebuild
+        a saved model differently."""
+        return {**given, "unet": with_resolved_upsample_width(given["unet"])}
 
     # -- conditioning -----------------------------------------------------------------------
     def _check_embed(self, image_embed: torch.Tensor) -> None:

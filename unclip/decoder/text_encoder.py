@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from unclip.configurable import configurable
+
 
 def _check_tokens(name: str, tokens: Tensor, mask: Tensor, ndim: int) -> None:
     if tokens.ndim != ndim:
@@ -59,6 +61,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+@configurable
 class CaptionEncoder(nn.Module):
     """GLIDE's caption transformer: token + position embeddings, pre-LN blocks, padding masked, final LN."""
 
@@ -71,8 +74,6 @@ class CaptionEncoder(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if width % heads:
             raise ValueError(f"width={width} must be divisible by heads={heads}")
-        self.config = dict(vocab_size=vocab_size, context_length=context_length, width=width, layers=layers,
-                           heads=heads)
         self.vocab_size, self.context_length, self.width = vocab_size, context_length, width
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
@@ -98,6 +99,7 @@ class CaptionEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+@configurable
 class ClipTokenProjection(nn.Module):
     """Use the CLIP text encoder's per-token states as the caption context: Linear(token_dim -> width) + LN."""
 
@@ -106,7 +108,6 @@ class ClipTokenProjection(nn.Module):
         for name, value in [("token_dim", token_dim), ("width", width)]:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.config = dict(token_dim=token_dim, width=width)
         self.token_dim, self.width = token_dim, width
         self.proj = nn.Linear(token_dim, width)
         self.ln = nn.LayerNorm(width)

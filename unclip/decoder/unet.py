@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from unclip.configurable import configurable
 from unclip.diffusion.timesteps import timestep_embedding
 
 GROUPS = 32  # GroupNorm groups everywhere, as ADM
@@ -170,6 +171,7 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+@configurable
 class UNet(nn.Module):
     """ADM UNet with GLIDE-style image-embedding and caption conditioning (see the module docstring)."""
 
@@ -223,13 +225,6 @@ class UNet(nn.Module):
         if not isinstance(low_res_channels, int) or low_res_channels < 0:
             raise ValueError(f"low_res_channels must be an int >= 0, got {low_res_channels!r}")
 
-        self.config = dict(
-            image_size=image_size, in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
-            attention_resolutions=list(attention_resolutions), head_channels=head_channels, dropout=dropout,
-            image_embed_dim=image_embed_dim, num_image_tokens=num_image_tokens, context_dim=context_dim,
-            low_res_channels=low_res_channels, aug_level_conditioning=aug_level_conditioning,
-            use_scale_shift_norm=use_scale_shift_norm, upsample_width=upsample_width)
         self.image_size = image_size
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.configurable import Configurable
+from unclip.configurable import configurable
 from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
 from unclip.diffusion import GaussianDiffusion, sample_ddim
 
@@ -19,7 +19,8 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.clamp(-1, 1)
 
 
-class Upsampler(Configurable, nn.Module):
+@configurable
+class Upsampler(nn.Module):
     """``low_res_size`` -> ``image_size``. Training corrupts the conditioning image with Gaussian noise of a
     random level in [0, ``max_aug_level``] (fed to the model), so that it tolerates the decoder's flaws.
 
@@ -47,16 +48,16 @@ class Upsampler(Configurable, nn.Module):
         if not 0 <= max_aug_level <= 1:
             raise ValueError(f"max_aug_level must be in [0, 1], got {max_aug_level}")
         unet = with_resolved_upsample_width(unet)
-        self.remember_config(
-            low_res_size=low_res_size, image_size=image_size, unet=unet, num_steps=num_steps, schedule=schedule,
-            objective=objective, loss_weighting=loss_weighting, max_aug_level=max_aug_level,
-            predict_residual=predict_residual,
-        )
         self.predict_residual = predict_residual
         self.low_res_size, self.image_size, self.max_aug_level = low_res_size, image_size, max_aug_level
         self.unet = UNet(image_size=image_size, low_res_channels=3, aug_level_conditioning=True, **unet)
         bound = 2.0 if predict_residual else 1.0  # a residual of [-1, 1] images lies in [-2, 2]
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-bound, bound))
+
+    def _rebuild_arguments(self, given: dict) -> dict:
+        """The saved config names the UNet's upsample_width, so a later change of its default cannot rebuild
+        a saved model differently."""
+        return {**given, "unet": with_resolved_upsample_width(given["unet"])}
 
     def _check_low_res(self, low_res: torch.Tensor) -> None:
         if low_res.ndim != 4 or low_res.shape[1] != 3 or low_res.shape[-2:] != (self.low_res_size, self.low_res_size):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.configurable import Configurable
+from unclip.configurable import configurable
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim
 from unclip.embedding import TextCondition
 from unclip.prior.transformer import PriorTransformer
@@ -17,7 +17,8 @@ def check_prompts(text: TextCondition) -> None:
         raise ValueError("the prior got a batch of zero prompts; expected at least one")
 
 
-class DiffusionPrior(Configurable, nn.Module):
+@configurable
+class DiffusionPrior(nn.Module):
     """A causal transformer denoising standardised CLIP image embeddings, conditioned on the text.
 
     Image embeddings are standardised per dimension with a mean and std measured on the training data
@@ -46,11 +47,6 @@ class DiffusionPrior(Configurable, nn.Module):
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        self.remember_config(
-            embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, width=width, depth=depth,
-            heads=heads, dropout=dropout, use_caption_tokens=use_caption_tokens, num_steps=num_steps,
-            schedule=schedule, objective=objective, loss_weighting=loss_weighting, cond_drop_prob=cond_drop_prob,
-        )
         self.net = PriorTransformer(
             embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, width=width, depth=depth,
             heads=heads, dropout=dropout, use_caption_tokens=use_caption_tokens,

@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unclip.configurable import Configurable
+from unclip.configurable import configurable
 from unclip.embedding import TextCondition
 from unclip.prior.diffusion_prior import check_prompts
 
 
-class PassthroughPrior(Configurable, nn.Module):
+@configurable
+class PassthroughPrior(nn.Module):
     """No training, no weights: ``sample(text)`` returns the (unit-norm) text embeddings."""
 
     def __init__(self):
         super().__init__()
-        self.remember_config()
 
     def training_loss(self, batch: dict) -> dict:
         raise TypeError("the passthrough prior has nothing to train")

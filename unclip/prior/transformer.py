@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from unclip.configurable import configurable
 from unclip.diffusion.timesteps import timestep_embedding
 
 try:
@@ -141,6 +142,7 @@ class PrefixCache:
     key_valid: torch.Tensor | None
 
 
+@configurable
 class PriorTransformer(nn.Module):
     """Predicts the clean CLIP image embedding from a noised one, the timestep and the caption.
 
@@ -170,10 +172,6 @@ class PriorTransformer(nn.Module):
             raise ValueError(f"PriorTransformer width={width} must be divisible by heads={heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"PriorTransformer dropout={dropout!r}: expected a float in [0, 1)")
-        self.config = dict(
-            embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, width=width, depth=depth,
-            heads=heads, dropout=dropout, ff_mult=ff_mult, use_caption_tokens=use_caption_tokens,
-        )
         self.embed_dim, self.token_dim, self.text_length = embed_dim, token_dim, text_length
         self.width, self.use_caption_tokens = width, use_caption_tokens
 
