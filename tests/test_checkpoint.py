@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from unclip.checkpoint import load_stage, save_stage
+from unclip.checkpoint import load_stage, read_latest, save_run_checkpoint, save_stage, write_latest
 from unclip.config import UnsafeConfigError, build
 from unclip.embedding import EmbeddingSpace
 from unclip.weights import CheckpointError
@@ -61,3 +61,24 @@ def test_spaces_of_different_models_refuse_to_meet(micro_clip):
     with pytest.raises(ValueError, match=r"prior was trained in embedding space micro .* but decoder in other"):
         micro_clip.space.check_same(other, "prior", "decoder")
     micro_clip.space.check_same(EmbeddingSpace.from_dict(micro_clip.space.to_dict()), "a", "b")
+
+
+def test_the_latest_pointer_is_written_atomically_and_read_in_one_place(micro_clip, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    path = save_run_checkpoint(run, micro_clip, stage="clip", space=micro_clip.space)  # a stage that trains nothing
+    checkpoints = run / "checkpoints"
+    assert path == checkpoints / "step-00000000" and read_latest(checkpoints) == path
+    assert load_stage(run).path == path and load_stage(checkpoints).path == path
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-00000000"]  # no temporaries left
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("unclip.checkpoint.os.replace", crash)
+    with pytest.raises(OSError):
+        write_latest(checkpoints, "step-00000007")
+    monkeypatch.undo()
+    assert read_latest(checkpoints) == path  # a crash while moving the pointer leaves the old one
+    write_latest(checkpoints, "step-00000007")
+    with pytest.raises(CheckpointError, match=r"latest points at .*step-00000007, which is not a complete checkpoint"):
+        load_stage(run)

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from unclip.checkpoint import CHECKPOINTS, LATEST, load_stage, save_stage
+from unclip.checkpoint import CHECKPOINTS, load_stage, save_run_checkpoint
 from unclip.config import build
 from unclip.jobs import finish
 
@@ -33,10 +33,7 @@ def main(cfg: DictConfig) -> None:
     encoder = build(config["clip"]).eval()
     space = encoder.compute_space()
     shutil.rmtree(checkpoints, ignore_errors=True)  # only once the new encoder has built
-    checkpoint = save_stage(checkpoints / "step-00000000", encoder, stage="clip", space=space,
-                            extra={"job": config})
-    (checkpoints / f".{LATEST}.tmp").write_text(checkpoint.name)
-    (checkpoints / f".{LATEST}.tmp").replace(checkpoints / LATEST)
+    checkpoint = save_run_checkpoint(run_dir, encoder, stage="clip", space=space, extra={"job": config})
     # What the other jobs will load must be this very space.
     reloaded = load_stage(run_dir, stage="clip").model.compute_space()
     space.check_same(reloaded, f"the imported CLIP {space.name}", f"the stage saved in {checkpoint}")

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from unclip.checkpoint import save_stage
+from unclip.checkpoint import save_run_checkpoint
 from unclip.config import build
 from unclip.data.collate import collate_dicts
 from unclip.data.embeddings import EmbeddingShards
@@ -50,8 +50,7 @@ def main(cfg: DictConfig) -> None:
     )
     if isinstance(model, PassthroughPrior):
         metrics = evaluate(model)
-        checkpoint = save_stage(run_dir / "checkpoints" / "step-00000000", model, stage="prior", space=space)
-        (run_dir / "checkpoints" / "latest").write_text(checkpoint.name)
+        checkpoint = save_run_checkpoint(run_dir, model, stage="prior", space=space)
         finish(run_dir, {**metrics, "step": 0, "checkpoint": str(checkpoint), "minutes": (time.time() - start) / 60})
         return
     model.fit_normalisation(train.tensors["image_embed"][: config["normalisation_items"]])

@@ -32,6 +32,7 @@ from unclip.weights import CheckpointError, load_weights_file
 FORMAT_VERSION = 1
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer.json"  # in a training checkpoint: where the run stood (step, data stream, EMA)
 
 
 @dataclass
@@ -101,6 +102,40 @@ def save_stage(
     return final
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_latest(checkpoints: str | Path, name: str) -> None:
+    """Point ``checkpoints/latest`` at the checkpoint ``name``, atomically (a crash leaves the old pointer)."""
+    checkpoints = Path(checkpoints)
+    tmp = checkpoints / f".{LATEST}.tmp{os.getpid()}"
+    tmp.write_text(name)
+    os.replace(tmp, checkpoints / LATEST)
+
+
+def read_latest(checkpoints: str | Path, *, needs: str = "config.json") -> Path | None:
+    """The checkpoint ``checkpoints/latest`` names (None without a pointer); it must hold the file ``needs``."""
+    latest = Path(checkpoints) / LATEST
+    if not latest.is_file():
+        return None
+    target = Path(checkpoints) / latest.read_text().strip()
+    if not (target / needs).is_file():
+        kind = "training checkpoint" if needs == TRAINER_STATE else "checkpoint"
+        raise CheckpointError(f"{latest} points at {target}, which is not a complete {kind}")
+    return target
+
+
+def save_run_checkpoint(run_dir: str | Path, model: nn.Module, *, stage: str, space: EmbeddingSpace | None,
+                        extra: dict | None = None) -> Path:
+    """Save a stage that trains nothing (an imported CLIP, a baseline prior) as a run directory's checkpoint
+    ``step-00000000``, with ``latest`` naming it, as a trained stage's run directory would have it."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    path = save_stage(checkpoints / checkpoint_name(0), model, stage=stage, space=space, extra=extra)
+    write_latest(checkpoints, path.name)
+    return path
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A stage checkpoint directory from itself, a run directory or a ``checkpoints/`` directory."""
     path = Path(path)
@@ -109,12 +144,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "config.json").is_file():
         return path
     for candidate in (path, path / CHECKPOINTS):
-        latest = candidate / LATEST
-        if latest.is_file():
-            target = candidate / latest.read_text().strip()
-            if (target / "config.json").is_file():
-                return target
-            raise CheckpointError(f"{latest} points at {target}, which is not a complete checkpoint")
+        target = read_latest(candidate)
+        if target is not None:
+            return target
     raise CheckpointError(
         f"{path} is not a stage checkpoint: expected config.json there, or a run directory with "
         f"{CHECKPOINTS}/{LATEST}"

@@ -36,8 +36,12 @@ from tqdm.auto import tqdm
 from unclip.checkpoint import (
     CHECKPOINTS,
     LATEST,
+    TRAINER_STATE,
+    checkpoint_name,
     commit_directory,
+    read_latest,
     save_stage_files,
+    write_latest,
 )
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
@@ -174,18 +178,12 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def latest_checkpoint(self) -> Path | None:
-        latest = self.checkpoint_root / LATEST
-        if not latest.is_file():
-            return None
-        path = self.checkpoint_root / latest.read_text().strip()
-        if not (path / "trainer.json").is_file():
-            raise CheckpointError(f"{latest} points at {path}, which is not a complete training checkpoint")
-        return path
+        return read_latest(self.checkpoint_root, needs=TRAINER_STATE)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
-        name = f"step-{self.step:08d}"
+        name = checkpoint_name(self.step)
         final = self.checkpoint_root / name
         tmp = self.checkpoint_root / f".tmp-{name}"
         acc.wait_for_everyone()
@@ -214,10 +212,9 @@ class Trainer:
                 "epoch": self.epoch,
                 "data_issues": dict(self.data_issues),
             }
-            (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
             commit_directory(tmp, final)
-            (self.checkpoint_root / f".{LATEST}.tmp").write_text(name)
-            (self.checkpoint_root / f".{LATEST}.tmp").replace(self.checkpoint_root / LATEST)
+            write_latest(self.checkpoint_root, name)
             self._prune_checkpoints()
         acc.wait_for_everyone()
         self.last_checkpoint = final
@@ -226,14 +223,14 @@ class Trainer:
     def _prune_checkpoints(self) -> None:
         # Only checkpoints up to the current one: a newer one is an orphan of a run killed before it moved
         # `latest` (replaced when this run gets there); counting it could prune the one `latest` names.
-        current = f"step-{self.step:08d}"
+        current = checkpoint_name(self.step)
         kept = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir() and p.name <= current)
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         try:
-            state = json.loads((path / "trainer.json").read_text())
+            state = json.loads((path / TRAINER_STATE).read_text())
             if state["num_processes"] != self.accelerator.num_processes:
                 self.accelerator.print(
                     f"note: {path} was written by {state['num_processes']} process(es), resuming with "
@@ -416,7 +413,7 @@ class Trainer:
                 self._preview()
                 window_start = time.perf_counter()
         bar.close()
-        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}":
+        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.step):
             self.save_checkpoint()
         self._preview()
         metrics = self._evaluate()
