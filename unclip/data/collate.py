@@ -18,10 +18,16 @@ def collate_dicts(items: Sequence[dict]) -> dict:
     return batch
 
 
+def is_streaming(source) -> bool:
+    """A streaming source (``stream(rank, world_size, seed)``, e.g. webdataset shards) rather than a map-style
+    data set (``len`` and ``[i]``)."""
+    return hasattr(source, "stream")
+
+
 def first_items(dataset, n: int) -> dict:
     """The first ``n`` items (fewer if the data set is smaller) of a map-style data set or a streaming
     source, collated: the fixed evaluation and preview batches of the jobs."""
-    if hasattr(dataset, "stream"):  # webdataset shards: the first n good items of one pass
+    if is_streaming(dataset):  # webdataset shards: the first n good items of one pass
         items = list(itertools.islice(iter(dataset), n))
     else:
         items = [dataset[i] for i in range(min(n, len(dataset)))]

@@ -1,7 +1,9 @@
 """One accelerate-based training loop for every stage."""
 
 from unclip.training.config import TrainerConfig
-from unclip.training.data import StreamBatchSampler, stream_loader
-from unclip.training.trainer import NonFiniteLossError, Trainer, TrainResult, lr_at
+from unclip.training.data import DataStream, StreamBatchSampler, stream_loader
+from unclip.training.optim import lr_at
+from unclip.training.trainer import NonFiniteLossError, Trainer, TrainResult
 
-__all__ = ["TrainerConfig", "Trainer", "TrainResult", "NonFiniteLossError", "StreamBatchSampler", "stream_loader", "lr_at"]
+__all__ = ["TrainerConfig", "Trainer", "TrainResult", "NonFiniteLossError", "DataStream", "StreamBatchSampler",
+           "stream_loader", "lr_at"]

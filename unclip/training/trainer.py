@@ -6,20 +6,18 @@ preview functions. The loop handles the device, data-parallel processes, mixed p
 accumulation, AdamW with warm-up and cosine decay, EMA (ema-pytorch), a progress bar, periodic
 evaluation and previews, non-finite losses, and atomic checkpoints that resume exactly.
 
-Data comes either as a map-style dataset, read in a deterministic stream that resumes exactly where it
-stopped, or as a streaming source with ``stream(rank, world_size, seed) -> IterableDataset`` (webdataset
-shards), which splits itself across processes; a resumed run continues such a stream with a fresh shuffle
-rather than at the exact item. Items may carry ``"issues"`` (counts of bad or repaired data met while
-producing them); the trainer sums them, prints them at the end of every epoch and reports them in the
-final metrics as ``data_issues``.
+``fit`` is a short loop over named pieces: ``_optimisation_step`` (accumulation, the non-finite vote, the
+fp16 scaler, clipping, EMA), the log window (``unclip.training.tracking``), the periodic hooks (checkpoint,
+evaluation, preview) and the data stream's position and epoch (``unclip.training.data.DataStream``: a
+map-style dataset read in a deterministic stream that resumes exactly, or a streaming source with
+``stream(rank, world_size, seed)``). Items may carry ``"issues"`` (counts of bad or repaired data); the
+trainer prints them at the end of every epoch and reports them in the final metrics as ``data_issues``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,9 @@ from unclip.checkpoint import (
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
 from unclip.training.config import TrainerConfig
-from unclip.training.data import stream_loader
+from unclip.training.data import DataStream
+from unclip.training.optim import lr_at, make_optimizer
+from unclip.training.tracking import LogWindow, RunLog, StepOutcome
 from unclip.weights import CheckpointError
 
 LossFn = Callable[[nn.Module, Any], dict]
@@ -74,36 +74,6 @@ class TrainResult:
     metrics: dict
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
-
-
-def lr_at(step: int, config: TrainerConfig) -> float:
-    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = config.lr * config.min_lr_ratio
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on biases, norms, embeddings' scalars or temperatures)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; PyTorch's fused kernel where it has one (CPU and CUDA parameters).
-
-    On the 2-core CPU the fused step (with gradient clipping) of the 18M-parameter benchmark decoder took
-    19 ms against 45 ms for the default per-parameter loop; the update is the same AdamW.
-    """
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
-                             fused=fused or None)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -143,7 +113,6 @@ class Trainer:
         self.after_step_fn = after_step_fn
         self.extra_config = extra_config or {}
         self.dataset = dataset
-        self.collate_fn = collate_fn or collate_dicts
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
         )
@@ -160,12 +129,16 @@ class Trainer:
         self.ema.to(self.accelerator.device)
         optimizer = make_optimizer(model, config)
         self.wrapped, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
+        acc = self.accelerator
+        self.data = DataStream(
+            dataset, batch_size=config.batch_size, collate_fn=collate_fn or collate_dicts, rank=acc.process_index,
+            world_size=acc.num_processes, seed=config.seed, num_workers=config.num_workers,
+            on_epoch_end=self._report_epoch,
+        )
+        self.samples_per_step = config.batch_size * config.grad_accum * acc.num_processes
+        self.log = RunLog(self.run_dir, enabled=self.is_main)
         self.step = 0
         self.bad_steps = 0
-        self.stream_position = 0  # data items consumed by all processes together
-        self.data_issues: Counter = Counter()  # this process's bad / repaired data items, whole run
-        self.epoch_issues: Counter = Counter()  # the same, current epoch
-        self.epoch = 0
         self.last_checkpoint: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
@@ -179,6 +152,123 @@ class Trainer:
 
     def latest_checkpoint(self) -> Path | None:
         return read_latest(self.checkpoint_root, needs=TRAINER_STATE)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` (resuming or starting over as the config says), then checkpoint, preview and
+        evaluate; the final metrics add the run's ``data_issues``."""
+        self._start()
+        bar = self._progress_bar()
+        batches = self.data.batches()
+        window, history = LogWindow(self.samples_per_step), []
+        self.wrapped.train()
+        while self.step < self.config.max_steps:
+            outcome = self._optimisation_step(batches)
+            self.step += 1
+            self.data.advance(self.samples_per_step)
+            bar.update(1)
+            window.add(outcome)
+            if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
+                history.append(self._log_window(window, outcome, bar))
+            if self.step < self.config.max_steps and self._run_periodic_hooks():
+                window.restart_clock()
+        bar.close()
+        return self._finish(history)
+
+    def _start(self) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._prepare_run_dir()
+        if self.data.index_issues:
+            summary = ", ".join(f"{reason} {n}" for reason, n in sorted(self.data.index_issues.items()))
+            self.accelerator.print(f"data set index: files left out: {summary}")
+
+    def _progress_bar(self) -> tqdm:
+        return tqdm(total=self.config.max_steps, initial=self.step, desc=f"train {self.stage}",
+                    disable=not (self.config.progress and self.is_main), dynamic_ncols=True)
+
+    def _log_window(self, window: LogWindow, last: StepOutcome, bar: tqdm) -> dict:
+        record = window.record(self.step, lr_at(self.step - 1, self.config), last)
+        self.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+        return record
+
+    def _run_periodic_hooks(self) -> bool:
+        """Checkpoint, evaluate and preview where due (the last step's come from ``_finish``); True if any ran."""
+        cfg, ran = self.config, False
+        for every, hook in ((cfg.checkpoint_every, self.save_checkpoint), (cfg.eval_every, self._evaluate),
+                            (cfg.preview_every, self._preview)):
+            if every and self.step % every == 0:
+                hook()
+                ran = True
+        return ran
+
+    def _finish(self, history: list[dict]) -> TrainResult:
+        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.step):
+            self.save_checkpoint()
+        self._preview()
+        metrics = self._evaluate()
+        issues = self._all_data_issues()
+        if issues:
+            metrics = {**metrics, "data_issues": issues}
+        return TrainResult(step=self.step, metrics=metrics, checkpoint=self.last_checkpoint, history=history)
+
+    # -- one optimisation step --------------------------------------------------------------
+    def _optimisation_step(self, batches) -> StepOutcome:
+        """``grad_accum`` micro-batches, then the update, or a skip if any process saw a non-finite value."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.config)
+        finite, logs = self._accumulate(batches)
+        grad_norm = None
+        if finite and self.config.grad_clip:
+            grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
+            finite = bool(torch.isfinite(grad_norm).item())
+        if finite:
+            self._apply_update()
+        else:
+            self._skip_update(clipped=grad_norm is not None)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(finite=finite, logs=logs, grad_norm=grad_norm)
+
+    def _accumulate(self, batches) -> tuple[bool, dict]:
+        """Forward and backward over the micro-batches; (every loss finite in every process, last scalars)."""
+        acc, finite, logs = self.accelerator, True, {}
+        for _ in range(self.config.grad_accum):
+            batch = to_device(next(batches), acc.device)
+            with acc.accumulate(self.wrapped):
+                out = self.wrapped(batch)
+                finite = self._finite_everywhere(out["loss"]) and finite  # every process votes every time
+                if finite:
+                    acc.backward(out["loss"])
+                logs = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        return finite, logs
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        acc = self.accelerator
+        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=acc.device)
+        return acc.reduce(flag, reduction="sum").item() >= acc.num_processes
+
+    def _apply_update(self) -> None:
+        self.optimizer.step()
+        if self.after_step_fn is not None:
+            self.after_step_fn(self.model)
+        self.ema.update()
+        self.bad_steps = 0
+
+    def _skip_update(self, *, clipped: bool) -> None:
+        if clipped and self.accelerator.scaler is not None:
+            # fp16: clipping unscaled the gradients; the GradScaler's step skips the update, lowers the scale
+            # and resets, without which the next step's unscale_ raises.
+            self.optimizer.step()
+        self.bad_steps += 1
+        self.log.write({"step": self.step, "skipped": "non-finite loss or gradient", "bad_steps": self.bad_steps})
+        if self.bad_steps >= self.config.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive steps had a non-finite loss or gradient at step {self.step}; "
+                f"stopping. Last good checkpoint: {self.last_checkpoint or 'none yet'} (resume with "
+                "trainer.resume=true, e.g. with a lower trainer.lr)"
+            )
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -202,23 +292,23 @@ class Trainer:
         acc.save_state(str(tmp / "trainer"))  # optimizer, model, per-process RNG states
         acc.wait_for_everyone()
         if self.is_main:
-            state = {
-                "step": self.step,
-                "bad_steps": self.bad_steps,
-                "ema_step": int(self.ema.step.item()),
-                "ema_initted": bool(self.ema.initted.item()),
-                "num_processes": acc.num_processes,
-                "stream_position": self.stream_position,
-                "epoch": self.epoch,
-                "data_issues": dict(self.data_issues),
-            }
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(), indent=2))
             commit_directory(tmp, final)
             write_latest(self.checkpoint_root, name)
             self._prune_checkpoints()
         acc.wait_for_everyone()
         self.last_checkpoint = final
         return final
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "ema_step": int(self.ema.step.item()),
+            "ema_initted": bool(self.ema.initted.item()),
+            "num_processes": self.accelerator.num_processes,
+            **self.data.state(),
+        }
 
     def _prune_checkpoints(self) -> None:
         # Only checkpoints up to the current one: a newer one is an orphan of a run killed before it moved
@@ -247,11 +337,9 @@ class Trainer:
         self.ema.initted.fill_(state["ema_initted"])
         self.step = state["step"]
         self.bad_steps = state["bad_steps"]
-        # Where the data stream stands; older checkpoints lack it (assume this batch size and grad_accum).
+        # Older checkpoints lack the stream's state: assume this batch size and grad_accum.
         samples_per_step = self.config.batch_size * self.config.grad_accum * state["num_processes"]
-        self.stream_position = state.get("stream_position", self.step * samples_per_step)
-        self.epoch = state.get("epoch", 0)
-        self.data_issues = Counter(state.get("data_issues", {}))
+        self.data.load_state(state, default_position=self.step * samples_per_step)
         self.last_checkpoint = path
 
     def _prepare_run_dir(self) -> None:
@@ -298,7 +386,7 @@ class Trainer:
         metrics: dict = {}
         if self.evaluate_fn is not None and self.is_main:
             metrics = self._run_on_eval_model(self.evaluate_fn)
-            self._log({"step": self.step, "eval": metrics})
+            self.log.write({"step": self.step, "eval": metrics})
             self.accelerator.print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in _scalars(metrics)))
         self.accelerator.wait_for_everyone()
         return metrics
@@ -308,188 +396,29 @@ class Trainer:
             self._run_on_eval_model(lambda model: self.preview_fn(model, self.run_dir / "previews", self.step))
         self.accelerator.wait_for_everyone()
 
-    def _log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as log:
-                log.write(json.dumps(record, default=float) + "\n")
-
-    # -- the loop ---------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
-        cfg, acc = self.config, self.accelerator
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        self._prepare_run_dir()
-        index_issues = getattr(self.dataset, "index_issues", None)
-        if index_issues:
-            summary = ", ".join(f"{reason} {n}" for reason, n in sorted(index_issues.items()))
-            acc.print(f"data set index: files left out: {summary}")
-        batches = self._batches()
-        samples_per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.step,
-            desc=f"train {self.stage}",
-            disable=not (cfg.progress and self.is_main),
-            dynamic_ncols=True,
-        )
-        history: list[dict] = []
-        self.wrapped.train()
-        window_start, window_steps, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
-        while self.step < cfg.max_steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
-            finite = True
-            logs: dict = {}
-            for _ in range(cfg.grad_accum):
-                batch = to_device(self._count_issues(next(batches)), acc.device)
-                with acc.accumulate(self.wrapped):
-                    out = self.wrapped(batch)
-                    loss = out["loss"]
-                    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=acc.device)
-                    if acc.reduce(flag, reduction="sum").item() < acc.num_processes:
-                        finite = False
-                    if finite:
-                        acc.backward(loss)
-                    logs = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-            grad_norm = None
-            if finite and cfg.grad_clip:
-                grad_norm = acc.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
-                finite = bool(torch.isfinite(grad_norm).item())
-            if finite:
-                self.optimizer.step()
-                if self.after_step_fn is not None:
-                    self.after_step_fn(self.model)
-                self.ema.update()
-                self.bad_steps = 0
-            else:
-                if grad_norm is not None and acc.scaler is not None:
-                    # fp16: clipping unscaled the gradients; the GradScaler's step skips the update, lowers the
-                    # scale and resets, without which the next step's unscale_ raises.
-                    self.optimizer.step()
-                self.bad_steps += 1
-                self._log({"step": self.step, "skipped": "non-finite loss or gradient", "bad_steps": self.bad_steps})
-                if self.bad_steps >= cfg.max_bad_steps:
-                    where = self.last_checkpoint or "none yet"
-                    raise NonFiniteLossError(
-                        f"{self.bad_steps} consecutive steps had a non-finite loss or gradient at step {self.step}; "
-                        f"stopping. Last good checkpoint: {where} (resume with trainer.resume=true, e.g. with a "
-                        "lower trainer.lr)"
-                    )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.stream_position += samples_per_step
-            if not hasattr(self.dataset, "stream"):  # a map-style epoch ends every len(dataset) stream items
-                while self.epoch < self.stream_position // len(self.dataset):
-                    self._end_epoch()
-            bar.update(1)
-            window_steps += 1
-            if finite:
-                loss_sum += logs.get("loss", float("nan"))
-                loss_count += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": self.step,
-                    "lr": lr_at(self.step - 1, cfg),
-                    "samples_per_s": window_steps * samples_per_step / max(elapsed, 1e-9),
-                    **logs,
-                    "loss": loss_sum / max(loss_count, 1),
-                }
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                history.append(record)
-                self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                window_start, window_steps, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
-            done = self.step >= cfg.max_steps
-            if not done and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-                window_start = time.perf_counter()
-            if not done and cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._evaluate()
-                window_start = time.perf_counter()
-            if not done and cfg.preview_every and self.step % cfg.preview_every == 0:
-                self._preview()
-                window_start = time.perf_counter()
-        bar.close()
-        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.step):
-            self.save_checkpoint()
-        self._preview()
-        metrics = self._evaluate()
-        issues = self._all_data_issues()
-        if issues:
-            metrics = {**metrics, "data_issues": issues}
-        return TrainResult(step=self.step, metrics=metrics, checkpoint=self.last_checkpoint, history=history)
-
-    # -- data -------------------------------------------------------------------------------
-    def _batches(self):
-        """Endless batches for this process: the map-style stream, or a streaming source epoch after epoch."""
-        cfg, acc = self.config, self.accelerator
-        if not hasattr(self.dataset, "stream"):
-            loader = stream_loader(
-                self.dataset,
-                cfg.batch_size,
-                collate_fn=self.collate_fn,
-                rank=acc.process_index,
-                world_size=acc.num_processes,
-                seed=cfg.seed,
-                start_position=self.stream_position,
-                num_workers=cfg.num_workers,
-            )
-            yield from loader
+    # -- data issues ------------------------------------------------------------------------
+    def _report_epoch(self, epoch: int, issues: dict) -> None:
+        """Print and log the bad or repaired data items of the epoch that just ended (if any)."""
+        if not issues:
             return
-        while True:
-            # A resumed run cannot seek inside a stream: it draws a new order (seeded by the position).
-            seed = cfg.seed + self.epoch * 1_000_003 + self.stream_position
-            loader = torch.utils.data.DataLoader(
-                self.dataset.stream(acc.process_index, acc.num_processes, seed),
-                batch_size=cfg.batch_size,
-                collate_fn=self.collate_fn,
-                num_workers=cfg.num_workers,
-                drop_last=True,
-            )
-            produced = 0
-            for batch in loader:
-                produced += 1
-                yield batch
-            if produced == 0:
-                raise ValueError(
-                    f"the data source {self.dataset!r} gave process {acc.process_index} no full batch of "
-                    f"{cfg.batch_size} items in a whole epoch; check its shards or lower trainer.batch_size"
-                )
-            self._end_epoch()
-
-    def _count_issues(self, batch):
-        """Take the items' ``issues`` counts out of the batch and add them up."""
-        if isinstance(batch, dict) and "issues" in batch:
-            for counts in batch.pop("issues"):
-                self.epoch_issues.update(counts)
-                self.data_issues.update(counts)
-        return batch
-
-    def _end_epoch(self) -> None:
-        self.epoch += 1
-        if self.epoch_issues:
-            summary = ", ".join(f"{reason} {n}" for reason, n in sorted(self.epoch_issues.items()))
-            where = f" (process {self.accelerator.process_index})" if self.accelerator.num_processes > 1 else ""
-            message = f"epoch {self.epoch} data issues{where}: {summary}"
-            if self.accelerator.num_processes > 1 or self.is_main:
-                tqdm.write(message)
-            self._log({"step": self.step, "epoch": self.epoch, "data_issues": dict(self.epoch_issues)})
-        self.epoch_issues = Counter()
+        summary = ", ".join(f"{reason} {n}" for reason, n in sorted(issues.items()))
+        acc = self.accelerator
+        where = f" (process {acc.process_index})" if acc.num_processes > 1 else ""
+        if acc.num_processes > 1 or self.is_main:
+            tqdm.write(f"epoch {epoch} data issues{where}: {summary}")
+        self.log.write({"step": self.step, "epoch": epoch, "data_issues": issues})
 
     def _all_data_issues(self) -> dict:
         """The data issues of every process, summed (every process must call this), plus those the data set
         found while indexing its files (``index_issues``, e.g. images without a caption file)."""
-        totals: Counter = Counter(getattr(self.dataset, "index_issues", None) or {})
+        totals: Counter = Counter(self.data.index_issues)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            for counts in gather_object([dict(self.data_issues)]):
+            for counts in gather_object([dict(self.data.issues)]):
                 totals.update(counts)
         else:
-            totals.update(self.data_issues)
+            totals.update(self.data.issues)
         return dict(sorted(totals.items()))
 
 

@@ -1,0 +1,85 @@
+"""The training loop's pieces on their own: the data stream, the log window, one optimisation step, the hooks."""
+
+import math
+
+import torch
+
+from test_training import ToyData, ToyStream, make_trainer
+from unclip.data.collate import collate_dicts
+from unclip.training.data import DataStream
+from unclip.training.tracking import LogWindow, StepOutcome
+
+
+class IssueData(ToyData):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "issues": {"corrupt_image": 1} if i < 3 else {}}
+
+
+def test_map_style_stream_ends_epochs_by_position_and_resumes_at_the_same_batch():
+    ended = []
+    stream = DataStream(IssueData(), batch_size=4, collate_fn=collate_dicts, seed=1,
+                        on_epoch_end=lambda epoch, issues: ended.append((epoch, issues)))
+    batches = stream.batches()
+    seen = []
+    for _ in range(5):  # 20 items: two epochs of 10
+        seen.append(next(batches)["x"])
+        stream.advance(4)
+    assert [epoch for epoch, _ in ended] == [1, 2] and stream.position == 20
+    assert sum(issues.get("corrupt_image", 0) for _, issues in ended) == 6  # 3 bad items an epoch, taken out
+    resumed = DataStream(IssueData(), batch_size=4, collate_fn=collate_dicts, seed=1)
+    resumed.load_state({"stream_position": 12, "epoch": 1}, default_position=0)
+    torch.testing.assert_close(next(resumed.batches())["x"], seen[3])
+
+
+def test_streaming_source_ends_an_epoch_when_the_stream_runs_out():
+    ended = []
+    stream = DataStream(ToyStream(), batch_size=8, collate_fn=collate_dicts,
+                        on_epoch_end=lambda epoch, issues: ended.append(epoch))
+    assert stream.streaming
+    batches = stream.batches()
+    for _ in range(6):  # 40 items a pass: 5 batches, the sixth starts epoch 2
+        next(batches)
+        stream.advance(8)
+    assert ended == [1] and stream.epoch == 1
+
+
+def test_log_window_averages_the_applied_steps_and_restarts():
+    window = LogWindow(samples_per_step=16)
+    window.add(StepOutcome(True, {"loss": 1.0}))
+    window.add(StepOutcome(False, {"loss": math.inf}))  # skipped: not in the mean
+    last = StepOutcome(True, {"loss": 3.0, "mse": 0.5}, grad_norm=torch.tensor(2.0))
+    window.add(last)
+    record = window.record(step=3, lr=0.1, last=last)
+    assert record["loss"] == 2.0 and record["mse"] == 0.5 and record["grad_norm"] == 2.0
+    assert record["samples_per_s"] > 0 and window.steps == 0 and window.loss_count == 0
+
+
+def test_one_optimisation_step_updates_or_skips(tmp_path):
+    trainer = make_trainer(tmp_path, ema_update_after_step=0)
+    batches = trainer.data.batches()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    outcome = trainer._optimisation_step(batches)
+    assert outcome.finite and outcome.grad_norm is not None and trainer.bad_steps == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert trainer.ema.step.item() == 1
+
+    trainer.wrapped.loss_fn = lambda model, batch: {"loss": model.net(batch["x"]).sum() * math.nan}
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    outcome = trainer._optimisation_step(batches)
+    assert not outcome.finite and trainer.bad_steps == 1 and trainer.ema.step.item() == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_periodic_hooks_run_when_due(tmp_path):
+    trainer = make_trainer(tmp_path, checkpoint_every=4, eval_every=6)
+    evaluated = []
+    trainer.evaluate_fn = lambda model: evaluated.append(trainer.step) or {}
+    trainer._start()
+    for step in range(1, 13):
+        trainer.step = step
+        trainer._run_periodic_hooks()
+    assert evaluated == [6, 12]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000008", "step-00000012"]

@@ -1,0 +1,71 @@
+"""What a training run records as it goes: ``log.jsonl`` and the log window's averages."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class StepOutcome:
+    """One optimiser step: whether it was applied (finite loss and gradients), its last micro-batch's scalar
+    outputs (``loss`` and whatever else the loss function returned) and the gradient norm before clipping."""
+
+    finite: bool
+    logs: dict
+    grad_norm: torch.Tensor | None = None
+
+
+class LogWindow:
+    """The steps since the last log record: their mean loss (over the applied steps) and throughput."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.restart()
+
+    def restart(self) -> None:
+        self.restart_clock()
+        self.steps, self.loss_sum, self.loss_count = 0, 0.0, 0
+
+    def restart_clock(self) -> None:
+        """Time spent outside training steps (checkpoints, evaluation) does not count against throughput."""
+        self.start = time.perf_counter()
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.steps += 1
+        if outcome.finite:
+            self.loss_sum += outcome.logs.get("loss", math.nan)
+            self.loss_count += 1
+
+    def record(self, step: int, lr: float, last: StepOutcome) -> dict:
+        """The log record of the window ending at ``step`` (``last``: that step's outcome); starts a new one."""
+        elapsed = time.perf_counter() - self.start
+        record = {
+            "step": step,
+            "lr": lr,
+            "samples_per_s": self.steps * self.samples_per_step / max(elapsed, 1e-9),
+            **last.logs,
+            "loss": self.loss_sum / max(self.loss_count, 1),
+        }
+        if last.grad_norm is not None:
+            record["grad_norm"] = float(last.grad_norm)
+        self.restart()
+        return record
+
+
+class RunLog:
+    """``log.jsonl`` of a run directory: one JSON record a line (the main process writes, the others not)."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool):
+        self.path = Path(run_dir) / "log.jsonl"
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as log:
+                log.write(json.dumps(record, default=float) + "\n")
