@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "train"))
+import _job  # noqa: E402,F401  registers the structured configs conf/ names (trainer/schema, generation/defaults)
 
 MICRO_CLIP = {
     "embed_dim": 32,

@@ -1,10 +1,14 @@
 """Every config in conf/ composes, and composes into objects that build."""
 
+import re
+import subprocess
+import sys
+
 import pytest
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF
 from unclip.config import build
 
 JOBS = sorted(p.stem for p in CONF.glob("train_*.yaml")) + sorted(p.stem for p in CONF.glob("pipeline_*.yaml"))
@@ -72,3 +76,39 @@ def test_command_line_overrides_reach_the_trainer():
         cfg = compose(config_name="train_clip", overrides=["experiment=shapes", "trainer.max_steps=7"])
     assert cfg.trainer.max_steps == 7
     assert cfg.name == "shapes"
+
+
+def test_trainer_and_generation_defaults_come_from_their_dataclasses():
+    from dataclasses import asdict
+
+    from unclip.pipeline import GenerationSettings
+    from unclip.training import TrainerConfig
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name="train_sample"), resolve=True)
+        trainer = OmegaConf.to_container(compose(config_name="train_prior").trainer, resolve=True)
+    assert trainer == {**asdict(TrainerConfig()), "betas": list(TrainerConfig().betas)}
+    assert cfg["pipeline"]["settings"] == asdict(GenerationSettings())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.lr=abc", r"Value 'abc' of type 'str' could not be converted to Float\s+full_key: trainer.lr"),
+    ("trainer.max_steps=2.5", r"Value '2.5' of type 'float' could not be converted to Integer\s+full_key: trainer.max_steps"),
+    ("trainer.max_stepz=3", r"Key 'max_stepz' not in 'TrainerConfig'\s+full_key: trainer.max_stepz"),
+])
+def test_a_trainer_setting_of_the_wrong_type_or_name_is_an_error_naming_it(override, message):
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        with pytest.raises(ConfigCompositionException) as error:
+            compose(config_name="train_clip", overrides=[override])
+    assert re.search(message, str(error.value.__cause__)), str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("override", ["+bogus=1", "+trainer.bogus=1", "+data.val_fractoin=0.5"])
+def test_a_job_refuses_an_added_key_that_nothing_reads(override, tmp_path):
+    proc = subprocess.run([sys.executable, "train/clip.py", f"hydra.run.dir={tmp_path}", override], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    key = override.lstrip("+").split("=")[0]
+    assert proc.returncode != 0 and f"{override}: '{key}' is not a setting of this job" in proc.stderr, proc.stderr
+    assert not (tmp_path / "checkpoints").exists()

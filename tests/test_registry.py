@@ -93,3 +93,13 @@ def test_a_config_naming_a_function_is_refused_by_load_stage_and_from_pretrained
     with pytest.raises(CheckpointError, match=rf"(?s)refusing to load {pipeline}/decoder/config.json.*{target}"):
         UnCLIPPipeline.from_pretrained(pipeline, device="cpu")
     assert _snapshot(victim) == before, f"{victim} was changed by a refused config"
+
+
+def test_arguments_that_do_not_fit_the_class_are_refused_before_anything_is_built():
+    from unclip.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config.prior builds DiffusionPrior: got an unexpected keyword argument "
+                                          r"'widht'; it takes: embed_dim, .*width"):
+        build({"clip": {"_target_": "unclip.prior.PassthroughPrior"},
+               "prior": {"_target_": "unclip.prior.DiffusionPrior", "embed_dim": 4, "token_dim": 4, "text_length": 2,
+                         "widht": 8}})

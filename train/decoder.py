@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import hydra
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from _job import hydra_job
 
 from unclip.checkpoint import load_stage
 from unclip.config import build
-from unclip.data.collate import collate_dicts, first_items
+from unclip.data.collate import first_items
 from unclip.eval.decoder import evaluate_decoder
 from unclip.images import save_grid, to_pil
-from unclip.jobs import fit_and_finish
-from unclip.training import Trainer, TrainerConfig
+from unclip.jobs import Job
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -38,30 +33,21 @@ class DecoderLoss:
         return decoder.training_loss(downsample(batch["image"], decoder.image_size), image_embed, text)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_decoder")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    set_seed(config["trainer"]["seed"])
-    clip_stage = load_stage(config["clip_checkpoint"], stage="clip")
-    clip = clip_stage.model.eval().requires_grad_(False)
+@hydra_job("train_decoder")
+def main(job: Job) -> None:
+    config, evaluation = job.config, job.config["evaluation"]
+    clip = load_stage(config["clip_checkpoint"], stage="clip").model.eval().requires_grad_(False)
     space = clip.space
     data = build(config["data"])
-    decoder = build(
-        config["decoder"], image_embed_dim=space.dim, text_length=space.text_length, token_dim=space.token_dim
-    )
-    evaluation = config["evaluation"]
-    eval_sets = {}
-    for split, n in (("val", evaluation["val_items"]), ("heldout", evaluation["heldout_items"])):
-        if split not in data or n == 0:  # e.g. emoji: val holds the held-out names
-            continue
-        batch = first_items(data[split], n)
-        eval_sets[split] = batch
+    decoder = build(config["decoder"], image_embed_dim=space.dim, text_length=space.text_length,
+                    token_dim=space.token_dim)
+    eval_sets = {split: first_items(data[split], n)
+                 for split, n in (("val", evaluation["val_items"]), ("heldout", evaluation["heldout_items"]))
+                 if split in data and n > 0}  # e.g. emoji: val holds the held-out names
 
     def preview(model, out_dir: Path, step: int) -> None:
         batch = eval_sets["val"]
-        images = batch["image"][:8].to(clip._mean.device)
+        images = batch["image"][:8].to(clip.device)
         samples = model.sample(
             clip.encode_image(images), clip.encode_text(batch["caption"][:8]),
             steps=evaluation["steps"], guidance_scale=evaluation["guidance_scales"][-1],
@@ -73,29 +59,17 @@ def main(cfg: DictConfig) -> None:
     def evaluate(model) -> dict:
         metrics = {}
         for split, batch in eval_sets.items():
-            images = batch["image"].to(clip._mean.device)
             result, _ = evaluate_decoder(
-                model, clip, images, batch["caption"], batch["meta"],
+                model, clip, batch["image"].to(clip.device), batch["caption"], batch["meta"],
                 guidance_scales=evaluation["guidance_scales"], steps=evaluation["steps"], suffix=f"_{split}",
             )
             metrics.update(result)
         return metrics
 
-    trainer = Trainer(
-        decoder,
-        DecoderLoss(clip),
-        data["train"],
-        TrainerConfig.from_dict(config["trainer"]),
-        run_dir,
-        stage="decoder",
-        space_fn=lambda _: space,
-        collate_fn=collate_dicts,
-        evaluate_fn=evaluate,
-        preview_fn=preview,
-        extra_config={"job": config},
-    )
+    trainer = job.trainer(decoder, DecoderLoss(clip), data["train"], stage="decoder", space_fn=lambda _: space,
+                          evaluate_fn=evaluate, preview_fn=preview)
     clip.to(trainer.accelerator.device)
-    fit_and_finish(trainer, run_dir, start)
+    job.fit(trainer)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
+from _job import hydra_job
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
 
 from unclip.config import build
 from unclip.data.collate import first_items
 from unclip.eval.pipeline import evaluate_captions, evaluate_edits, evaluate_on_shapes, shapes_prompt_sets
 from unclip.images import save_grid
-from unclip.jobs import finish
+from unclip.jobs import Job, finish
 from unclip.pipeline import UnCLIPPipeline
 
 TRAIN = Path(__file__).resolve().parent
@@ -43,10 +42,9 @@ def run_stage(name: str, script: str, out: Path, overrides: list[str], force: bo
     return json.loads(metrics_file.read_text())
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="demo")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    config = OmegaConf.to_container(cfg, resolve=True)
+@hydra_job("demo")
+def main(job: Job) -> None:
+    start, config = job.started, job.config
     if config["preset"] not in config["presets"]:
         raise ValueError(f"preset must be one of {sorted(config['presets'])}, got {config['preset']!r}")
     preset = config["presets"][config["preset"]]

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import itertools
-import time
-from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from _job import hydra_job
 
 from unclip.checkpoint import load_stage
 from unclip.config import build
-from unclip.data.collate import collate_dicts
+from unclip.data.collate import collate_dicts, is_streaming
 from unclip.data.embeddings import EmbeddingShards, write_embedding_shards
-from unclip.jobs import finish
+from unclip.jobs import Job
 
 
 class FirstItems(torch.utils.data.IterableDataset):
@@ -28,11 +24,16 @@ class FirstItems(torch.utils.data.IterableDataset):
         return itertools.islice(iter(self.source), self.length)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_embed")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
+def first(dataset, length: int | None):
+    """The first ``length`` items of a split (None: all); a streaming source is read once, in its order."""
+    if is_streaming(dataset):
+        return FirstItems(dataset, length)
+    return dataset if length is None else torch.utils.data.Subset(dataset, range(min(int(length), len(dataset))))
+
+
+@hydra_job("train_embed")
+def main(job: Job) -> None:
+    config = job.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = load_stage(config["clip_checkpoint"], stage="clip").model.to(device).eval()
     data = build(config["data"])
@@ -41,21 +42,14 @@ def main(cfg: DictConfig) -> None:
         if split not in data:
             print(f"embed: this data set has no split {split!r}; skipped", flush=True)
             continue
-        dataset = data[split]
-        if hasattr(dataset, "stream"):  # a streaming source (webdataset shards): one pass, no shuffling needed
-            dataset = FirstItems(dataset, length)
-        elif length is not None:
-            dataset = torch.utils.data.Subset(dataset, range(min(int(length), len(dataset))))
-        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config["bf16"])
-        with autocast:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=config["bf16"]):
             paths = write_embedding_shards(
-                run_dir / split, encoder, dataset, collate_fn=collate_dicts,
+                job.run_dir / split, encoder, first(data[split], length), collate_fn=collate_dicts,
                 shard_size=config["shard_size"], batch_size=config["batch_size"], desc=f"embed {split}",
             )
-        metrics[f"items_{split}"] = len(EmbeddingShards(run_dir / split)) if paths else 0
+        metrics[f"items_{split}"] = len(EmbeddingShards(job.run_dir / split)) if paths else 0
         metrics[f"shards_{split}"] = len(paths)
-    metrics["minutes"] = (time.time() - start) / 60
-    finish(run_dir, metrics)
+    job.finish(metrics)
 
 
 if __name__ == "__main__":

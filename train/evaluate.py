@@ -3,23 +3,16 @@ interpolation and text diffs. `python train/evaluate.py pipeline.path=outputs/de
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from _job import hydra_job
 
 from unclip.eval.pipeline import evaluate_edits, evaluate_on_shapes, shapes_prompt_sets
-from unclip.jobs import finish
+from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_evaluate")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
+@hydra_job("train_evaluate")
+def main(job: Job) -> None:
+    config = job.config
     pipe = UnCLIPPipeline.from_config(config["pipeline"])
     counts = config["eval_items"]
     sets = shapes_prompt_sets(counts)
@@ -27,8 +20,7 @@ def main(cfg: DictConfig) -> None:
     if counts.get("edits", 0) and "val" in sets:
         k = counts["edits"]
         metrics.update(evaluate_edits(pipe, sets["val"]["images"][:k], sets["val"]["metas"][:k], seed=config["seed"]))
-    metrics["minutes"] = (time.time() - start) / 60
-    finish(run_dir, metrics)
+    job.finish(metrics)
 
 
 if __name__ == "__main__":

@@ -5,68 +5,45 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import hydra
-from accelerate.utils import set_seed
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from _job import hydra_job
 
 from unclip.checkpoint import save_run_checkpoint
-from unclip.config import build
-from unclip.data.collate import collate_dicts
+from unclip.config import build, locate
 from unclip.data.embeddings import EmbeddingShards
 from unclip.eval.prior import evaluate_prior
-from unclip.jobs import finish, fit_and_finish
+from unclip.jobs import Job
 from unclip.prior import PassthroughPrior
-from unclip.training import Trainer, TrainerConfig
+
+EVAL_SPLITS = ("val", "heldout", "train_names")  # whichever the shards have
 
 
 def prior_loss(model, batch):
     return model.training_loss(batch)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_prior")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    set_seed(config["trainer"]["seed"])
-    shards = Path(config["embeddings"])
+@hydra_job("train_prior")
+def main(job: Job) -> None:
+    config, shards = job.config, Path(job.config["embeddings"])
     train = EmbeddingShards(shards / "train")
     space = train.space
-    splits = [split for split in ("val", "heldout", "train_names") if (shards / split).is_dir()]
+    splits = [split for split in EVAL_SPLITS if (shards / split).is_dir()]
     if not splits:
         raise FileNotFoundError(f"{shards} has no val/ or heldout/ embedding shards to evaluate the prior on")
     evals = {split: EmbeddingShards(shards / split, expected_space=space) for split in splits}
-    sampling = config["sampling"]
 
     def evaluate(model):
-        return evaluate_prior(model, evals, list(evals.values()), max_items=config["eval_items"], **sampling)
+        return evaluate_prior(model, evals, list(evals.values()), max_items=config["eval_items"], **config["sampling"])
 
-    model = build(config["prior"]) if config["prior"]["_target_"].endswith("PassthroughPrior") else build(
-        config["prior"], embed_dim=space.dim, token_dim=space.token_dim, text_length=space.text_length
-    )
-    if isinstance(model, PassthroughPrior):
-        metrics = evaluate(model)
-        checkpoint = save_run_checkpoint(run_dir, model, stage="prior", space=space)
-        finish(run_dir, {**metrics, "step": 0, "checkpoint": str(checkpoint), "minutes": (time.time() - start) / 60})
+    if locate(config["prior"]["_target_"]) is PassthroughPrior:  # a baseline: evaluated and saved, not trained
+        model = PassthroughPrior()
+        checkpoint = save_run_checkpoint(job.run_dir, model, stage="prior", space=space)
+        job.finish({**evaluate(model), "step": 0, "checkpoint": str(checkpoint)})
         return
+    model = build(config["prior"], embed_dim=space.dim, token_dim=space.token_dim, text_length=space.text_length)
     model.fit_normalisation(train.tensors["image_embed"][: config["normalisation_items"]])
-    trainer = Trainer(
-        model,
-        prior_loss,
-        train,
-        TrainerConfig.from_dict(config["trainer"]),
-        run_dir,
-        stage="prior",
-        space_fn=lambda _: space,
-        collate_fn=collate_dicts,
-        evaluate_fn=evaluate,
-        extra_config={"job": config},
-    )
-    fit_and_finish(trainer, run_dir, start)
+    job.train(model, prior_loss, train, stage="prior", space_fn=lambda _: space, evaluate_fn=evaluate)
 
 
 if __name__ == "__main__":

@@ -6,23 +6,18 @@ Writes each image as PNG, a grid (one row per prompt), and samples.jsonl (prompt
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from _job import hydra_job
 
 from unclip.images import save_grid
-from unclip.jobs import finish
+from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_sample")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
+@hydra_job("train_sample")
+def main(job: Job) -> None:
+    config, run_dir = job.config, job.run_dir
     prompts = list(config["prompts"] or [])
     if config["prompts_file"]:
         lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
@@ -34,14 +29,13 @@ def main(cfg: DictConfig) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as log:
         for i, image in enumerate(images):
-            prompt = prompts[i // n]
             name = f"{i:04d}.png"
             image.save(image_dir / name)
-            record = {"file": f"images/{name}", "prompt": prompt, "seed": config["seed"], "index_in_prompt": i % n,
-                      "rerank": config["rerank"], "settings": vars(pipe.settings)}
+            record = {"file": f"images/{name}", "prompt": prompts[i // n], "seed": config["seed"],
+                      "index_in_prompt": i % n, "rerank": config["rerank"], "settings": vars(pipe.settings)}
             log.write(json.dumps(record) + "\n")
     grid = save_grid(images, run_dir / "grid.png", columns=n)
-    finish(run_dir, {"images": len(images), "grid": str(grid), "minutes": (time.time() - start) / 60})
+    job.finish({"images": len(images), "grid": str(grid)})
 
 
 if __name__ == "__main__":

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import hydra
 import torch
-from accelerate.utils import set_seed
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from _job import hydra_job
 
 from unclip.config import build
-from unclip.data.collate import collate_dicts, first_items
+from unclip.data.collate import first_items
 from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import psnr
 from unclip.images import save_grid, to_pil
-from unclip.jobs import fit_and_finish
-from unclip.training import Trainer, TrainerConfig
+from unclip.jobs import Job
 
 
 def upsampler_loss(model, batch):
     return model.training_loss(resize(batch["image"], model.image_size))
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train_upsampler")
-def main(cfg: DictConfig) -> None:
-    start = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    set_seed(config["trainer"]["seed"])
-    data = build(config["data"])
-    model = build(config["upsampler"])
-    evaluation = config["evaluation"]
+@hydra_job("train_upsampler")
+def main(job: Job) -> None:
+    data = build(job.config["data"])
+    model = build(job.config["upsampler"])
+    evaluation = job.config["evaluation"]
     val = first_items(data["val"], evaluation["val_items"])
     truth = resize(val["image"], model.image_size)
     low_res = resize(truth, model.low_res_size)
@@ -40,7 +31,8 @@ def main(cfg: DictConfig) -> None:
     def upsample(m, images):
         generator = torch.Generator(device=next(m.parameters()).device).manual_seed(0)
         return torch.cat([
-            m.sample(images[i : i + 64], steps=evaluation["steps"], aug_level=evaluation["aug_level"], generator=generator).cpu()
+            m.sample(images[i : i + 64], steps=evaluation["steps"], aug_level=evaluation["aug_level"],
+                     generator=generator).cpu()
             for i in range(0, len(images), 64)
         ])
 
@@ -53,20 +45,8 @@ def main(cfg: DictConfig) -> None:
         row = to_pil(resize(low_res[:8], m.image_size)) + to_pil(samples) + to_pil(truth[:8])
         save_grid(row, out_dir / f"upsampler-{step:08d}.png", columns=8)
 
-    trainer = Trainer(
-        model,
-        upsampler_loss,
-        data["train"],
-        TrainerConfig.from_dict(config["trainer"]),
-        run_dir,
-        stage="upsampler",
-        space_fn=lambda _: None,
-        collate_fn=collate_dicts,
-        evaluate_fn=evaluate,
-        preview_fn=preview,
-        extra_config={"job": config},
-    )
-    fit_and_finish(trainer, run_dir, start)
+    job.train(model, upsampler_loss, data["train"], stage="upsampler", space_fn=lambda _: None, evaluate_fn=evaluate,
+              preview_fn=preview)
 
 
 if __name__ == "__main__":

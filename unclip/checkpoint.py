@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from unclip.config import UnsafeConfigError, build
+from unclip.config import ConfigError, build
 from unclip.embedding import EmbeddingSpace
 from unclip.weights import CheckpointError, load_weights_file
 
@@ -183,7 +183,7 @@ def load_stage(
         raise CheckpointError(f"{directory} is a {config['stage']!r} checkpoint, expected a {stage!r} one")
     try:
         model = build(config["model"])
-    except UnsafeConfigError as err:
+    except ConfigError as err:
         raise CheckpointError(f"refusing to load {directory / 'config.json'}: {err}") from err
     weights = directory / "ema.safetensors"
     if not (use_ema and weights.is_file()):

@@ -10,6 +10,7 @@ before anything is built; everything else is refused with its name.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from typing import Any, Mapping
 
@@ -19,15 +20,21 @@ ALLOWED_PREFIX = "unclip."
 _DOTTED = re.compile(r"^unclip(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
-class UnsafeConfigError(ValueError):
+class ConfigError(ValueError):
+    """A config that cannot be built: its arguments do not fit the class it names."""
+
+
+class UnsafeConfigError(ConfigError):
     """A config names something that may not be built from a config."""
 
 
-def check_targets(config: Any, where: str = "config") -> None:
-    """Raise UnsafeConfigError unless every ``_target_`` in ``config`` names a registered class."""
+def check_targets(config: Any, where: str = "config", overrides: Mapping | None = None) -> None:
+    """Raise UnsafeConfigError unless every ``_target_`` in ``config`` names a registered class, and a
+    ConfigError unless its arguments (with ``overrides`` for the outermost one) fit that class."""
     if isinstance(config, Mapping):
         if "_target_" in config:
-            locate(config["_target_"], where)
+            cls = locate(config["_target_"], where)
+            _check_arguments(cls, [k for k in config if k != "_target_"] + list(overrides or {}), where)
         for key, value in config.items():
             check_targets(value, f"{where}.{key}")
     elif isinstance(config, (list, tuple)):
@@ -53,11 +60,22 @@ def locate(target: Any, where: str = "config") -> type:
     return found
 
 
+def _check_arguments(cls: type, names: list[str], where: str) -> None:
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**dict.fromkeys(names))
+    except TypeError as err:
+        raise ConfigError(
+            f"{where} builds {cls.__qualname__}: {err.args[0]}; it takes: {', '.join(signature.parameters)}"
+        ) from None
+
+
 def build(config: Any, **overrides: Any) -> Any:
     """Recursively build every mapping that has a ``_target_``; other values pass through.
 
-    ``overrides`` are keyword arguments for the outermost target (values a job computes, e.g. widths)."""
-    check_targets(config)
+    ``overrides`` are keyword arguments for the outermost target (values a job computes, e.g. widths).
+    Every target and its arguments are checked before anything is built."""
+    check_targets(config, overrides=overrides)
     return _build(config, overrides)
 
 

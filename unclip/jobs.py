@@ -1,11 +1,25 @@
-"""What every job in train/ does at its end: write metrics.json and print it as the last line."""
+"""What every job in train/ does around its own work: a run directory, a seed, the trainer, metrics.json.
+
+A job in train/ is a page that says only what is particular to it::
+
+    @hydra_job("train_prior")               # train/_job.py: Hydra's run directory and config -> a Job
+    def main(job: Job) -> None:
+        data = ...
+        job.train(model, loss_fn, data, stage="prior", space_fn=..., evaluate_fn=...)
+
+The library never reads Hydra: a ``Job`` is made from a plain config and a run directory (``start_job``),
+so tests and other launchers make one the same way.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from accelerate.utils import set_seed
 
 
 def plain(value: Any) -> Any:
@@ -40,3 +54,45 @@ def fit_and_finish(trainer, run_dir: str | Path, started: float) -> dict:
         "minutes": (time.time() - started) / 60,
     }
     return finish(run_dir, metrics, is_main=trainer.is_main)
+
+
+@dataclass
+class Job:
+    """One run of a job: its run directory, its config as plain data, and when it started."""
+
+    run_dir: Path
+    config: dict
+    started: float = field(default_factory=time.time)
+
+    @property
+    def minutes(self) -> float:
+        return (time.time() - self.started) / 60
+
+    def trainer(self, model, loss_fn, dataset, *, stage: str, space_fn, **hooks):
+        """A Trainer with this job's ``trainer`` settings, saving the job's config in every checkpoint.
+        ``hooks``: Trainer's keyword arguments (collate_fn, evaluate_fn, preview_fn, after_step_fn)."""
+        from unclip.training import Trainer, TrainerConfig
+
+        return Trainer(model, loss_fn, dataset, TrainerConfig.from_dict(self.config["trainer"]), self.run_dir,
+                       stage=stage, space_fn=space_fn, extra_config={"job": self.config}, **hooks)
+
+    def train(self, model, loss_fn, dataset, *, stage: str, space_fn, **hooks) -> dict:
+        """Train a stage (see ``trainer``), then write and print metrics.json; returns the metrics."""
+        return self.fit(self.trainer(model, loss_fn, dataset, stage=stage, space_fn=space_fn, **hooks))
+
+    def fit(self, trainer) -> dict:
+        """Train with a trainer made by ``trainer`` (e.g. after moving a frozen encoder to its device)."""
+        return fit_and_finish(trainer, self.run_dir, self.started)
+
+    def finish(self, metrics: dict) -> dict:
+        """Write and print metrics.json for a job that trains nothing, with its minutes."""
+        return finish(self.run_dir, {**metrics, "minutes": self.minutes})
+
+
+def start_job(config: dict, run_dir: str | Path) -> Job:
+    """A Job for a plain config; a training job (one with ``trainer`` settings) is seeded first, so that the
+    same seed builds the same initial weights."""
+    job = Job(run_dir=Path(run_dir), config=config)
+    if "trainer" in config:
+        set_seed(config["trainer"]["seed"])
+    return job

@@ -54,6 +54,11 @@ class ClipEncoderBase(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
+    def device(self) -> torch.device:
+        """Where the encoder runs (its inputs are moved there)."""
+        return self._mean.device
+
+    @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 

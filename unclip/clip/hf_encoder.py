@@ -116,7 +116,7 @@ class HFClipEncoder(ClipEncoderBase):
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        device = self._mean.device
+        device = self.device
         tokens = tokens.to(device=device, dtype=torch.long)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"token ids must be [B, {self.context_length}], got {tuple(tokens.shape)}")
@@ -131,7 +131,7 @@ class HFClipEncoder(ClipEncoderBase):
 
     # -- images -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = self.preprocess(images.to(self._mean.device))
+        pixels = self.preprocess(images.to(self.device))
         pooled = self.model.vision_model(pixel_values=pixels, return_dict=True).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 

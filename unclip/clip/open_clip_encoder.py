@@ -108,7 +108,7 @@ class OpenClipEncoder(ClipEncoderBase):
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        device = self._mean.device
+        device = self.device
         tokens = tokens.to(device)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"token ids must be [B, {self.context_length}], got {tuple(tokens.shape)}")
@@ -124,7 +124,7 @@ class OpenClipEncoder(ClipEncoderBase):
 
     # -- images -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.encode_image(self.preprocess(images.to(self._mean.device)))
+        features = self.model.encode_image(self.preprocess(images.to(self.device)))
         return F.normalize(features.float(), dim=-1)
 
 
