@@ -58,7 +58,8 @@ def test_demo_config_composes_with_every_preset(experiment):
     assert cfg["preset"] in cfg["presets"]
     for name, preset in cfg["presets"].items():
         assert set(preset) == {"clip", "embed", "prior", "decoder", "upsampler", "eval_items"}, name
-    assert cfg["evaluation"] == {"shapes": "shapes", "emoji": "captions"}[experiment]
+    evaluator = {"shapes": "unclip.eval.shapes.ShapesEvaluator", "emoji": "unclip.eval.captions.CaptionsEvaluator"}
+    assert cfg["data"]["evaluator"]["_target_"] == evaluator[experiment]  # the data says how it is judged
     assert cfg["data"]["train"]["_target_"].endswith({"shapes": "ShapesDataset", "emoji": "EmojiDataset"}[experiment])
 
 
@@ -67,7 +68,8 @@ def test_experiment_emoji_switches_every_job_to_the_emoji_data(job):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = OmegaConf.to_container(compose(config_name=job, overrides=["experiment=emoji"]), resolve=True)
     assert cfg["name"] == "emoji"
-    assert {split: node["_target_"] for split, node in cfg["data"].items() if isinstance(node, dict)} == {
+    splits = {split: node for split, node in cfg["data"].items() if isinstance(node, dict) and split != "evaluator"}
+    assert {split: node["_target_"] for split, node in splits.items()} == {
         split: "unclip.data.emoji.EmojiDataset" for split in ("train", "val", "train_names")}
 
 

@@ -57,3 +57,18 @@ def refuse_added_keys(cfg: DictConfig) -> None:
                 f"{override}: {key!r} is not a setting of this job, nothing would read it. Settings "
                 f"there: {known}. Drop the '+' to change an existing setting (`--cfg job` prints them all)."
             )
+
+
+def choice(group: str) -> str:
+    """The option this run chose for a config group (e.g. ``choice("data") == "folder"``)."""
+    return HydraConfig.get().runtime.choices[group]
+
+
+def forwarded_overrides(*groups: str) -> list[str]:
+    """This run's choices for the config ``groups`` and the command-line settings inside them (``data=folder``,
+    ``data.root=DIR``): what another job needs to see the same data (the demo's stages)."""
+    hydra_cfg = HydraConfig.get()
+    chosen = [f"{group}={hydra_cfg.runtime.choices[group]}" for group in groups]
+    settings = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] in groups and
+                "." in o.split("=")[0]]
+    return chosen + settings

@@ -11,7 +11,6 @@ from _job import hydra_job
 from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.data.collate import first_items
-from unclip.eval.decoder import evaluate_decoder
 from unclip.images import save_grid, to_pil
 from unclip.jobs import Job
 
@@ -36,20 +35,19 @@ class DecoderLoss:
 @hydra_job("train_decoder")
 def main(job: Job) -> None:
     config, evaluation = job.config, job.config["evaluation"]
+    job.require_data("train", "val", "evaluator", image_size=config["decoder"]["image_size"], setting="decoder.image_size")
     clip = load_stage(config["clip_checkpoint"], stage="clip").model.eval().requires_grad_(False)
     space = clip.space
     data = build(config["data"])
     decoder = build(config["decoder"], image_embed_dim=space.dim, text_length=space.text_length,
                     token_dim=space.token_dim)
-    eval_sets = {split: first_items(data[split], n)
-                 for split, n in (("val", evaluation["val_items"]), ("heldout", evaluation["heldout_items"]))
-                 if split in data and n > 0}  # e.g. emoji: val holds the held-out names
+    items = {"val": evaluation["val_items"], "heldout": evaluation["heldout_items"]}  # of the evaluator's splits
+    previewed = first_items(data["val"], 8)
 
     def preview(model, out_dir: Path, step: int) -> None:
-        batch = eval_sets["val"]
-        images = batch["image"][:8].to(clip.device)
+        images = previewed["image"].to(clip.device)
         samples = model.sample(
-            clip.encode_image(images), clip.encode_text(batch["caption"][:8]),
+            clip.encode_image(images), clip.encode_text(previewed["caption"]),
             steps=evaluation["steps"], guidance_scale=evaluation["guidance_scales"][-1],
             generator=torch.Generator(device=images.device).manual_seed(0),
         )
@@ -57,14 +55,8 @@ def main(job: Job) -> None:
         save_grid(originals + to_pil(samples), out_dir / f"decoder-{step:08d}.png", columns=8)
 
     def evaluate(model) -> dict:
-        metrics = {}
-        for split, batch in eval_sets.items():
-            result, _ = evaluate_decoder(
-                model, clip, batch["image"].to(clip.device), batch["caption"], batch["meta"],
-                guidance_scales=evaluation["guidance_scales"], steps=evaluation["steps"], suffix=f"_{split}",
-            )
-            metrics.update(result)
-        return metrics
+        return data["evaluator"].decoder_metrics(model, clip, items, guidance_scales=evaluation["guidance_scales"],
+                                                 steps=evaluation["steps"])
 
     trainer = job.trainer(decoder, DecoderLoss(clip), data["train"], stage="decoder", space_fn=lambda _: space,
                           evaluate_fn=evaluate, preview_fn=preview)

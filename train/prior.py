@@ -12,7 +12,6 @@ from _job import hydra_job
 from unclip.checkpoint import save_run_checkpoint
 from unclip.config import build, locate
 from unclip.data.embeddings import EmbeddingShards
-from unclip.eval.prior import evaluate_prior
 from unclip.jobs import Job
 from unclip.prior import PassthroughPrior
 
@@ -32,9 +31,11 @@ def main(job: Job) -> None:
     if not splits:
         raise FileNotFoundError(f"{shards} has no val/ or heldout/ embedding shards to evaluate the prior on")
     evals = {split: EmbeddingShards(shards / split, expected_space=space) for split in splits}
+    job.require_data("evaluator")
+    evaluator = build(config["data"]["evaluator"])  # the data the shards were made from says how to judge
 
     def evaluate(model):
-        return evaluate_prior(model, evals, list(evals.values()), max_items=config["eval_items"], **config["sampling"])
+        return evaluator.prior_metrics(model, evals, max_items=config["eval_items"], **config["sampling"])
 
     if locate(config["prior"]["_target_"]) is PassthroughPrior:  # a baseline: evaluated and saved, not trained
         model = PassthroughPrior()

@@ -21,6 +21,7 @@ def upsampler_loss(model, batch):
 
 @hydra_job("train_upsampler")
 def main(job: Job) -> None:
+    job.require_data("train", "val", image_size=job.config["upsampler"]["image_size"], setting="upsampler.image_size")
     data = build(job.config["data"])
     model = build(job.config["upsampler"])
     evaluation = job.config["evaluation"]

@@ -84,6 +84,20 @@ class Job:
         """Train with a trainer made by ``trainer`` (e.g. after moving a frozen encoder to its device)."""
         return fit_and_finish(trainer, self.run_dir, self.started)
 
+    def require_data(self, *keys: str, image_size: int | None = None, setting: str = "") -> None:
+        """Refuse a data config this job cannot use: it must give ``keys`` (splits, ``evaluator``) and, when
+        ``image_size`` is given (``setting`` names it), images at least that large."""
+        data = self.config.get("data") or {}
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise ValueError(f"this job needs data.{' and data.'.join(missing)}, which the data config does not "
+                             f"give (it gives {sorted(data)}); add them to the data config or choose other data")
+        if image_size is not None and data.get("image_size", image_size) < image_size:
+            raise ValueError(
+                f"{setting}={image_size} but data.image_size={data['image_size']}: the stage would learn from "
+                f"upscaled images; set {setting} to at most {data['image_size']} or use larger images"
+            )
+
     def finish(self, metrics: dict) -> dict:
         """Write and print metrics.json for a job that trains nothing, with its minutes."""
         return finish(self.run_dir, {**metrics, "minutes": self.minutes})

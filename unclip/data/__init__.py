@@ -6,8 +6,8 @@ CLIP embedding shards the prior trains on (:mod:`unclip.data.embeddings`).
 """
 
 from .collate import collate_dicts, first_items
-from .emoji import EmojiDataset
 from .embeddings import EmbeddingShards, write_embedding_shards
+from .emoji import EmojiDataset
 from .folder import ImageFolderDataset
 from .shapes import (
     COLOURS,

@@ -1,12 +1,11 @@
-"""Decoder and upsampler quality: on `shapes` judged from the pixels (unclip.eval.judge); on any other data
-by CLIP, comparing the decoded images with their source images and captions against shuffled pairs."""
+"""Decoder and upsampler quality: decode the true CLIP image embeddings of real images and score the results
+(the data set's evaluator says how: judged from the pixels on `shapes`, by CLIP elsewhere)."""
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-from unclip.eval.clip_retrieval import clip_agreement
-from unclip.eval.judge import judge_batch, score
+import torch
 
 
 @torch.no_grad()
@@ -15,7 +14,7 @@ def evaluate_decoder(
     clip,
     images: torch.Tensor,
     captions: list[str],
-    metas: list[dict],
+    score: Callable[[torch.Tensor], dict],
     *,
     guidance_scales=(3.0,),
     steps: int = 50,
@@ -24,14 +23,9 @@ def evaluate_decoder(
     seed: int = 0,
     suffix: str = "",
 ) -> tuple[dict, torch.Tensor]:
-    """Decode the true CLIP image embeddings of ``images`` and judge the results against their metadata.
-
-    Returns metrics ``{colour_acc, shape_acc, ...}_g<scale><suffix>`` and the samples of the first scale.
-    Items without `shapes` metadata (other data sets) are scored by CLIP instead: ``image_cosine`` (decoded vs
-    source image embedding), ``clip_score`` (decoded image vs caption), each beside ``shuffled_*``, the same
-    over mismatched pairs.
-    """
-    judged_by_pixels = all(isinstance(m, dict) and "scene" in m for m in metas)
+    """Decode the true CLIP image embeddings of ``images`` (with their captions) at every guidance scale and
+    ``score`` the samples (``score(samples) -> metrics``). Returns the metrics, each key suffixed
+    ``_g<scale><suffix>``, and the samples of the first scale."""
     metrics: dict = {}
     first = None
     for scale in guidance_scales:
@@ -46,15 +40,7 @@ def evaluate_decoder(
             )
         samples = torch.cat(samples)
         first = samples if first is None else first
-        tag = f"_g{scale:g}{suffix}"
-        if not judged_by_pixels:
-            metrics.update({k + tag: v for k, v in clip_agreement(clip, samples, images, captions).items()})
-            continue
-        judged = score(judge_batch(samples), metas)
-        for key in ("colour_acc", "shape_acc", "colour_shape_acc"):
-            if key in judged:
-                metrics[key + tag] = judged[key]
-        metrics["found_one_object" + tag] = judged.get("count_acc", float("nan"))
+        metrics.update({f"{key}_g{scale:g}{suffix}": value for key, value in score(samples).items()})
     return metrics, first
 
 

@@ -1,18 +1,15 @@
-"""How well a prior predicts CLIP image embeddings: cosine to the truth, and retrieval by colour and shape
-(`shapes`) or by caption (other data sets)."""
+"""How well a prior predicts CLIP image embeddings: cosine to the truth, and retrieval of an image with the
+prompt's label (the data set's evaluator says what a label is: colour and shape, or the caption)."""
 
 from __future__ import annotations
+
+from typing import Callable, Hashable
 
 import torch
 
 from unclip.data.embeddings import EmbeddingShards
 
-
-def _label(meta: dict | None):
-    if not meta or meta.get("scene") != "single":
-        return None
-    obj = meta["objects"][0]
-    return obj["colour"], obj["shape"]
+Label = Callable[[dict | None, str], Hashable | None]  # (meta, caption) -> label; None: not scored
 
 
 @torch.no_grad()
@@ -21,21 +18,18 @@ def evaluate_prior(
     splits: dict[str, EmbeddingShards],
     gallery: list[EmbeddingShards],
     *,
+    label: Label,
+    kind: str,
     max_items: int = 256,
     batch_size: int = 128,
     generator_seed: int = 0,
     **sample_kwargs,
 ) -> dict:
     """For each split: ``cosine_<split>`` (mean cosine of predicted and true image embedding), and
-    ``retrieval_colour_shape_<split>``: the real image nearest to the predicted embedding among all the
-    ``gallery`` shards' images has the prompt's colour and shape. Without `shapes` metadata,
-    ``retrieval_caption_<split>``: that image's caption is the prompt. ``passthrough_*`` give the same for the
-    text embedding itself."""
+    ``retrieval_<kind>_<split>``: the real image nearest to the predicted embedding among all the ``gallery``
+    shards' images has the prompt's label. ``passthrough_*`` give the same for the text embedding itself."""
     gallery_embeds = torch.cat([g.tensors["image_embed"].float() for g in gallery])
-    gallery_labels = [_label(m) for g in gallery for m in g.metas]
-    by_caption = all(label is None for label in gallery_labels)
-    if by_caption:
-        gallery_labels = [c for g in gallery for c in g.captions]
+    gallery_labels = [label(m, c) for g in gallery for m, c in zip(g.metas, g.captions)]
     generator = torch.Generator(device=prior.embed_mean.device if hasattr(prior, "embed_mean") else "cpu")
     generator.manual_seed(generator_seed)
     metrics = {}
@@ -48,8 +42,7 @@ def evaluate_prior(
         predicted = torch.cat(preds)
         truth = shards.tensors["image_embed"][:n].float()
         text = shards.tensors["text_embed"][:n].float()
-        labels = list(shards.captions[:n]) if by_caption else [_label(m) for m in shards.metas[:n]]
-        kind = "caption" if by_caption else "colour_shape"
+        labels = [label(m, c) for m, c in zip(shards.metas[:n], shards.captions[:n])]
         for prefix, embeds in (("", predicted), ("passthrough_", text)):
             metrics[f"{prefix}cosine_{name}"] = (embeds * truth).sum(-1).mean().item()
             nearest = (embeds @ gallery_embeds.T).argmax(dim=1).tolist()

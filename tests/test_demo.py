@@ -1,0 +1,72 @@
+"""`python train/demo.py data=folder data.root=DIR` trains every stage on DIR, as a new user would run it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+
+STAGES = ("clip", "embed", "prior", "prior_passthrough", "decoder", "upsampler")
+TINY = ["preset=quick", "steps.clip=2", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "images_per_prompt=1",
+        "generation.prior_steps=2", "generation.decoder_steps=2", "generation.upsampler_steps=2"]
+
+
+def _run(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def captioned_folder(root, n=24):
+    """40-px images of coloured blobs, captioned with repeated templates ("a red blob")."""
+    root.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+    lines = []
+    for i in range(n):
+        name = list(colours)[i % 3]
+        image = Image.new("RGB", (40, 40), "white")
+        ImageDraw.Draw(image).ellipse((8 + i % 5, 8, 30, 30 + i % 4), fill=colours[name])
+        image.save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"a {name} blob"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_demo_trains_every_stage_on_a_folder_and_samples_its_captions(tmp_path):
+    folder, out = captioned_folder(tmp_path / "blobs"), tmp_path / "demo"
+    _run("train/demo.py", "data=folder", f"data.root={folder}", "data.val_fraction=0.3", f"out={out}", *TINY)
+    for stage in STAGES:  # each stage's resolved config names the folder
+        config = OmegaConf.load(out / stage / ".hydra" / "config.yaml")
+        assert config.data.root == str(folder) and config.data.train._target_.endswith("ImageFolderDataset"), stage
+    sizes = OmegaConf.load(out / "decoder" / ".hydra" / "config.yaml").decoder.image_size, OmegaConf.load(
+        out / "upsampler" / ".hydra" / "config.yaml").upsampler.image_size
+    assert sizes == (32, 64)  # the decoder's 32 px, upsampled to the data's 64
+    captions = {json.loads(line)["caption"] for line in (folder / "captions.jsonl").read_text().splitlines()}
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts and set(prompts) <= captions and len(prompts) == len(set(prompts))
+    assert Image.open(out / "grid.png").size[1] == 66 * len(prompts) + 2  # one 64-px row (2-px gaps) per caption
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"val_clip_score", "val_shuffled_clip_score", "passthrough_val_clip_score", "clip/image_to_text_R@1_val",
+            "prior/retrieval_caption_val"} <= set(metrics)
+    assert "colour_acc" not in " ".join(metrics)  # nothing judged as `shapes`
+    assert "composing the pipeline" in (out / "demo.log").read_text()
+
+    # Again: every stage is skipped, and `minutes` still counts their training.
+    again = json.loads(_run("train/demo.py", "data=folder", f"data.root={folder}", "data.val_fraction=0.3",
+                            f"out={out}", *TINY).stdout.strip().splitlines()[-1])
+    assert again["minutes"] >= sum(metrics[f"{stage}/minutes"] for stage in STAGES)
+
+
+def test_a_data_choice_a_stage_cannot_use_is_an_error(tmp_path):
+    proc = _run("train/decoder.py", f"hydra.run.dir={tmp_path}", "data.image_size=16", check=False)
+    assert proc.returncode != 0
+    assert "decoder.image_size=32 but data.image_size=16: the stage would learn from upscaled images" in proc.stderr
+    proc = _run("train/clip.py", f"hydra.run.dir={tmp_path}", "~data.evaluator", check=False)
+    assert proc.returncode != 0 and "this job needs data.evaluator" in proc.stderr

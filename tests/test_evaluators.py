@@ -1,0 +1,88 @@
+"""The data set decides how it is evaluated: the evaluator a data config names, stage by stage."""
+
+from types import SimpleNamespace
+
+import torch
+from stages import micro_stages
+
+from unclip.clip.evaluation import embed_images, embed_texts, retrieval_recall
+from unclip.data.shapes import ShapesDataset
+from unclip.eval.captions import CaptionsEvaluator
+from unclip.eval.shapes import SAMPLE_PROMPTS, ShapesEvaluator
+from unclip.pipeline import UnCLIPPipeline
+
+COLOURS = ("red", "green", "blue")
+
+
+class TemplateCaptions(torch.utils.data.Dataset):
+    """Flat colour images captioned by a template: 4 images share each caption ("a red image")."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        image = -torch.ones(3, 8, 8)
+        image[i % 3] = 1.0
+        return {"image": image, "caption": f"a {COLOURS[i % 3]} image", "meta": {}}
+
+
+class ColourClip:
+    """A CLIP that sees only colour: the image's brightest channel, the caption's colour word."""
+
+    device = torch.device("cpu")
+
+    def encode_image(self, images):
+        return torch.nn.functional.one_hot(images.mean((2, 3)).argmax(1), 3).float()
+
+    def encode_text(self, texts):
+        index = torch.tensor([next(i for i, c in enumerate(COLOURS) if c in t) for t in texts])
+        return SimpleNamespace(embed=torch.nn.functional.one_hot(index, 3).float())
+
+
+def test_retrieval_on_template_captions_counts_identical_captions_as_one_class():
+    data, clip = TemplateCaptions(), ColourClip()
+    metrics = CaptionsEvaluator({"val": data}).clip_metrics(clip)
+    assert metrics["image_to_text_R@1_val"] == metrics["text_to_image_R@1_val"] == 1.0
+    # item by item (each image's own caption the only right one), a perfect CLIP scored far below that
+    images = torch.stack([data[i]["image"] for i in range(12)])
+    captions = [data[i]["caption"] for i in range(12)]
+    per_item = retrieval_recall(embed_images(clip, images), embed_texts(clip, captions))
+    assert per_item["image_to_text_R@1"] < 0.5
+
+
+def test_the_prior_is_scored_by_the_label_the_evaluator_gives():
+    shapes = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)})
+    meta = {"scene": "single", "objects": [{"colour": "red", "shape": "circle"}]}
+    assert shapes.prior_label(meta, "a large red circle at the top") == ("red", "circle")
+    assert shapes.prior_label({"scene": "pair"}, "a red circle left of a blue square") is None
+    assert CaptionsEvaluator({"val": TemplateCaptions()}).prior_label({}, "a red image") == "a red image"
+
+
+def test_decoded_images_are_judged_by_pixels_on_shapes_and_by_clip_elsewhere():
+    clip, _, decoder, _ = micro_stages()
+    shapes = ShapesEvaluator({"val": ShapesDataset(split="val", length=4, image_size=32)})
+    captions = CaptionsEvaluator({"val": TemplateCaptions()})
+    settings = dict(guidance_scales=[3.0], steps=2)
+    by_pixels = shapes.decoder_metrics(decoder, clip, {"val": 4, "heldout": 2}, **settings)
+    assert set(by_pixels) == {"colour_acc_g3_val", "shape_acc_g3_val", "colour_shape_acc_g3_val",
+                              "found_one_object_g3_val"}  # heldout: not one of this evaluator's splits
+    by_clip = captions.decoder_metrics(decoder, clip, {"val": 4}, **settings)
+    assert set(by_clip) == {"image_cosine_g3_val", "shuffled_image_cosine_g3_val", "clip_score_g3_val",
+                            "shuffled_clip_score_g3_val"}
+
+
+def test_pipeline_metrics_and_sample_prompts_follow_the_data(tmp_path):
+    clip, prior, decoder, upsampler = micro_stages()
+    pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler])
+    pipe.settings = pipe._settings({"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 2})
+    shapes = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)},
+                             pipeline_items={"val": 2, "heldout": 1, "pair": 1, "edits": 1})
+    metrics = shapes.pipeline_metrics(pipe, seed=0, prefix="p_")
+    assert {"p_val_colour_shape_acc", "p_heldout_colour_shape_acc", "p_pair_pair_acc",
+            "p_variations_keep_colour_shape", "p_interpolate_ends_right", "p_text_diff_0.5_blue_circle"} <= set(metrics)
+    assert not any("variations" in key for key in shapes.pipeline_metrics(pipe, seed=0, edits=False))
+    assert shapes.sample_prompts() == list(SAMPLE_PROMPTS)
+    captions = CaptionsEvaluator({"val": TemplateCaptions()}, pipeline_items={"val": 4, "heldout": 3})
+    assert set(captions.pipeline_metrics(pipe, seed=0)) == {
+        "val_image_cosine", "val_shuffled_image_cosine", "val_clip_score", "val_shuffled_clip_score"}
+    assert captions.sample_prompts() == ["a red image", "a green image", "a blue image"]  # its captions, each once

@@ -1,0 +1,76 @@
+"""How a data set is evaluated, stage by stage. A data config names its evaluator (``data.evaluator`` in
+conf/data/*.yaml), so that no job guesses what data it was given: `shapes` is judged from the pixels
+(``unclip.eval.shapes.ShapesEvaluator``), captioned data by CLIP (``unclip.eval.captions.CaptionsEvaluator``).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import torch
+
+from unclip.data.collate import first_items
+from unclip.data.embeddings import EmbeddingShards
+from unclip.eval.decoder import evaluate_decoder
+from unclip.eval.prior import evaluate_prior
+
+
+class DataEvaluator:
+    """One method per stage that is evaluated, plus the prompts of the demo's sample grid.
+
+    ``splits``: the data set's evaluation splits (name -> data set; the data config gives its own);
+    ``pipeline_items``: how many items (or prompts) of each split or prompt set ``pipeline_metrics`` uses.
+    A subclass says how a decoded image is scored and what a label is for the prior's retrieval.
+    """
+
+    retrieval_kind = "caption"  # the prior's metric: retrieval_<kind>_<split>
+
+    def __init__(self, splits: dict, pipeline_items: dict, clip_items: int = 512):
+        self.splits = dict(splits)
+        self.pipeline_items = dict(pipeline_items)
+        self.clip_items = clip_items
+        self._first: dict[tuple[str, int], dict] = {}
+
+    def items(self, split: str, n: int) -> dict:
+        """The first ``n`` items of ``split``, collated (read once)."""
+        if split not in self.splits:
+            raise KeyError(f"{type(self).__name__} has no split {split!r}; its splits: {sorted(self.splits)}")
+        if (split, n) not in self._first:
+            self._first[split, n] = first_items(self.splits[split], n)
+        return self._first[split, n]
+
+    # -- stages ---------------------------------------------------------------------------
+    def clip_metrics(self, encoder) -> dict:
+        raise NotImplementedError
+
+    def prior_label(self, meta: dict | None, caption: str) -> Hashable | None:
+        return caption  # identical captions are one class
+
+    def prior_metrics(self, prior, shards: dict[str, EmbeddingShards], *, max_items: int, **sampling) -> dict:
+        """Cosine to the true image embedding and retrieval by label, per split of embedding shards."""
+        return evaluate_prior(prior, shards, list(shards.values()), label=self.prior_label, kind=self.retrieval_kind,
+                              max_items=max_items, **sampling)
+
+    def score_decoded(self, samples: torch.Tensor, batch: dict, clip) -> dict:
+        raise NotImplementedError
+
+    def decoder_metrics(self, decoder, clip, items: dict[str, int], *, guidance_scales, steps: int) -> dict:
+        """Decode the true image embeddings of the first ``items[split]`` items of each split named there."""
+        metrics = {}
+        for split, n in items.items():
+            if split not in self.splits or n < 1:
+                continue
+            batch = self.items(split, n)
+            result, _ = evaluate_decoder(
+                decoder, clip, batch["image"].to(clip.device), batch["caption"],
+                lambda samples: self.score_decoded(samples, batch, clip),  # noqa: B023 (called at once)
+                guidance_scales=guidance_scales, steps=steps, suffix=f"_{split}",
+            )
+            metrics.update(result)
+        return metrics
+
+    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True) -> dict:
+        raise NotImplementedError
+
+    def sample_prompts(self) -> list[str]:
+        raise NotImplementedError
