@@ -9,7 +9,7 @@ from unclip.clip.evaluation import embed_images, embed_texts, retrieval_recall
 from unclip.data.shapes import ShapesDataset
 from unclip.eval.captions import CaptionsEvaluator
 from unclip.eval.shapes import SAMPLE_PROMPTS, ShapesEvaluator
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipeline import GenerationSettings, UnCLIPPipeline
 
 COLOURS = ("red", "green", "blue")
 
@@ -73,8 +73,8 @@ def test_decoded_images_are_judged_by_pixels_on_shapes_and_by_clip_elsewhere():
 
 def test_pipeline_metrics_and_sample_prompts_follow_the_data(tmp_path):
     clip, prior, decoder, upsampler = micro_stages()
-    pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler])
-    pipe.settings = pipe._settings({"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 2})
+    pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler],
+                          settings=GenerationSettings(prior_steps=2, decoder_steps=2, upsampler_steps=2))
     shapes = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)},
                              pipeline_items={"val": 2, "heldout": 1, "pair": 1, "edits": 1})
     metrics = shapes.pipeline_metrics(pipe, seed=0, prefix="p_")

@@ -1,4 +1,5 @@
-"""Conversions at the library's edges: [-1, 1] NCHW tensors <-> PIL images, and sample grids."""
+"""Image conversions, all of them: [-1, 1] NCHW tensors <-> PIL images and uint8 arrays, any PIL mode to RGB
+(one rule for 16-bit pixels), and sample grids."""
 
 from __future__ import annotations
 
@@ -27,32 +28,54 @@ def from_pil(images: Sequence[Image.Image] | Image.Image, size: int | None = Non
     for image in images:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected PIL images, got {type(image).__name__}")
-        image = _to_rgb(image)
+        image = to_rgb(image)
         if size is not None and image.size != (size, size):
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        out.append(torch.from_numpy(array).permute(2, 0, 1))
+        out.append(to_tensor(np.asarray(image, dtype=np.uint8)))
     shapes = {tuple(t.shape) for t in out}
     if len(shapes) > 1:
         raise ValueError(f"images of different sizes {sorted(shapes)}; pass size= to resize them")
     return torch.stack(out)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited onto white."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: transparency composited onto white; 16-bit and 32-bit integer pixels read as
+    0..65535 and float ones as 0..1 (or 0..255 when larger), each mapped onto 0..255.
+
+    A 16-bit file states absolute intensities, as an 8-bit one does: scaling by 65535 keeps a dark image dark
+    (scaling by the image's own maximum would stretch every image to full brightness, and a flat one to white).
+    Raises ValueError for a mode PIL cannot convert (e.g. LAB)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.nan_to_num(values * scale), 0, 255)
+        return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() or 1.0
-        return Image.fromarray((array / top * 255).astype(np.uint8)).convert("RGB")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1].
+
+    Done in numpy: torch would spread this small op over threads, which costs far more than it saves
+    inside data-loader workers.
+    """
+    chw = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+    return torch.from_numpy(chw / np.float32(127.5) - np.float32(1.0))
 
 
 def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:

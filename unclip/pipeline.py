@@ -93,7 +93,8 @@ class UnCLIPPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.clip._mean.device if hasattr(self.clip, "_mean") else next(self.clip.parameters()).device
+        """Where the pipeline runs (its CLIP's device)."""
+        return getattr(self.clip, "device", None) or next(self.clip.parameters()).device
 
     def to(self, device) -> "UnCLIPPipeline":
         for module in self.modules():
@@ -198,7 +199,8 @@ class UnCLIPPipeline:
             raise ValueError(f"seed must be an int, got {seed!r}")
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def _autocast(self):
+    def autocast(self):
+        """The pipeline's mixed precision (bfloat16 on CPU and CUDA), for code that calls its stages directly."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type in ("cpu", "cuda"))
 
     def _check_prompts(self, prompts: Sequence[str] | str) -> list[str]:
@@ -261,7 +263,7 @@ class UnCLIPPipeline:
         config = self._settings(settings)
         generator = self._generator(seed)
         copies = num_images_per_prompt * rerank
-        with self._autocast():
+        with self.autocast():
             text = self.clip.encode_text(prompts).repeat_interleave(copies)
             image_embed = self.prior.sample(
                 text, steps=config.prior_steps, guidance_scale=config.prior_guidance,
@@ -282,7 +284,7 @@ class UnCLIPPipeline:
             raise ValueError(f"n must be >= 1, got {n}")
         config = self._settings(settings)
         generator = self._generator(seed)
-        with self._autocast():
+        with self.autocast():
             embed = self.clip.encode_image(self._images_in(image)).float().repeat(n, 1)
             images = self._decode(embed, None, config, generator, eta=eta).float()
         return to_pil(images) if output == "pil" else images
@@ -294,7 +296,7 @@ class UnCLIPPipeline:
             raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
         config = self._settings(settings)
         generator = self._generator(seed)
-        with self._autocast():
+        with self.autocast():
             a = self.clip.encode_image(self._images_in(image_a)).float()
             b = self.clip.encode_image(self._images_in(image_b)).float()
             embeds = torch.cat([slerp(a, b, w / (steps - 1)) for w in range(steps)])
@@ -313,7 +315,7 @@ class UnCLIPPipeline:
         self._check_prompts([from_text, to_text])
         config = self._settings(settings)
         generator = self._generator(seed)
-        with self._autocast():
+        with self.autocast():
             z_i = self.clip.encode_image(self._images_in(image)).float()
             texts = self.clip.encode_text([from_text, to_text]).embed.float()
             z_d = F.normalize(texts[1] - texts[0], dim=-1)[None]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from unclip.data.shapes import to_tensor
+from unclip.images import to_rgb, to_tensor
 
 MIN_SIZE = 16  # pixels: images whose shorter side is smaller are refused ("image_too_small")
 # Pixels decoded at most (~100 MB as RGB, e.g. 5792 x 5792). Big JPEGs are decoded at 1/2, 1/4 or 1/8
@@ -32,8 +32,6 @@ IMAGE_REASONS = ("unreadable_file", "corrupt_image", "truncated_image", "image_t
                  "unsupported_mode")
 CAPTION_REASONS = ("missing_caption", "empty_caption")
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # Fix broken encodings only: curly quotes, ligatures and full-width characters are left as written.
 _FTFY_CONFIG = ftfy.TextFixerConfig(uncurl_quotes=False, fix_latin_ligatures=False, fix_character_width=False)
 _ENCODING_ACTIONS = ("encode", "decode", "transcode")
@@ -125,24 +123,12 @@ def _apply_orientation(image: Image.Image, issues: Counter) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image, issues: Counter) -> Image.Image:
-    """RGB with alpha composited on white; 16-bit (I;16*, I) read as 0..65535, F as 0..1 (or 0..255)."""
+    """RGB by ``unclip.images.to_rgb`` (alpha on white, 16-bit as 0..65535), counted as ``mode_converted``."""
     if image.mode == "RGB":
         return image
     issues["mode_converted"] += 1
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
-        else:
-            scale = 255.0 / 65535.0
-        grey = np.clip(np.nan_to_num(values * scale), 0, 255)
-        return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")
     try:
-        if image.mode in _ALPHA_MODES or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
+        return to_rgb(image)
     except ValueError as err:  # a mode PIL cannot convert to RGB (e.g. LAB)
         raise BadItem("unsupported_mode", f"mode {image.mode!r}: {err}") from None
 

@@ -38,8 +38,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from unclip.configurable import register
+from unclip.images import to_tensor
 
-from .shapes import check_image_size, to_tensor
+from .shapes import check_image_size
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from unclip.configurable import register
 from unclip.data.collate import collate_dicts
+from unclip.images import to_tensor
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -276,16 +277,6 @@ def generate_item(index: int, *, split: str = "train", seed: int = 0, image_size
     config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter)
     array, caption, meta = _generate(index, config)
     return ShapesItem(Image.fromarray(array), caption, meta)
-
-
-def to_tensor(array: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1].
-
-    Done in numpy: torch would spread this small op over threads, which costs far more than it saves
-    inside data-loader workers.
-    """
-    chw = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
-    return torch.from_numpy(chw / np.float32(127.5) - np.float32(1.0))
 
 
 @register

@@ -116,6 +116,6 @@ def evaluate_captions(pipe, captions: list[str], references, *, seed: int = 0, p
         pipe.generate(captions[i : i + 64], seed=seed + i, output="tensor", **settings).float().cpu()
         for i in range(0, len(captions), 64)
     ])
-    with pipe._autocast():
+    with pipe.autocast():
         metrics = clip_agreement(pipe.clip, generated, references.float(), captions, seed=seed)
     return {f"{prefix}{key}": value for key, value in metrics.items()}
