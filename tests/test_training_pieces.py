@@ -3,8 +3,8 @@
 import math
 
 import torch
-
 from test_training import ToyData, ToyStream, make_trainer
+
 from unclip.data.collate import collate_dicts
 from unclip.training.data import DataStream
 from unclip.training.tracking import LogWindow, StepOutcome
@@ -83,3 +83,42 @@ def test_periodic_hooks_run_when_due(tmp_path):
         trainer._run_periodic_hooks()
     assert evaluated == [6, 12]
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000008", "step-00000012"]
+
+
+def test_a_run_draws_its_curves_and_logs_to_tensorboard_beside_log_jsonl(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from PIL import Image
+
+    trainer = make_trainer(tmp_path / "a", log_with="tensorboard", eval_every=4)
+    trainer.evaluate_fn = lambda model: {"mse": float(trainer.step)}
+    trainer.fit()
+    assert Image.open(tmp_path / "a" / "curves.png").size[0] > 100
+    events = list((tmp_path / "a" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event files"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"loss", "lr", "eval/mse"} <= scalars
+
+    make_trainer(tmp_path / "b", max_steps=8).fit()
+    out = tmp_path / "compare.png"
+    proc = subprocess.run([sys.executable, "train/plot.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size[0] > Image.open(tmp_path / "b" / "curves.png").size[0]  # loss and mse panels
+
+
+def test_an_unknown_tracker_is_an_error_naming_the_setting():
+    import pytest
+
+    from unclip.training import TrainerConfig
+
+    with pytest.raises(ValueError, match=r"trainer.log_with must be one of \('tensorboard'.* got 'tensorbored'"):
+        TrainerConfig(log_with="tensorbored")

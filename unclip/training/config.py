@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainerConfig:
     overwrite: bool = False  # discard the run directory's checkpoints and start over
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     progress: bool = True
+    log_with: str | None = None  # also log to an accelerate tracker, e.g. tensorboard (events in <run>/tensorboard/)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -50,6 +52,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_beta < 1:
             raise ValueError(f"trainer.ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.log_with is not None and self.log_with not in TRACKERS:
+            raise ValueError(f"trainer.log_with must be one of {TRACKERS} or null, got {self.log_with!r}")
         if self.resume and self.overwrite:
             raise ValueError("trainer.resume and trainer.overwrite are both set; choose one")
 

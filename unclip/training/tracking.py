@@ -59,13 +59,29 @@ class LogWindow:
 
 
 class RunLog:
-    """``log.jsonl`` of a run directory: one JSON record a line (the main process writes, the others not)."""
+    """``log.jsonl`` of a run directory, one JSON record a line (the main process writes, the others not), and
+    the accelerator's trackers (``trainer.log_with``: e.g. TensorBoard) with every record's scalars."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool):
+    def __init__(self, run_dir: str | Path, *, enabled: bool, accelerator=None):
         self.path = Path(run_dir) / "log.jsonl"
         self.enabled = enabled
+        self.accelerator = accelerator  # with trackers, or None
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as log:
-                log.write(json.dumps(record, default=float) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as log:
+            log.write(json.dumps(record, default=float) + "\n")
+        if self.accelerator is not None:
+            self.accelerator.log(tracked_scalars(record), step=record["step"])
+
+
+def tracked_scalars(record: dict) -> dict[str, float]:
+    """A log record's numbers for a tracker: ``loss``, ``lr``, ..., ``eval/<metric>``, ``data_issues/<reason>``."""
+    scalars = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            scalars.update({f"{key}/{k}": v for k, v in tracked_scalars(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            scalars[key] = float(value)
+    return scalars

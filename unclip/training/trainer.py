@@ -44,12 +44,14 @@ from unclip.checkpoint import (
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
 from unclip.training.config import TrainerConfig
+from unclip.training.curves import plot_runs
 from unclip.training.data import DataStream
 from unclip.training.optim import lr_at, make_optimizer
 from unclip.training.tracking import LogWindow, RunLog, StepOutcome
 from unclip.weights import CheckpointError
 
 LossFn = Callable[[nn.Module, Any], dict]
+CURVES = "curves.png"  # in the run directory: the loss and evaluation curves, drawn at the end of training
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,7 +116,8 @@ class Trainer:
         self.extra_config = extra_config or {}
         self.dataset = dataset
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+            log_with=config.log_with, project_dir=self.run_dir / "tensorboard" if config.log_with else None,
         )
         set_seed(config.seed)
         self.model = model
@@ -136,7 +139,7 @@ class Trainer:
             on_epoch_end=self._report_epoch,
         )
         self.samples_per_step = config.batch_size * config.grad_accum * acc.num_processes
-        self.log = RunLog(self.run_dir, enabled=self.is_main)
+        self.log = RunLog(self.run_dir, enabled=self.is_main, accelerator=self.accelerator if config.log_with else None)
         self.step = 0
         self.bad_steps = 0
         self.last_checkpoint: Path | None = None
@@ -180,6 +183,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         self._prepare_run_dir()
+        if self.config.log_with:
+            hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                               for k, v in self.config.to_dict().items()}
+            self.accelerator.init_trackers(self.stage, config=hyperparameters)
         if self.data.index_issues:
             summary = ", ".join(f"{reason} {n}" for reason, n in sorted(self.data.index_issues.items()))
             self.accelerator.print(f"data set index: files left out: {summary}")
@@ -212,6 +219,10 @@ class Trainer:
         issues = self._all_data_issues()
         if issues:
             metrics = {**metrics, "data_issues": issues}
+        if self.config.log_with:
+            self.accelerator.end_training()
+        if self.is_main:
+            plot_runs([self.run_dir], self.run_dir / CURVES)
         return TrainResult(step=self.step, metrics=metrics, checkpoint=self.last_checkpoint, history=history)
 
     # -- one optimisation step --------------------------------------------------------------
