@@ -33,10 +33,10 @@ import json
 import sys
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
-import common
 from unclip.decoder import Decoder
 from unclip.embedding import TextCondition
 
@@ -120,7 +120,9 @@ def build_reference(args):
                                cond_on_image_embeds=True, cond_on_text_encodings=False)
     model = dalle2_pytorch.Decoder(unet=unet, image_size=args.image_size, timesteps=1000).to(args.device)
     # It takes images in [0, 1] (auto_normalize_img) and returns the loss.
-    loss = lambda m, b: {"loss": m((b["images"] + 1) / 2, image_embed=b["image_embed"])}
+    def loss(m, b):
+        return {"loss": m((b["images"] + 1) / 2, image_embed=b["image_embed"])}
+
     return model, loss
 
 
@@ -191,8 +193,12 @@ def report(args, results: dict) -> None:
     if args.quick:
         print("quick run: the counts are too small for any number below to mean anything")
     reference_speed = REFERENCE["train_samples_per_s_caption" if args.caption else "train_samples_per_s"]
-    col = lambda f: {p: f(results[p]) for p in ps}
-    share = lambda r, phase: 100 * r[phase] / r["step_s"]
+    def col(f):
+        return {p: f(results[p]) for p in ps}
+
+    def share(r, phase):
+        return 100 * r[phase] / r["step_s"]
+
     common.table([
         ("train samples/s", col(lambda r: args.batch / r["step_s"]), reference_speed),
         ("train step, median (s)", col(lambda r: r["step_s"]), None if args.caption else REFERENCE["train_step_s"]),

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import math
 
+import common
 import torch
 import torch.nn.functional as F
 
-import common
 from unclip.embedding import TextCondition
 from unclip.prior import DiffusionPrior
 
@@ -104,7 +104,9 @@ def report(args, results: dict) -> None:
     print(common.setting(args))
     if args.quick:
         print("quick run: the counts are too small for any number below to mean anything")
-    col = lambda f: {p: f(results[p]) for p in ps}
+    def col(f):
+        return {p: f(results[p]) for p in ps}
+
     summary = {p: common.loss_summary(results[p]["losses"]) for p in ps}
     steps = args.warmup + args.steps
     common.table([

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import MICRO_CLIP
+
 from unclip.checkpoint import save_stage
 from unclip.clip import OpenClipEncoder
 from unclip.decoder import Decoder, Upsampler

@@ -15,17 +15,18 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONF, MICRO_CLIP
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-from conftest import CONF, MICRO_CLIP
 from stages import TINY_UNET
 from test_jobs import _run
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
 from unclip.checkpoint import load_stage, read_stage_config, save_stage
 from unclip.clip import HFClipEncoder, OpenClipEncoder
-from unclip.clip.export import export_open_clip, main as export_main
+from unclip.clip.export import export_open_clip
+from unclip.clip.export import main as export_main
 from unclip.config import build
 from unclip.decoder import Decoder
 from unclip.embedding import ClipEncoder

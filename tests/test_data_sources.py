@@ -10,11 +10,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import CONF
 from unclip.config import build
 from unclip.data.cleaning import MAX_CAPTION_CHARS, BadItem, clean_caption, load_image
 from unclip.data.collate import collate_dicts

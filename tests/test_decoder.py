@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from stages import TINY_UNET, micro_stages
+
 from unclip.decoder import Decoder, Upsampler
 from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import psnr

@@ -28,11 +28,11 @@ import pytest
 import torch
 from accelerate import debug_launcher
 from accelerate.state import AcceleratorState, GradientState
+from conftest import MICRO_CLIP
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
-
-from conftest import MICRO_CLIP
 from stages import TINY_UNET
+
 from unclip.clip import ContrastiveLoss, OpenClipEncoder, clamp_logit_scale
 from unclip.data.collate import collate_dicts
 from unclip.data.shapes import ShapesDataset, collate

@@ -138,8 +138,8 @@ def test_limit_spreads_a_fixed_sample_and_config_builds(cache, monkeypatch):
     assert [e.emoji for e in sample.entries] == [e.emoji for e in EmojiDataset(
         "train", SIZE, cache_dir=cache, aliases=False, limit=64).entries]
 
-    from omegaconf import OmegaConf
     from conftest import CONF
+    from omegaconf import OmegaConf
 
     monkeypatch.setenv("UNCLIP_EMOJI_CACHE", str(cache))
     node = OmegaConf.to_container(OmegaConf.merge({"data": OmegaConf.load(CONF / "data" / "emoji.yaml")},

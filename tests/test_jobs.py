@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 from stages import save_micro_pipeline
 
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from unclip.data.shapes import COLOURS, ShapeObject, ShapesDataset, collate, generate_item, render
-from unclip.eval.judge import Judgement, JudgedObject, judge, judge_batch, label_components, score
+from unclip.eval.judge import JudgedObject, Judgement, judge, judge_batch, label_components, score
 
 ATTRIBUTE_METRICS = ("colour_acc", "shape_acc", "colour_shape_acc", "size_acc", "position_acc", "pair_acc",
                      "count_acc")

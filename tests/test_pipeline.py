@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from stages import micro_stages, save_micro_pipeline
+
 from unclip.checkpoint import save_stage
 from unclip.pipeline import UnCLIPPipeline, slerp
 from unclip.weights import CheckpointError

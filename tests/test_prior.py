@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from stages import micro_stages
+
 from unclip.checkpoint import load_stage, save_stage
 from unclip.data.embeddings import EmbeddingShards, write_embedding_shards
 from unclip.data.shapes import ShapesDataset, collate
@@ -80,8 +80,8 @@ def test_embedding_shards_round_trip_and_refuse_other_spaces(tmp_path):
     with pytest.raises(CheckpointError, match="do not exist"):
         EmbeddingShards(tmp_path / "nope")
     # a shard whose tensors do not fit its space
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(paths[0]), "pt") as f:
         metadata = f.metadata()

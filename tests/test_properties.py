@@ -13,14 +13,13 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO_CLIP
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from unclip.clip.open_clip_encoder import _plain_text
-
-from conftest import MICRO_CLIP
 from test_shapes import POSITION_WORDS, RELATION_WORDS, object_list, pixel_classes
+
 from unclip.clip import OpenClipEncoder
+from unclip.clip.open_clip_encoder import _plain_text
 from unclip.data.shapes import COLOURS, DEFAULT_HELDOUT, POSITIONS, SHAPES, SIZES, ShapesDataset, generate_item
 
 BOUNDED = settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import ROOT
 from unclip.training import NonFiniteLossError, StreamBatchSampler, Trainer, TrainerConfig, lr_at
 
 
@@ -125,7 +125,7 @@ def test_non_finite_losses_are_skipped_then_stop_with_the_last_checkpoint(tmp_pa
     trainer.wrapped.loss_fn = sometimes_nan
     with pytest.raises(NonFiniteLossError, match=r"4 consecutive steps.*step-00000008"):
         trainer.fit()
-    skipped = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines() if "skipped" in l]
+    skipped = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "skipped" in line]
     assert len(skipped) == 6
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
