@@ -1,10 +1,12 @@
-"""Build objects from config dictionaries, allowing only the registered classes of this package.
+"""Build objects from config dictionaries, allowing only registered classes.
 
 Configs are data: a mapping with ``_target_`` (a dotted path) and keyword arguments, possibly nested.
 Hydra's ``instantiate`` would build anything importable; a config read from disk (a checkpoint) must not be
 able to name ``os.system`` or a function of this package that writes files. So every ``_target_`` of the
 whole tree must name a class marked ``@configurable`` or ``@register`` (``unclip.configurable``), checked
-before anything is built; everything else is refused with its name.
+before anything is built; everything else is refused with its name. The loader imports modules of the unclip
+package only: a registered class elsewhere (a stage being written in a user's own module) is found only once
+its module has been imported.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from typing import Any, Mapping
 
 from unclip.configurable import is_registered
 
-ALLOWED_PREFIX = "unclip."
-_DOTTED = re.compile(r"^unclip(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+ALLOWED_PREFIX = "unclip."  # modules the loader may import
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 class ConfigError(ValueError):
@@ -52,9 +55,10 @@ def locate(target: Any, where: str = "config") -> type:
         raise UnsafeConfigError(refusal)
     module_name, _, attr = target.rpartition(".")
     try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UnsafeConfigError(f"{refusal}; and it names nothing that exists: {err}") from err
+        module = importlib.import_module(module_name) if target.startswith(ALLOWED_PREFIX) else sys.modules[module_name]
+        found = getattr(module, attr)
+    except (ImportError, AttributeError, KeyError) as err:
+        raise UnsafeConfigError(f"{refusal}; and it names nothing that exists: {err!r}") from err
     if not is_registered(found):
         raise UnsafeConfigError(f"{refusal}; it names a {type(found).__name__}, not a registered class")
     return found
