@@ -70,3 +70,16 @@ def test_a_data_choice_a_stage_cannot_use_is_an_error(tmp_path):
     assert "decoder.image_size=32 but data.image_size=16: the stage would learn from upscaled images" in proc.stderr
     proc = _run("train/clip.py", f"hydra.run.dir={tmp_path}", "~data.evaluator", check=False)
     assert proc.returncode != 0 and "this job needs data.evaluator" in proc.stderr
+
+
+def test_image_sizes_follow_the_data():
+    from demo import image_sizes
+
+    def sizes(data_size, upsampler=True):
+        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "upsampler": upsampler})
+
+    assert sizes(64) == (32, 64)  # the demo's shapes: 32-px decoder, upsampled to 64
+    assert sizes(128) == (32, 128)
+    assert sizes(32) == (32, None)  # nothing to upsample
+    assert sizes(16) == (16, None)  # the decoder never makes images larger than the data's
+    assert sizes(64, upsampler=False) == (32, None)
