@@ -51,6 +51,10 @@ def main(cfg: DictConfig) -> None:
     decoder = build(
         config["decoder"], image_embed_dim=space.dim, text_length=space.text_length, token_dim=space.token_dim
     )
+    if getattr(decoder, "standardise_embed", False):
+        sample = first_items(data["train"], config.get("normalisation_items", 4096))["image"]
+        with torch.no_grad():
+            decoder.fit_normalisation(torch.cat([clip.encode_image(sample[i:i + 256]) for i in range(0, len(sample), 256)]))
     evaluation = config["evaluation"]
     eval_sets = {}
     for split, n in (("val", evaluation["val_items"]), ("heldout", evaluation["heldout_items"])):
