@@ -25,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from PIL import Image
 
 from unclip.data.shapes import (
@@ -215,3 +216,45 @@ def format_table(report: dict, splits: Sequence[str] = SPLITS, prefix: str = "")
         if found:
             lines.append(f"{split} {attribute}: " + ", ".join(f"{v} {acc:.0%}" for v, acc in found))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole pipelines
+
+
+def _in_batches(fn, items: Sequence, batch_size: int, seed: int) -> list:
+    out = []
+    for start in range(0, len(items), batch_size):
+        out += fn(items[start : start + batch_size], seed + start)
+    return out
+
+
+def text_to_image_fidelity(pipe, sets: dict[str, list[Scene]], *, seed: int = 0, batch_size: int = 64,
+                           prefix: str = "fidelity/", **settings) -> dict:
+    """Generate one image per prompt of each split (``pipe.generate``) and report per attribute value."""
+    report = {}
+    for split, scenes in sets.items():
+        images = _in_batches(lambda chunk, s: pipe.generate([sc.caption for sc in chunk], seed=s, **settings),
+                             scenes, batch_size, seed)
+        report.update(fidelity_report(judge_batch(images), [sc.meta for sc in scenes], prefix=f"{prefix}{split}/"))
+    return report
+
+
+def variations_fidelity(pipe, sets: dict[str, list[Scene]], *, seed: int = 0, batch_size: int = 64,
+                        prefix: str = "fidelity_variations/", **settings) -> dict:
+    """Decode the true CLIP image embeddings of each scene's rendered image (no caption, as ``variations``) and
+    report per attribute value: what the decoder keeps of what the embedding holds."""
+    from unclip.images import from_pil
+
+    size = pipe.clip.space.image_size
+
+    def decode(chunk, s):
+        with torch.no_grad():
+            embeds = pipe.clip.encode_image(from_pil([sc.render(size) for sc in chunk]).to(pipe.device)).float()
+        return pipe.decode(embeds, seed=s, **settings)
+
+    report = {}
+    for split, scenes in sets.items():
+        images = _in_batches(decode, scenes, batch_size, seed)
+        report.update(fidelity_report(judge_batch(images), [sc.meta for sc in scenes], prefix=f"{prefix}{split}/"))
+    return report
