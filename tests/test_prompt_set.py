@@ -136,3 +136,22 @@ def test_contrastive_loss_contrasts_the_twins_too(micro_clip):
     assert torch.allclose(with_twins, ContrastiveLoss()(micro_clip, merged)["loss"])
     alone = ContrastiveLoss()(micro_clip, {"image": batch["image"], "caption": batch["caption"]})["loss"]
     assert not torch.allclose(with_twins, alone)
+
+
+def test_name_probability_changes_only_how_often_captions_name_size_and_position():
+    default = ShapesDataset(split="train", length=300, pair_fraction=0.2)
+    named = ShapesDataset(split="train", length=300, pair_fraction=0.2, name_probability=0.9)
+    never = ShapesDataset(split="train", length=50, name_probability=0.0)
+    share = {}
+    for name, data in (("default", default), ("named", named)):
+        metas = [data[i]["meta"] for i in range(300)]
+        share[name] = sum(m["named_position"] for m in metas if m["scene"] == "single") / sum(
+            m["scene"] == "single" for m in metas)
+    assert 0.5 < share["default"] < 0.7 and share["named"] > 0.85
+    for i in range(300):
+        a, b = default[i], named[i]
+        assert torch.equal(a["image"], b["image"])  # the same scenes, only the captions say more
+        assert (parse_caption(a["caption"])["objects"][0]["colour"] == parse_caption(b["caption"])["objects"][0]["colour"])
+    assert not any(never[i]["meta"]["named_position"] or never[i]["meta"]["named_size"] for i in range(50))
+    with pytest.raises(ValueError, match=r"name_probability must be in \[0, 1\], got 1.5"):
+        ShapesDataset(name_probability=1.5)

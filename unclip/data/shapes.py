@@ -68,8 +68,7 @@ RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", 
 SINGLE_TEMPLATES = ("{a} {np}{pos}", "{np}{pos}", "a picture of {a} {np}{pos}", "there is {a} {np}{pos}")
 PAIR_TEMPLATES = ("{a0} {np0} {rel} {a1} {np1}", "a picture of {a0} {np0} {rel} {a1} {np1}",
                   "there is {a0} {np0} {rel} {a1} {np1}")
-P_NAME_SIZE = 0.6  # probability that a caption names the size
-P_NAME_POSITION = 0.6  # ... the position (single scenes; pair captions name the relation instead)
+P_NAME = 0.6  # probability that a caption names the size, and (single scenes) the position
 
 
 @dataclass(frozen=True)
@@ -133,6 +132,7 @@ class ShapesConfig:
     pair_fraction: float = 0.0
     heldout: tuple = DEFAULT_HELDOUT
     jitter: float = MAX_JITTER
+    name_probability: float = P_NAME  # of naming size and position; only the captions depend on it
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -142,6 +142,8 @@ class ShapesConfig:
         check_image_size(self.image_size)
         if not 0.0 <= self.pair_fraction <= 1.0:
             raise ValueError(f"pair_fraction must be in [0, 1], got {self.pair_fraction!r}")
+        if not 0.0 <= self.name_probability <= 1.0:
+            raise ValueError(f"name_probability must be in [0, 1], got {self.name_probability!r}")
         if not 0.0 <= self.jitter <= MAX_JITTER:
             raise ValueError(f"jitter must be in [0, {MAX_JITTER}] (canvas sides), got {self.jitter!r}")
         object.__setattr__(self, "heldout", normalise_heldout(self.heldout))
@@ -233,8 +235,8 @@ def _sample_single(rng: random.Random, config: ShapesConfig, combos) -> tuple[st
     size = rng.choice(SIZES)
     position = "centre" if size == "large" else rng.choice(tuple(POSITIONS))
     obj = ShapeObject(colour, shape, size, position, jittered_centre(rng, position, config.jitter))
-    named_size = rng.random() < P_NAME_SIZE
-    named_position = rng.random() < P_NAME_POSITION
+    named_size = rng.random() < config.name_probability
+    named_position = rng.random() < config.name_probability
     caption = single_caption(rng, obj, named_size, named_position)
     return caption, single_meta(obj, named_size, named_position), [obj]
 
@@ -258,7 +260,7 @@ def _sample_pair(rng: random.Random, config: ShapesConfig, combos) -> tuple[str,
     relation = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}[positions[0]]
     objects = [ShapeObject(colour, shape, "small", position, jittered_centre(rng, position, config.jitter))
                for (colour, shape), position in zip((first, second), positions)]
-    named_size = rng.random() < P_NAME_SIZE
+    named_size = rng.random() < config.name_probability
     caption = pair_caption(rng, objects, relation, named_size)
     return caption, pair_meta(objects, relation, named_size), objects
 
@@ -341,9 +343,10 @@ def _generate(index: int, config: ShapesConfig) -> tuple[np.ndarray, str, dict]:
 
 
 def generate_item(index: int, *, split: str = "train", seed: int = 0, image_size: int = 64,
-                  pair_fraction: float = 0.0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER) -> ShapesItem:
+                  pair_fraction: float = 0.0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
+                  name_probability: float = P_NAME) -> ShapesItem:
     """The item ``index`` of the stream (seed, split): the same image and caption on every machine."""
-    config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter)
+    config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability)
     array, caption, meta = _generate(index, config)
     return ShapesItem(Image.fromarray(array), caption, meta)
 
@@ -363,10 +366,10 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 64,
                  pair_fraction: float = 0.0, seed: int = 0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
-                 twins: bool = False):
+                 twins: bool = False, name_probability: float = P_NAME):
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
-        self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter)
+        self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability)
         self.length = length
         self.twins = bool(twins)  # items also carry "twin_image" / "twin_caption": a hard negative (twin_scene)
 
