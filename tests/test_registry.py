@@ -14,7 +14,7 @@ from stages import micro_stages, save_micro_pipeline
 from unclip.checkpoint import load_stage
 from unclip.clip.open_clip_encoder import OPENAI_MEAN, OPENAI_STD
 from unclip.config import UnsafeConfigError, build
-from unclip.decoder import UNet
+from unclip.decoder import Decoder
 from unclip.pipeline import UnCLIPPipeline
 from unclip.prior import PriorTransformer
 from unclip.weights import CheckpointError
@@ -27,11 +27,13 @@ def test_configurable_records_every_argument_with_defaults_and_rebuilds_an_equal
         "width": 16, "depth": 1, "heads": 2, "dropout": 0.0, "ff_mult": 4, "use_caption_tokens": True,
     }
     assert build(net.config).config == net.config
-    unet = UNet(image_size=16, base_channels=32, channel_mult=(1, 2), attention_resolutions=(8,))
-    assert unet.config["channel_mult"] == [1, 2] and unet.config["attention_resolutions"] == [8]  # JSON-ready
-    assert json.loads(json.dumps(unet.config)) == unet.config
-    unet.config["image_size"] = 99  # a copy: the recorded config cannot be changed from outside
-    assert unet.config["image_size"] == 16
+    decoder = Decoder(image_size=16, image_embed_dim=8, text_length=4, caption="none",
+                      unet={"base_channels": 32, "channel_mult": (1, 2), "attention_resolutions": (8,)})
+    unet = decoder.config["unet"]
+    assert unet["channel_mult"] == [1, 2] and unet["attention_resolutions"] == [8]  # JSON-ready
+    assert json.loads(json.dumps(decoder.config)) == decoder.config
+    decoder.config["image_size"] = 99  # a copy: the recorded config cannot be changed from outside
+    assert decoder.config["image_size"] == 16
 
 
 def test_saved_configs_keep_the_names_and_arguments_of_earlier_checkpoints():

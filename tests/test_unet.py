@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from unclip.decoder import CaptionEncoder, ClipTokenProjection, UNet
-from unclip.decoder.unet import AttentionBlock
+from unclip.decoder.conditioning import CaptionCondition, ImageEmbedCondition, LowResCondition
+from unclip.decoder.unet import AttentionBlock, embedding_width
 
 B, SIZE, EMBED, CTX, T = 4, 16, 12, 32, 6
 
@@ -15,7 +16,21 @@ def tiny_unet(**overrides) -> UNet:
                   attention_resolutions=(8,), head_channels=16, image_embed_dim=EMBED, num_image_tokens=2,
                   context_dim=CTX)
     config.update(overrides)
-    return UNet(**config)
+    return composed_unet(**config)
+
+
+def composed_unet(image_embed_dim=None, num_image_tokens=4, context_dim=None, low_res_channels=0,
+                  aug_level_conditioning=False, **body) -> UNet:
+    """The UNet body given the decoder's parts (image embedding, caption) or the upsampler's (low-res image)."""
+    emb_dim = embedding_width(body.get("base_channels", 64))
+    conditions = {}
+    if context_dim:
+        conditions["caption"] = CaptionCondition(context_dim, emb_dim)
+    if image_embed_dim:
+        conditions["image"] = ImageEmbedCondition(image_embed_dim, emb_dim, context_dim or emb_dim, num_image_tokens)
+    if low_res_channels or aug_level_conditioning:
+        conditions["low_res"] = LowResCondition(low_res_channels, emb_dim, body.get("base_channels", 64))
+    return UNet(conditions=conditions, **body)
 
 
 def randomize_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
@@ -334,3 +349,34 @@ def test_bf16_caption_encoder():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         states, pooled = encoder(tokens, mask)
     assert torch.isfinite(states.float()).all() and pooled.shape == (3, 32)
+
+
+# ---------------------------------------------------------------- composed conditioning
+
+
+def test_weights_of_the_uncomposed_unet_load_into_the_same_model(trained_like):
+    """Checkpoints written before the conditioning became parts kept its weights on the UNet itself."""
+    from unclip.decoder.unet import _OLD_NAMES
+
+    old_state = {}
+    for key, value in trained_like.state_dict().items():
+        for old, new in _OLD_NAMES.items():
+            if key.startswith(new):
+                key = old + key[len(new):]
+                break
+        old_state[key] = value
+    assert "null_image_embed" in old_state and "pooled_to_time.weight" in old_state
+    fresh = tiny_unet().eval()
+    fresh.load_state_dict(old_state)
+    kw = inputs()
+    assert torch.equal(run(fresh, kw), run(trained_like, kw))
+
+
+def test_an_input_no_part_reads_names_the_missing_part():
+    upsampler = tiny_unet(image_embed_dim=None, context_dim=None, low_res_channels=3, aug_level_conditioning=True)
+    x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"image_embed given but this UNet was built without it \(image_embed_dim=None\)"):
+        upsampler(x, t, low_res=torch.randn(2, 3, SIZE, SIZE), aug_level=torch.zeros(2), image_embed=torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"different widths \[16, 32\]"):
+        UNet(image_size=SIZE, base_channels=32, channel_mult=(1, 2), conditions={
+            "caption": CaptionCondition(16, 128), "image": ImageEmbedCondition(EMBED, 128, 32)})

@@ -41,6 +41,10 @@ def main(job: Job) -> None:
     data = build(config["data"])
     decoder = build(config["decoder"], image_embed_dim=space.dim, text_length=space.text_length,
                     token_dim=space.token_dim)
+    if getattr(decoder, "standardise_embed", False):  # per-dimension statistics of the training embeddings
+        sample = first_items(data["train"], config.get("normalisation_items", 4096))["image"].to(clip.device)
+        with torch.no_grad():
+            decoder.fit_normalisation(torch.cat([clip.encode_image(sample[i:i + 256]) for i in range(0, len(sample), 256)]))
     items = {"val": evaluation["val_items"], "heldout": evaluation["heldout_items"]}  # of the evaluator's splits
     previewed = first_items(data["val"], 8)
 

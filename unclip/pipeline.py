@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unclip.checkpoint import LoadedStage, load_stage, resolve_checkpoint, write_json_atomic
+from unclip.checkpoint import (
+    LoadedStage,
+    load_stage,
+    resolve_checkpoint,
+    write_json_atomic,
+)
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import from_pil, to_pil
 from unclip.weights import CheckpointError
@@ -275,6 +280,17 @@ class UnCLIPPipeline:
                 scores = scores.view(len(prompts) * num_images_per_prompt, rerank)
                 best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
                 images = images[best]
+        return to_pil(images) if output == "pil" else images
+
+    @torch.no_grad()
+    def decode(self, image_embeds: torch.Tensor, *, seed: int = 0, eta: float = 0.0, output: str = "pil", **settings):
+        """Images for CLIP image embeddings [N, D] (unit norm): the decoder and the upsamplers, no caption."""
+        if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2 or len(image_embeds) == 0:
+            raise ValueError(f"image_embeds must be a non-empty tensor [N, D], got {getattr(image_embeds, 'shape', image_embeds)!r}")
+        config = self._settings(settings)
+        generator = self._generator(seed)
+        with self._autocast():
+            images = self._decode(image_embeds.to(self.device).float(), None, config, generator, eta=eta).float()
         return to_pil(images) if output == "pil" else images
 
     @torch.no_grad()

@@ -20,12 +20,19 @@ def _world() -> tuple[int, int]:
 class ContrastiveLoss:
     """``loss_fn(encoder, batch)``: symmetric cross-entropy over the N×N cosine-similarity matrix.
 
+    A batch may carry ``twin_image`` / ``twin_caption``: a hard negative for each item (the same scene with one
+    attribute changed, ``ShapesDataset(twins=True)``). They join the batch as pairs of their own, so that each
+    image must tell its caption from its twin's and each caption its image from the twin image.
+
     With several processes the features of every process are gathered (with gradients), so each
     image is contrasted against the captions of the whole global batch, not just its own slice.
     """
 
     def __call__(self, encoder, batch: dict) -> dict:
         images, captions = batch["image"], batch["caption"]
+        if "twin_image" in batch:  # hard negatives (e.g. shapes' twins): more pairs in the same contrast
+            images = torch.cat([images, batch["twin_image"]])
+            captions = list(captions) + list(batch["twin_caption"])
         if images.shape[0] != len(captions):
             raise ValueError(f"batch has {images.shape[0]} images but {len(captions)} captions")
         rank, world_size = _world()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -69,8 +70,7 @@ RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", 
 SINGLE_TEMPLATES = ("{a} {np}{pos}", "{np}{pos}", "a picture of {a} {np}{pos}", "there is {a} {np}{pos}")
 PAIR_TEMPLATES = ("{a0} {np0} {rel} {a1} {np1}", "a picture of {a0} {np0} {rel} {a1} {np1}",
                   "there is {a0} {np0} {rel} {a1} {np1}")
-P_NAME_SIZE = 0.6  # probability that a caption names the size
-P_NAME_POSITION = 0.6  # ... the position (single scenes; pair captions name the relation instead)
+P_NAME = 0.6  # probability that a caption names the size, and (single scenes) the position
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def normalise_heldout(heldout: Iterable[Sequence[str]]) -> tuple[tuple[str, str]
 
 
 @lru_cache(maxsize=64)
-def _allowed_combos(split: str, heldout: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+def allowed_combos(split: str, heldout: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     if split == "heldout":
         return heldout
     return tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in heldout)
@@ -134,6 +134,7 @@ class ShapesConfig:
     pair_fraction: float = 0.0
     heldout: tuple = DEFAULT_HELDOUT
     jitter: float = MAX_JITTER
+    name_probability: float = P_NAME  # of naming size and position; only the captions depend on it
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -143,10 +144,12 @@ class ShapesConfig:
         check_image_size(self.image_size)
         if not 0.0 <= self.pair_fraction <= 1.0:
             raise ValueError(f"pair_fraction must be in [0, 1], got {self.pair_fraction!r}")
+        if not 0.0 <= self.name_probability <= 1.0:
+            raise ValueError(f"name_probability must be in [0, 1], got {self.name_probability!r}")
         if not 0.0 <= self.jitter <= MAX_JITTER:
             raise ValueError(f"jitter must be in [0, {MAX_JITTER}] (canvas sides), got {self.jitter!r}")
         object.__setattr__(self, "heldout", normalise_heldout(self.heldout))
-        combos = _allowed_combos(self.split, self.heldout)
+        combos = allowed_combos(self.split, self.heldout)
         if not combos:
             raise ValueError(f"split {self.split!r} has no colour-shape pair to draw with heldout={self.heldout}")
         if self.pair_fraction > 0 and len({c for c, _ in combos}) < 2:
@@ -219,7 +222,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _jittered(rng: random.Random, position: str, jitter: float) -> tuple[float, float]:
+def jittered_centre(rng: random.Random, position: str, jitter: float) -> tuple[float, float]:
     x, y = POSITIONS[position]
     # rounded so that the recorded centre is exactly the rendered one and reads well
     return (round(x + rng.uniform(-jitter, jitter), 6), round(y + rng.uniform(-jitter, jitter), 6))
@@ -233,15 +236,23 @@ def _sample_single(rng: random.Random, config: ShapesConfig, combos) -> tuple[st
     colour, shape = rng.choice(combos)
     size = rng.choice(SIZES)
     position = "centre" if size == "large" else rng.choice(tuple(POSITIONS))
-    obj = ShapeObject(colour, shape, size, position, _jittered(rng, position, config.jitter))
-    named_size = rng.random() < P_NAME_SIZE
-    named_position = rng.random() < P_NAME_POSITION
+    obj = ShapeObject(colour, shape, size, position, jittered_centre(rng, position, config.jitter))
+    named_size = rng.random() < config.name_probability
+    named_position = rng.random() < config.name_probability
+    caption = single_caption(rng, obj, named_size, named_position)
+    return caption, single_meta(obj, named_size, named_position), [obj]
+
+
+def single_caption(rng: random.Random, obj: ShapeObject, named_size: bool, named_position: bool) -> str:
+    """A caption of one object from SHAPES.md's templates and synonyms (the template and synonyms drawn from ``rng``)."""
     noun = _noun_phrase(obj, named_size)
-    pos = " " + rng.choice(POSITION_PHRASES[position]) if named_position else ""
-    caption = rng.choice(SINGLE_TEMPLATES).format(a=_article(noun), np=noun, pos=pos)
-    meta = {"scene": "single", "objects": [obj.to_meta()], "relation": None,
+    pos = " " + rng.choice(POSITION_PHRASES[obj.position]) if named_position else ""
+    return rng.choice(SINGLE_TEMPLATES).format(a=_article(noun), np=noun, pos=pos)
+
+
+def single_meta(obj: ShapeObject, named_size: bool, named_position: bool) -> dict:
+    return {"scene": "single", "objects": [obj.to_meta()], "relation": None,
             "named_size": named_size, "named_position": named_position}
-    return caption, meta, [obj]
 
 
 def _sample_pair(rng: random.Random, config: ShapesConfig, combos) -> tuple[str, dict, list[ShapeObject]]:
@@ -249,32 +260,95 @@ def _sample_pair(rng: random.Random, config: ShapesConfig, combos) -> tuple[str,
     second = rng.choice([combo for combo in combos if combo[0] != first[0]])
     positions = rng.choice((("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")))
     relation = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}[positions[0]]
-    objects = [ShapeObject(colour, shape, "small", position, _jittered(rng, position, config.jitter))
+    objects = [ShapeObject(colour, shape, "small", position, jittered_centre(rng, position, config.jitter))
                for (colour, shape), position in zip((first, second), positions)]
-    named_size = rng.random() < P_NAME_SIZE
+    named_size = rng.random() < config.name_probability
+    caption = pair_caption(rng, objects, relation, named_size)
+    return caption, pair_meta(objects, relation, named_size), objects
+
+
+def pair_position(relation: str) -> tuple[str, str]:
+    """The positions of a pair's first and second object for a relation ("left of" -> left, right)."""
+    return {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+            "below": ("bottom", "top")}[relation]
+
+
+def pair_caption(rng: random.Random, objects: Sequence[ShapeObject], relation: str, named_size: bool) -> str:
+    """A caption of a pair scene, "<first> <relation> <second>", from SHAPES.md's templates."""
     nouns = [_noun_phrase(obj, named_size) for obj in objects]
-    caption = rng.choice(PAIR_TEMPLATES).format(
+    return rng.choice(PAIR_TEMPLATES).format(
         a0=_article(nouns[0]), np0=nouns[0], rel=RELATION_PHRASES[relation], a1=_article(nouns[1]), np1=nouns[1]
     )
-    meta = {"scene": "pair", "objects": [obj.to_meta() for obj in objects], "relation": relation,
+
+
+def pair_meta(objects: Sequence[ShapeObject], relation: str, named_size: bool) -> dict:
+    return {"scene": "pair", "objects": [obj.to_meta() for obj in objects], "relation": relation,
             "named_size": named_size, "named_position": False}
-    return caption, meta, objects
+
+
+def _twin_single(rng: random.Random, obj: ShapeObject, meta: dict, combos, jitter: float) -> list[ShapeObject]:
+    options = []  # (weight, changed object)
+    if meta["named_position"] and obj.size == "small":
+        position = rng.choice([p for p in POSITIONS if p != obj.position])
+        options.append((2, ShapeObject(obj.colour, obj.shape, "small", position, jittered_centre(rng, position, jitter))))
+    if meta["named_size"] and obj.position == "centre":
+        size = "small" if obj.size == "large" else "large"
+        options.append((1, ShapeObject(obj.colour, obj.shape, size, "centre", obj.centre)))
+    colours = [c for c, s in combos if s == obj.shape and c != obj.colour]
+    if colours:
+        options.append((1, ShapeObject(rng.choice(colours), obj.shape, obj.size, obj.position, obj.centre)))
+    shapes = [s for c, s in combos if c == obj.colour and s != obj.shape]
+    if shapes:
+        options.append((1, ShapeObject(obj.colour, rng.choice(shapes), obj.size, obj.position, obj.centre)))
+    return [rng.choices([o for _, o in options], weights=[w for w, _ in options])[0]]
+
+
+def _twin_pair(rng: random.Random, objects: Sequence[ShapeObject], combos, jitter: float) -> list[ShapeObject]:
+    a, b = objects
+    options = [(2, [ShapeObject(a.colour, a.shape, "small", b.position, b.centre),  # the relation reversed
+                    ShapeObject(b.colour, b.shape, "small", a.position, a.centre)])]
+    if (b.colour, a.shape) in combos and (a.colour, b.shape) in combos:  # colours bound to the other shape
+        options.append((1, [ShapeObject(b.colour, a.shape, "small", a.position, a.centre),
+                            ShapeObject(a.colour, b.shape, "small", b.position, b.centre)]))
+    if a.shape != b.shape and (a.colour, b.shape) in combos and (b.colour, a.shape) in combos:
+        options.append((1, [ShapeObject(a.colour, b.shape, "small", a.position, a.centre),
+                            ShapeObject(b.colour, a.shape, "small", b.position, b.centre)]))
+    return rng.choices([o for _, o in options], weights=[w for w, _ in options])[0]
+
+
+def twin_scene(index: int, config: ShapesConfig, meta: dict) -> tuple[np.ndarray, str]:
+    """A hard negative for item ``index``: the same scene with one attribute its caption names changed (a single
+    object's position, size, colour or shape; a pair's relation reversed, or its colours or shapes swapped between
+    the two objects), drawn within the split's compositions. Its own random stream: items do not shift."""
+    rng = random.Random(f"shapes/{config.seed}/{config.split}/{int(index)}/twin")
+    combos = allowed_combos(config.split, config.heldout)
+    objects = [ShapeObject(o["colour"], o["shape"], o["size"], o["position"], tuple(o["centre"]))
+               for o in meta["objects"]]
+    if meta["scene"] == "pair":
+        twin = _twin_pair(rng, objects, combos, config.jitter)
+        relation = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}[twin[0].position]
+        caption = pair_caption(rng, twin, relation, meta["named_size"])
+    else:
+        twin = _twin_single(rng, objects[0], meta, combos, config.jitter)
+        caption = single_caption(rng, twin[0], meta["named_size"], meta["named_position"])
+    return _render_array(twin, config.image_size), caption
 
 
 def _generate(index: int, config: ShapesConfig) -> tuple[np.ndarray, str, dict]:
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
     rng = random.Random(f"shapes/{config.seed}/{config.split}/{int(index)}")
-    combos = _allowed_combos(config.split, config.heldout)
+    combos = allowed_combos(config.split, config.heldout)
     pair = rng.random() < config.pair_fraction  # always drawn: items do not shift with pair_fraction
     caption, meta, objects = (_sample_pair if pair else _sample_single)(rng, config, combos)
     return _render_array(objects, config.image_size), caption, meta
 
 
 def generate_item(index: int, *, split: str = "train", seed: int = 0, image_size: int = 64,
-                  pair_fraction: float = 0.0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER) -> ShapesItem:
+                  pair_fraction: float = 0.0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
+                  name_probability: float = P_NAME) -> ShapesItem:
     """The item ``index`` of the stream (seed, split): the same image and caption on every machine."""
-    config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter)
+    config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability)
     array, caption, meta = _generate(index, config)
     return ShapesItem(Image.fromarray(array), caption, meta)
 
@@ -284,11 +358,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Map-style view of the first ``length`` items of a shapes stream, rendered on the fly."""
 
     def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 64,
-                 pair_fraction: float = 0.0, seed: int = 0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER):
+                 pair_fraction: float = 0.0, seed: int = 0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
+                 twins: bool = False, name_probability: float = P_NAME):
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
-        self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter)
+        self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability)
         self.length = length
+        self.twins = bool(twins)  # items also carry "twin_image" / "twin_caption": a hard negative (twin_scene)
 
     def __len__(self) -> int:
         return self.length
@@ -297,7 +373,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for a ShapesDataset of length {self.length}")
         array, caption, meta = _generate(i % self.length, self.config)
-        return {"image": to_tensor(array), "caption": caption, "meta": meta}
+        item = {"image": to_tensor(array), "caption": caption, "meta": meta}
+        if self.twins:
+            twin, twin_caption = twin_scene(i % self.length, self.config, meta)
+            item.update(twin_image=to_tensor(twin), twin_caption=twin_caption)
+        return item
 
     def __repr__(self) -> str:
         return f"ShapesDataset(length={self.length}, {self.config})"
@@ -322,6 +402,65 @@ def write_folder(out_dir, n: int, **dataset_kwargs) -> Path:
             Image.fromarray(array).save(out / name)
             lines.write(json.dumps({"file": name, "caption": caption, "meta": meta}) + "\n")
     return out
+
+
+_CAPTION_PREFIXES = ("a picture of ", "there is ")
+_POSITION_BY_PHRASE = {phrase: position for position, phrases in POSITION_PHRASES.items() for phrase in phrases}
+_NOUN = re.compile(
+    r"^(?:(?:a|an) )?(?:(?P<size>{sizes}) )?(?P<colour>{colours}) (?P<shape>{shapes})(?: (?P<pos>{positions}))?$".format(
+        sizes="|".join(SIZES), colours="|".join(COLOURS), shapes="|".join(SHAPES),
+        positions="|".join(sorted(map(re.escape, _POSITION_BY_PHRASE), key=len, reverse=True)),
+    )
+)
+
+
+def _parse_noun(text: str) -> dict | None:
+    match = _NOUN.match(text)
+    if match is None:
+        return None
+    position = _POSITION_BY_PHRASE.get(match["pos"]) if match["pos"] else None
+    return {"colour": match["colour"], "shape": match["shape"], "size": match["size"], "position": position}
+
+
+def parse_caption(caption: str) -> dict | None:
+    """The metadata a caption states, in the items' ``meta`` form (objects without centres; ``size`` / ``position``
+    None where the caption leaves them out), or None when the caption is not one this data set can draw: words
+    outside SHAPES.md's vocabulary, a large object off the centre, a pair of one colour or with a large object.
+
+    The inverse of the captions the generator writes: ``parse_caption(item["caption"])`` agrees with the item's
+    ``meta`` on every attribute the caption names. Lets an evaluation judge any prompt a user writes.
+    """
+    if not isinstance(caption, str):
+        return None
+    text = " ".join(caption.lower().replace(",", " ").split()).rstrip(".")
+    for prefix in _CAPTION_PREFIXES:
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    for relation, phrase in RELATION_PHRASES.items():
+        first, sep, second = text.partition(f" {phrase} ")
+        if not sep:
+            continue
+        objects = [_parse_noun(first), _parse_noun(second)]
+        if None in objects or any(o["position"] or o["size"] == "large" for o in objects):
+            return None
+        if objects[0]["colour"] == objects[1]["colour"]:
+            return None
+        for obj, position in zip(objects, pair_position(relation)):
+            obj["size"], obj["position"] = "small", position
+        named_size = "small" in (first.split() + second.split())
+        return {"scene": "pair", "objects": objects, "relation": relation, "named_size": named_size,
+                "named_position": False}
+    obj = _parse_noun(text)
+    if obj is None:
+        return None
+    if obj["size"] == "large" and obj["position"] not in (None, "centre"):
+        return None
+    named_size, named_position = obj["size"] is not None, obj["position"] is not None
+    if obj["position"] not in (None, "centre") and obj["size"] is None:
+        obj["size"] = "small"  # only small objects stand off the centre
+    return {"scene": "single", "objects": [obj], "relation": None, "named_size": named_size,
+            "named_position": named_position}
 
 
 def class_prompts() -> list[tuple[str, str, str]]:

@@ -6,13 +6,27 @@ import torch
 from torch import nn
 
 from unclip.configurable import configurable
+from unclip.decoder.conditioning import CaptionCondition, ImageEmbedCondition
 from unclip.decoder.text_encoder import CaptionEncoder, ClipTokenProjection
-from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
+from unclip.decoder.unet import UNet, embedding_width, sampling_layout, with_resolved_upsample_width
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim, sample_ddpm
 from unclip.embedding import TextCondition
 
 CAPTION_MODES = ("transformer", "clip_tokens", "none")
 SAMPLERS = ("ddim", "ddpm")
+
+
+def _caption_encoder(caption: str, vocab_size: int, text_length: int, token_dim: int | None, width: int,
+                     layers: int, heads: int) -> nn.Module | None:
+    """The decoder's caption encoder for ``caption`` (every one reads a TextCondition: ``encode(text)``)."""
+    if caption == "transformer":
+        return CaptionEncoder(vocab_size=vocab_size, context_length=text_length, width=width, layers=layers,
+                              heads=heads)
+    if caption == "clip_tokens":
+        if token_dim is None:
+            raise ValueError("caption='clip_tokens' needs token_dim (the CLIP text encoder's width)")
+        return ClipTokenProjection(token_dim=token_dim, width=width)
+    return None
 
 
 @configurable
@@ -44,6 +58,7 @@ class Decoder(nn.Module):
         loss_weighting: str = "min_snr",
         image_embed_drop_prob: float = 0.1,
         caption_drop_prob: float = 0.5,
+        standardise_embed: bool = False,
     ):
         super().__init__()
         if caption not in CAPTION_MODES:
@@ -53,28 +68,35 @@ class Decoder(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         unet = with_resolved_upsample_width(unet)
         self.caption = caption
-        if caption == "transformer":
-            self.caption_encoder = CaptionEncoder(
-                vocab_size=vocab_size, context_length=text_length, width=caption_width,
-                layers=caption_layers, heads=caption_heads,
-            )
-        elif caption == "clip_tokens":
-            if token_dim is None:
-                raise ValueError("caption='clip_tokens' needs token_dim (the CLIP text encoder's width)")
-            self.caption_encoder = ClipTokenProjection(token_dim=token_dim, width=caption_width)
-        else:
-            self.caption_encoder = None
-        self.unet = UNet(
-            image_size=image_size,
-            image_embed_dim=image_embed_dim,
-            context_dim=caption_width if self.caption_encoder is not None else None,
-            **unet,
+        self.caption_encoder = _caption_encoder(caption, vocab_size, text_length, token_dim, caption_width,
+                                                caption_layers, caption_heads)
+        body = dict(unet)
+        num_image_tokens = body.pop("num_image_tokens", 4)
+        spatial_grid = body.pop("spatial_embed_grid", 0)
+        embed_hidden = body.pop("image_embed_hidden", 0)
+        emb_dim = embedding_width(body.get("base_channels", 64))
+        conditions = {}
+        if self.caption_encoder is not None:
+            conditions["caption"] = CaptionCondition(caption_width, emb_dim)
+        # image tokens join the caption's tokens, so they take its width (or the time embedding's without one)
+        token_width = caption_width if self.caption_encoder is not None else emb_dim
+        conditions["image"] = ImageEmbedCondition(
+            image_embed_dim, emb_dim, token_width, num_image_tokens, spatial_grid=spatial_grid,
+            base_channels=body.get("base_channels", 64), standardise=standardise_embed, hidden=embed_hidden,
         )
+        self.unet = UNet(image_size=image_size, conditions=conditions, **body)
         self.image_size = image_size
         self.image_embed_dim = image_embed_dim
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-1.0, 1.0))
         self.image_embed_drop_prob = image_embed_drop_prob
         self.caption_drop_prob = caption_drop_prob
+        self.standardise_embed = standardise_embed
+
+    @torch.no_grad()
+    def fit_normalisation(self, image_embeds: torch.Tensor) -> None:
+        """With ``standardise_embed``: measure the per-dimension mean and std of training image embeddings [N, D],
+        which the decoder then standardises every embedding with (the prior does the same)."""
+        self.unet.conditions["image"].fit_normalisation(image_embeds)
 
     def _rebuild_arguments(self, given: dict) -> dict:
         """The saved config names the UNet's upsample_width, so a later change of its default cannot rebuild
@@ -92,10 +114,7 @@ class Decoder(nn.Module):
     def _caption_context(self, text: TextCondition | None):
         if self.caption_encoder is None or text is None:
             return None, None, None
-        if self.caption == "transformer":
-            states, pooled = self.caption_encoder(text.tokens, text.mask)
-        else:
-            states, pooled = self.caption_encoder(text.token_embeds, text.mask)
+        states, pooled = self.caption_encoder.encode(text)
         return states, text.mask, pooled
 
     def _net(self, x, t, drop, image_embed, context, context_mask, pooled_context, drop_caption=None):

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from unclip.configurable import configurable
+from unclip.embedding import TextCondition
 
 
 def _check_tokens(name: str, tokens: Tensor, mask: Tensor, ndim: int) -> None:
@@ -95,6 +96,10 @@ class CaptionEncoder(nn.Module):
         states = self.final_ln(x)
         return states, last_real_token(states, mask)
 
+    def encode(self, text: TextCondition) -> tuple[Tensor, Tensor]:
+        """A TextCondition's token ids -> (states, pooled)."""
+        return self(text.tokens, text.mask)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -119,3 +124,7 @@ class ClipTokenProjection(nn.Module):
             raise ValueError(f"token_embeds has width {token_embeds.shape[-1]}, expected token_dim={self.token_dim}")
         states = self.ln(self.proj(token_embeds))
         return states, last_real_token(states, _nonempty(mask))
+
+    def encode(self, text: TextCondition) -> tuple[Tensor, Tensor]:
+        """A TextCondition's per-token CLIP states -> (states, pooled)."""
+        return self(text.token_embeds, text.mask)

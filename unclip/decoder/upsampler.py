@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.configurable import configurable
-from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
+from unclip.decoder.conditioning import LowResCondition
+from unclip.decoder.unet import UNet, embedding_width, sampling_layout, with_resolved_upsample_width
 from unclip.diffusion import GaussianDiffusion, sample_ddim
 
 
@@ -50,7 +51,9 @@ class Upsampler(nn.Module):
         unet = with_resolved_upsample_width(unet)
         self.predict_residual = predict_residual
         self.low_res_size, self.image_size, self.max_aug_level = low_res_size, image_size, max_aug_level
-        self.unet = UNet(image_size=image_size, low_res_channels=3, aug_level_conditioning=True, **unet)
+        conditions = {"low_res": LowResCondition(3, embedding_width(unet.get("base_channels", 64)),
+                                                 unet.get("base_channels", 64))}
+        self.unet = UNet(image_size=image_size, conditions=conditions, **unet)
         bound = 2.0 if predict_residual else 1.0  # a residual of [-1, 1] images lies in [-2, 2]
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-bound, bound))
 

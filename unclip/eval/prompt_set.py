@@ -1,0 +1,260 @@
+"""A fixed prompt set balanced over every attribute value of `shapes`, and a report per attribute value.
+
+A pipeline's accuracy on captions drawn like the training data hides what it cannot do: most captions that name a
+position name the centre, and large objects are always centred. This prompt set names every attribute and
+gives each value its share:
+
+* ``val``: single objects of the training compositions, every (colour-shape pair, size-position cell) once,
+  the cells being large-centre and small at each of the five positions (168 scenes);
+* ``heldout``: the held-out colour-shape pairs (SHAPES.md) in every cell (24 scenes, repeated with other
+  captions and jitter);
+* ``pair``: two small objects of the training compositions, each of the four relations equally often.
+
+Captions come from SHAPES.md's templates and synonyms (always naming size and position for single objects), each
+scene with its rendered image, so that the same set measures text -> image and image -> image (variations).
+Everything is a function of the seed.
+
+The report (:func:`fidelity_report`) gives, per split, the share of images with each attribute right and with all
+of them right, and the same per attribute value (``position=top``, ``relation=above``, ...).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from unclip.data.shapes import (
+    DEFAULT_HELDOUT,
+    POSITIONS,
+    RELATIONS,
+    ShapeObject,
+    ShapesConfig,
+    allowed_combos,
+    jittered_centre,
+    pair_caption,
+    pair_meta,
+    pair_position,
+    parse_caption,
+    render,
+    single_caption,
+    single_meta,
+)
+from unclip.eval.judge import Judgement, judge_batch, relation_between
+
+SINGLE_CELLS = (("large", "centre"),) + tuple(("small", position) for position in POSITIONS)
+SPLITS = ("val", "heldout", "pair")
+DEFAULT_COUNTS = {"val": 168, "heldout": 48, "pair": 64}
+SINGLE_ATTRIBUTES = ("colour", "shape", "size", "position")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A prompt with the scene it describes."""
+
+    caption: str
+    meta: dict
+    objects: tuple[ShapeObject, ...]
+
+    def render(self, image_size: int) -> Image.Image:
+        return render(self.objects, image_size)
+
+
+def _single_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Scene]:
+    grid = [(combo, cell) for combo in combos for cell in SINGLE_CELLS]
+    scenes = []
+    while len(scenes) < n:  # whole shuffled rounds of the grid: every cell equally often
+        round_ = grid[:]
+        rng.shuffle(round_)
+        for (colour, shape), (size, position) in round_[: n - len(scenes)]:
+            obj = ShapeObject(colour, shape, size, position, jittered_centre(rng, position, jitter))
+            caption = single_caption(rng, obj, named_size=True, named_position=True)
+            scenes.append(Scene(caption, single_meta(obj, True, True), (obj,)))
+    return scenes
+
+
+def _pair_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Scene]:
+    scenes = []
+    for i in range(n):
+        relation = RELATIONS[i % len(RELATIONS)]
+        first = rng.choice(combos)
+        second = rng.choice([combo for combo in combos if combo[0] != first[0]])
+        objects = tuple(
+            ShapeObject(colour, shape, "small", position, jittered_centre(rng, position, jitter))
+            for (colour, shape), position in zip((first, second), pair_position(relation))
+        )
+        named_size = rng.random() < 0.5
+        caption = pair_caption(rng, objects, relation, named_size)
+        scenes.append(Scene(caption, pair_meta(objects, relation, named_size), objects))
+    return scenes
+
+
+def balanced_scenes(counts: dict[str, int] | None = None, *, seed: int = 0, heldout=DEFAULT_HELDOUT,
+                    jitter: float = 0.03) -> dict[str, list[Scene]]:
+    """The balanced prompt set: ``{split: [Scene, ...]}`` for the splits with a positive count."""
+    counts = dict(DEFAULT_COUNTS if counts is None else counts)
+    unknown = sorted(set(counts) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"the balanced prompt set has the splits {list(SPLITS)}, not {unknown}")
+    config = ShapesConfig(split="heldout", heldout=heldout, jitter=jitter)  # validates heldout and jitter
+    train_combos = allowed_combos("train", config.heldout)
+    sets = {}
+    for split, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"the count of split {split!r} must be an int >= 0, got {n!r}")
+        if n == 0:
+            continue
+        rng = random.Random(f"balanced/{seed}/{split}")
+        if split == "pair":
+            sets[split] = _pair_scenes(train_combos, n, rng, config.jitter)
+        else:
+            combos = train_combos if split == "val" else config.heldout
+            sets[split] = _single_scenes(combos, n, rng, config.jitter)
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------------
+# judging
+
+
+def _find(judgement: Judgement, colour: str, shape: str, exclude: int | None = None) -> int | None:
+    for i, obj in enumerate(judgement.objects):
+        if i != exclude and obj.colour == colour and obj.shape == shape:
+            return i
+    return None
+
+
+def judge_scene(judgement: Judgement, meta: dict) -> dict[str, bool]:
+    """Which of the attributes ``meta`` names the judged image has right, and ``all`` of them.
+
+    Single objects: ``colour``, ``shape``, and ``size`` / ``position`` where named (the largest judged object
+    is the object). Pairs: ``objects`` (both colour-shape objects found), ``relation`` (found, and standing as
+    the caption says), ``all`` (the same as ``relation``).
+    """
+    wanted = meta["objects"]
+    if meta["scene"] == "pair":
+        first = _find(judgement, wanted[0]["colour"], wanted[0]["shape"])
+        second = None if first is None else _find(judgement, wanted[1]["colour"], wanted[1]["shape"], first)
+        found = first is not None and second is not None
+        relation = found and relation_between(judgement.objects[first].centre,
+                                               judgement.objects[second].centre) == meta["relation"]
+        return {"objects": found, "relation": relation, "all": relation}
+    target, got = wanted[0], judgement.objects[0] if judgement.objects else None
+    result = {"colour": got is not None and got.colour == target["colour"],
+              "shape": got is not None and got.shape == target["shape"]}
+    if meta.get("named_size", True) and target.get("size"):
+        result["size"] = got is not None and got.size == target["size"]
+    if meta.get("named_position", True) and target.get("position"):
+        result["position"] = got is not None and got.position == target["position"]
+    result["all"] = all(result.values())
+    return result
+
+
+def fidelity_report(judgements: Sequence[Judgement], metas: Sequence[dict], prefix: str = "") -> dict[str, float]:
+    """Accuracy per attribute and per attribute value, for one split's judged images and their metas.
+
+    Keys (each prefixed): ``n``; ``<attribute>`` and ``all`` (share right); ``<attribute>=<value>`` (share with
+    that attribute right among the scenes whose target has that value) and ``<attribute>=<value>/all`` (all
+    right among them), with ``n/<attribute>=<value>``. Single objects: attributes colour, shape, size, position.
+    Pairs: objects, relation, all, and ``relation=<value>``.
+    """
+    if len(judgements) != len(metas):
+        raise ValueError(f"got {len(judgements)} judgements for {len(metas)} metas")
+    right: dict[str, list[bool]] = defaultdict(list)
+    for judgement, meta in zip(judgements, metas):
+        checks = judge_scene(judgement, meta)
+        for attribute, ok in checks.items():
+            right[attribute].append(ok)
+        if meta["scene"] == "pair":
+            values = {"relation": meta["relation"]}
+        else:
+            values = {a: meta["objects"][0].get(a) for a in SINGLE_ATTRIBUTES}
+        for attribute, value in values.items():
+            if value is None:
+                continue
+            key = f"{attribute}={value}"
+            right[key].append(checks.get(attribute, checks["all"]))
+            right[f"{key}/all"].append(checks["all"])
+    report: dict[str, float] = {f"{prefix}n": len(metas)}
+    for key, oks in sorted(right.items()):
+        report[f"{prefix}{key}"] = sum(oks) / len(oks)
+        if "=" in key and not key.endswith("/all"):
+            report[f"{prefix}n/{key}"] = len(oks)
+    return report
+
+
+def judge_prompts(images, prompts: Sequence[str], prefix: str = "") -> dict:
+    """Judge images made from any prompts: each prompt is read with :func:`unclip.data.shapes.parse_caption`;
+    those outside the data set's vocabulary are listed under ``<prefix>out_of_vocabulary`` and not counted."""
+    metas = [parse_caption(prompt) for prompt in prompts]
+    keep = [i for i, meta in enumerate(metas) if meta is not None]
+    report: dict = {f"{prefix}out_of_vocabulary": [prompts[i] for i, m in enumerate(metas) if m is None]}
+    if keep:
+        judged = judge_batch([images[i] for i in keep])
+        report.update(fidelity_report(judged, [metas[i] for i in keep], prefix))
+    return report
+
+
+def format_table(report: dict, splits: Sequence[str] = SPLITS, prefix: str = "") -> str:
+    """A short text table of a report's headline numbers, one row per split, then the position and relation values."""
+    columns = ("colour", "shape", "size", "position", "objects", "relation", "all")
+    lines = ["split     " + "".join(f"{c:>10}" for c in columns) + "         n"]
+    for split in splits:
+        p = f"{prefix}{split}/"
+        if f"{p}n" not in report:
+            continue
+        cells = "".join(f"{report[p + c]:>10.0%}" if p + c in report else f"{'-':>10}" for c in columns)
+        lines.append(f"{split:<10}{cells}{report[p + 'n']:>10}")
+    for split, attribute, values in (("val", "position", POSITIONS), ("heldout", "position", POSITIONS),
+                                     ("pair", "relation", RELATIONS)):
+        p = f"{prefix}{split}/"
+        found = [(v, report[f"{p}{attribute}={v}"]) for v in values if f"{p}{attribute}={v}" in report]
+        if found:
+            lines.append(f"{split} {attribute}: " + ", ".join(f"{v} {acc:.0%}" for v, acc in found))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole pipelines
+
+
+def _in_batches(fn, items: Sequence, batch_size: int, seed: int) -> list:
+    out = []
+    for start in range(0, len(items), batch_size):
+        out += fn(items[start : start + batch_size], seed + start)
+    return out
+
+
+def text_to_image_fidelity(pipe, sets: dict[str, list[Scene]], *, seed: int = 0, batch_size: int = 64,
+                           prefix: str = "fidelity/", **settings) -> dict:
+    """Generate one image per prompt of each split (``pipe.generate``) and report per attribute value."""
+    report = {}
+    for split, scenes in sets.items():
+        images = _in_batches(lambda chunk, s: pipe.generate([sc.caption for sc in chunk], seed=s, **settings),
+                             scenes, batch_size, seed)
+        report.update(fidelity_report(judge_batch(images), [sc.meta for sc in scenes], prefix=f"{prefix}{split}/"))
+    return report
+
+
+def variations_fidelity(pipe, sets: dict[str, list[Scene]], *, seed: int = 0, batch_size: int = 64,
+                        prefix: str = "fidelity_variations/", **settings) -> dict:
+    """Decode the true CLIP image embeddings of each scene's rendered image (no caption, as ``variations``) and
+    report per attribute value: what the decoder keeps of what the embedding holds."""
+    from unclip.images import from_pil
+
+    size = pipe.clip.space.image_size
+
+    def decode(chunk, s):
+        with torch.no_grad():
+            embeds = pipe.clip.encode_image(from_pil([sc.render(size) for sc in chunk]).to(pipe.device)).float()
+        return pipe.decode(embeds, seed=s, **settings)
+
+    report = {}
+    for split, scenes in sets.items():
+        images = _in_batches(decode, scenes, batch_size, seed)
+        report.update(fidelity_report(judge_batch(images), [sc.meta for sc in scenes], prefix=f"{prefix}{split}/"))
+    return report
