@@ -297,7 +297,9 @@ class Decoder(Configurable, nn.Module):
         if inpaint is not None and init_image is not None:
             raise ValueError("inpaint and init_image cannot be combined; give one")
         inpaint = self._checked_inpainting(inpaint, shape, device)
-        inpainting = self._inpainting_inputs(inpaint.known if inpaint else None, inpaint.keep if inpaint else None)
+        inpainting = {}  # a plain decoder inpaints through the sampler alone
+        if self.inpaints:
+            inpainting = self._inpainting_inputs(*((inpaint.known, inpaint.keep) if inpaint else (None, None)))
         cond, negative = self._guidance_inputs(
             image_embed, text, None if negative_embed is None else negative_embed.to(device).float(),
             None if negative_text is None else negative_text.to(device), inpainting)
