@@ -523,10 +523,7 @@ class UnCLIPPipeline:
             fills = torch.cat([self._pil_mask(m, i, size) for m, i in zip(masks, images)])
         elif len(masks) == 1 and isinstance(masks[0], torch.Tensor):
             fills = masks[0].to(self.device).float()
-            if fills.ndim == 2:
-                fills = fills[None, None]
-            elif fills.ndim == 3:
-                fills = fills[:, None] if fills.shape[0] != 1 else fills[None]
+            fills = fills[None, None] if fills.ndim == 2 else fills[None] if fills.ndim == 3 else fills
             if fills.ndim != 4 or fills.shape[1] != 1:
                 raise ValueError(f"the mask must have a single channel ([H, W], [1, H, W] or [B, 1, H, W]), got "
                                  f"{list(masks[0].shape)}")
