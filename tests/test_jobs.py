@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 from stages import save_micro_pipeline
 
 
@@ -34,3 +33,22 @@ def test_sample_job_writes_images_grid_and_jsonl(tmp_path):
     assert all(r["seed"] == 7 and r["settings"]["decoder_steps"] == 2 for r in records)
     assert Image.open(out / records[0]["file"]).size == (32, 32)
     assert Image.open(out / "grid.png").size[0] > 64
+
+
+def test_decoder_job_fine_tunes_a_decoder_into_an_inpainting_one(tmp_path):
+    from unclip.checkpoint import load_stage
+
+    stages = save_micro_pipeline(tmp_path / "stages")
+    out = tmp_path / "inpaint"
+    stdout = _run(
+        "train/decoder.py", f"hydra.run.dir={out}", f"clip_checkpoint={stages['clip']}", "decoder=inpaint",
+        f"init_from={stages['decoder']}", "data.image_size=32", "trainer.max_steps=2", "trainer.batch_size=4",
+        "trainer.preview_every=2", "trainer.progress=false", "evaluation.val_items=4", "evaluation.heldout_items=2",
+        "evaluation.steps=2", "evaluation.guidance_scales=[3.0]",
+    )
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    assert "colour_shape_acc_g3_val" in metrics
+    tuned = load_stage(out, stage="decoder").model
+    assert tuned.inpaints and tuned.image_size == 16  # the micro decoder's architecture, not unet_32's
+    assert tuned.config["mask_mix"]["object"] == 0.3
+    assert list((out / "previews").glob("*.png"))

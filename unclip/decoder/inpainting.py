@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.data.shapes import SIZE_FRACTION
+from unclip.diffusion import Inpainting
 
 # Which masks an inpainting decoder trains on, and how often: a random box; a blob (a union of random discs); the
 # box around one of the item's objects (from its metadata; a random box for items without objects); everything
@@ -112,15 +113,15 @@ def keep_at(keep: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(keep.float(), size=(size, size), mode="nearest")
 
 
-def inpainting_decoder_from(decoder) -> "torch.nn.Module":
+def inpainting_decoder_from(decoder, mask_mix: Mapping[str, float] | None = None) -> "torch.nn.Module":
     """An inpainting decoder (``inpaint=True``: the masked image and the mask as 4 more input channels) with every
     weight of ``decoder`` and the new input channels' weights zero: it starts as exactly ``decoder``, whatever the
-    mask, and is fine-tuned from there (GLIDE's recipe)."""
+    mask, and is fine-tuned from there (GLIDE's recipe) on masks drawn from ``mask_mix``."""
     from unclip.config import build
 
     if getattr(decoder, "inpaints", False):
         return decoder
-    model = build({**decoder.config, "inpaint": True})
+    model = build({**decoder.config, "inpaint": True, "mask_mix": check_mask_mix(mask_mix)})
     state = decoder.state_dict()
     weight = state["unet.input_conv.weight"]
     wide = torch.zeros_like(model.unet.input_conv.weight)
@@ -137,3 +138,28 @@ def fill_colour(image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         pixels = one.flatten(1)[:, kept.flatten() > 0.5]
         colours.append(pixels.median(dim=1).values if pixels.shape[1] else torch.ones(3, device=image.device))
     return torch.stack(colours)[:, :, None, None]
+
+
+def decoder_to_fine_tune(path, *, inpaint: bool, mask_mix: Mapping[str, float] | None = None, space=None):
+    """The decoder a fine-tune job (``init_from=``) starts from: the checkpoint's EMA weights and architecture (the
+    job's architecture settings do not apply), made an inpainting decoder when ``inpaint``. ``space``: the job's
+    CLIP embedding space, which the checkpoint's must be."""
+    from unclip.checkpoint import load_stage
+
+    stage = load_stage(path, stage="decoder")
+    if space is not None and stage.space is not None:
+        space.check_same(stage.space, "the job's CLIP", f"the decoder to fine-tune ({stage.path})")
+    return inpainting_decoder_from(stage.model, mask_mix) if inpaint else stage.model
+
+
+def evaluation_inpainting(decoder, images: torch.Tensor, metas: Sequence[Mapping] | None) -> Inpainting | None:
+    """What an inpainting decoder's evaluation and previews fill in: ``images`` (resized to its size) with a mask
+    over each item's object (a random box, fixed by the item's index, for items without objects); None for a plain
+    decoder, which needs no mask."""
+    if not getattr(decoder, "inpaints", False):
+        return None
+    size = decoder.image_size
+    known = images if images.shape[-1] == size else F.interpolate(images.float(), size=(size, size), mode="area")
+    keep = torch.cat([random_keep_masks(1, size, None if metas is None else [metas[i]], mix={"object": 1.0}, seed=i)
+                      for i in range(len(images))])
+    return Inpainting(known, keep.to(images.device))

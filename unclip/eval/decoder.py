@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from unclip.decoder.inpainting import evaluation_inpainting
 from unclip.eval.clip_retrieval import clip_agreement
 from unclip.eval.judge import judge_batch, score
 
@@ -29,7 +30,8 @@ def evaluate_decoder(
     Returns metrics ``{colour_acc, shape_acc, ...}_g<scale><suffix>`` and the samples of the first scale.
     Items without `shapes` metadata (other data sets) are scored by CLIP instead: ``image_cosine`` (decoded vs
     source image embedding), ``clip_score`` (decoded image vs caption), each beside ``shuffled_*``, the same
-    over mismatched pairs.
+    over mismatched pairs. An inpainting decoder decodes each image with its object masked out
+    (``evaluation_inpainting``): it must paint the object back.
     """
     judged_by_pixels = all(isinstance(m, dict) and "scene" in m for m in metas)
     metrics: dict = {}
@@ -41,9 +43,9 @@ def evaluate_decoder(
             chunk = images[start : start + batch_size]
             embed = clip.encode_image(chunk)
             text = clip.encode_text(captions[start : start + batch_size])
-            samples.append(
-                decoder.sample(embed, text, steps=steps, guidance_scale=scale, sampler=sampler, generator=generator).cpu()
-            )
+            inpaint = evaluation_inpainting(decoder, chunk, metas[start : start + batch_size])
+            samples.append(decoder.sample(embed, text, steps=steps, guidance_scale=scale, sampler=sampler,
+                                          generator=generator, inpaint=inpaint).cpu())
         samples = torch.cat(samples)
         first = samples if first is None else first
         tag = f"_g{scale:g}{suffix}"
