@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from unclip.checkpoint import (
     LoadedStage,
@@ -37,7 +35,15 @@ from unclip.decoder.inpainting import fill_colour, keep_at
 from unclip.decoder.upsampler import resize
 from unclip.diffusion import Inpainting, strength_skip
 from unclip.embedding import EmbeddingSpace, TextCondition
-from unclip.images import from_pil, to_pil
+from unclip.images import to_pil
+from unclip.pipeline_inputs import (
+    check_mix,
+    check_prompts,
+    images_in,
+    keep_masks,
+    prompts_for,
+    unit_embeds,
+)
 from unclip.weights import CheckpointError
 
 PIPELINE_FILE = "pipeline.json"
@@ -257,53 +263,11 @@ class UnCLIPPipeline:
         images = images.float()
         return to_pil(images) if output == "pil" else images
 
-    def _check_prompts(self, prompts: Sequence[str] | str) -> list[str]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("the prompt list is empty; give at least one prompt")
-        for prompt in prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
-        return prompts
-
     def _images_in(self, image, size: int | None = None) -> torch.Tensor:
-        """A PIL image (any mode or size), a list of them, or [-1, 1] tensors [B, 3, H, W] -> [B, 3, S, S] with
-        S = ``size`` (PIL: centre-cropped and resized; tensors: resized) or, without a size, the CLIP's
-        (tensors: as they are, the CLIP resizes them)."""
-        if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
-                                              and all(isinstance(i, Image.Image) for i in image)):
-            return from_pil(image, size or self.clip.space.image_size).to(self.device)
-        if isinstance(image, torch.Tensor):
-            if image.ndim == 3:
-                image = image[None]
-            if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
-                raise ValueError(f"image tensors must be float [B, 3, H, W] in [-1, 1], got {image.dtype} "
-                                 f"{list(image.shape)}; convert other images with unclip.images.from_pil")
-            image = image.to(self.device).float()
-            return image if size is None else resize(image, size)
-        raise TypeError(f"expected a PIL image, a list of them or a tensor [B, 3, H, W], got {type(image).__name__}")
-
-    def _prompts_for(self, prompt, count: int) -> list[str]:
-        """One prompt per image: a string for every image, or a list of ``count``."""
-        prompts = self._check_prompts(prompt)
-        if len(prompts) == 1:
-            return prompts * count
-        if len(prompts) != count:
-            raise ValueError(f"{len(prompts)} prompts for {count} images; give one prompt, or one per image")
-        return prompts
-
-    def _unit_embeds(self, image_embed, count: int, name: str = "image_embed") -> torch.Tensor:
-        """Embeddings [D], [1, D] or [count, D] -> unit-norm [count, D] on the device."""
-        dim = self.clip.space.dim
-        if not isinstance(image_embed, torch.Tensor) or image_embed.shape[-1:] != (dim,) or image_embed.ndim > 2:
-            raise ValueError(f"{name} must be a tensor [D], [1, D] or [N, D] with D = {dim}, got "
-                             f"{getattr(image_embed, 'shape', image_embed)!r}")
-        embeds = image_embed.reshape(-1, dim).to(self.device).float()
-        if len(embeds) not in (1, count):
-            raise ValueError(f"{name} has {len(embeds)} rows for {count} images; give 1 or {count}")
-        return F.normalize(embeds, dim=-1).expand(count, dim)
+        """Images in at ``size`` (PIL at the CLIP's size and tensors as they are without one), on the device."""
+        if size is None:
+            return images_in(image, self.clip.space.image_size, self.device, resize_tensors=False)
+        return images_in(image, size, self.device)
 
     def _prior(self, text: TextCondition, config: GenerationSettings, generator, negative: Negative | None = None):
         return self.prior.sample(
@@ -318,9 +282,9 @@ class UnCLIPPipeline:
         embedding from the prior, drawn from a stream of its own so that the other draws do not move."""
         if prompt is None and image_embed is None:
             return None
-        text = self.clip.encode_text(self._check_prompts(prompt)) if prompt is not None else None
+        text = self.clip.encode_text(check_prompts(prompt)) if prompt is not None else None
         if image_embed is not None:
-            embed = self._unit_embeds(image_embed, count, "negative_image_embed")
+            embed = unit_embeds(image_embed, count, self.clip.space.dim, self.device, "negative_image_embed")
         else:
             embed = self._prior(text, config, self._generator(seed)).float().expand(count, -1)
         return Negative(None if text is None else text.repeat_interleave(count), embed)
@@ -329,7 +293,7 @@ class UnCLIPPipeline:
                 eta=None, negative: Negative | None = None, inpaint: Inpainting | None = None, init=None,
                 strength: float = 1.0) -> torch.Tensor:
         """The decoder: images at its size. An inpainting decoder asked for no inpainting fills everything."""
-        if self.decoder.inpaints and inpaint is None:
+        if getattr(self.decoder, "inpaints", False) and inpaint is None:
             if init is not None:
                 raise ValueError("img2img and strength < 1 need a plain decoder; this pipeline's decoder inpaints")
             size = self.decoder.image_size
@@ -382,7 +346,7 @@ class UnCLIPPipeline:
         per image and keeps the one the CLIP finds most similar to the prompt. ``negative_prompt`` (and/or
         ``negative_image_embed``) is what guidance steers away from: the prior's (when ``prior_guidance != 1``)
         and the decoder's unconditional branch."""
-        prompts = self._check_prompts(prompts)
+        prompts = check_prompts(prompts)
         if num_images_per_prompt < 1 or rerank < 1:
             raise ValueError(f"num_images_per_prompt and rerank must be >= 1, got {num_images_per_prompt}, {rerank}")
         with self._session(seed, settings) as (config, generator):
@@ -430,7 +394,7 @@ class UnCLIPPipeline:
         keeps the composition, high strength follows the prompt; 0 returns the images (at the pipeline's size)."""
         strength_skip(1, strength)  # checks it
         images = self._images_in(image, self.image_size)
-        prompts = self._prompts_for(prompt, len(images))
+        prompts = prompts_for(prompt, len(images))
         if strength == 0:
             return self._output(images.repeat_interleave(n, 0), output)
         with self._session(seed, settings) as (config, generator):
@@ -461,7 +425,7 @@ class UnCLIPPipeline:
     ):
         """Move the image embedding along the normalised difference of two text embeddings (paper, 3.3):
         slerp(z_i, z_d, amount) with z_d = normalise(z_t(to) - z_t(from)); one fixed noise."""
-        self._check_prompts([from_text, to_text])
+        check_prompts([from_text, to_text])
         with self._session(seed, settings) as (config, generator):
             z_i = self.clip.encode_image(self._images_in(image)).float()
             texts = self.clip.encode_text([from_text, to_text]).embed.float()
@@ -481,7 +445,7 @@ class UnCLIPPipeline:
         """Decode the weighted mix of CLIP image embeddings: ``items`` are ``(image_or_text, weight)`` pairs (an image
         as for ``variations``, a text through the prior); ``sum(weight * embedding)``, normalised. The weights must
         not sum to zero; a weight may be negative (steer away)."""
-        items = self._check_mix(items)
+        items = check_mix(items)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         with self._session(seed, settings) as (config, generator):
@@ -492,68 +456,21 @@ class UnCLIPPipeline:
             images = self._render(F.normalize(mixed, dim=-1).repeat(n, 1), None, config, generator, eta=eta)
         return self._output(images, output)
 
-    @staticmethod
-    def _check_mix(items) -> list[tuple]:
-        items = list(items) if isinstance(items, (list, tuple)) else None
-        if not items or not all(isinstance(i, (list, tuple)) and len(i) == 2 for i in items):
-            raise ValueError("mix takes a non-empty list of (image_or_text, weight) pairs")
-        for item, weight in items:
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"every weight must be a finite number, got {weight!r} for {item!r:.40}")
-        total = sum(weight for _, weight in items)
-        if abs(total) < 1e-8:
-            raise ValueError(f"the mix's weights sum to zero ({[w for _, w in items]}); give weights with a non-zero sum")
-        return [tuple(i) for i in items]
-
     def _embedding_of(self, item, config: GenerationSettings, generator) -> torch.Tensor:
         """[1, D]: a text's through the prior, an image's from the CLIP."""
         if isinstance(item, str):
-            return self._prior(self.clip.encode_text(self._check_prompts(item)), config, generator).float()
+            return self._prior(self.clip.encode_text(check_prompts(item)), config, generator).float()
         return self.clip.encode_image(self._images_in(item)[:1]).float()
 
     # -- inpainting ---------------------------------------------------------------------------------
-    def _keep_masks(self, mask, image, count: int, size: int) -> torch.Tensor:
-        """The user's masks (white / 1 = fill, black / 0 = keep) -> keep masks [count, 1, size, size] in {0, 1}.
-
-        A PIL mask is resized to its image's size (nearest), then centre-cropped and resized as the image is; a
-        tensor ([H, W], [1, H, W] or [B, 1, H, W] in [0, 1]) is resized to ``size``. Values over 0.5 are filled."""
-        masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
-        images = list(image) if isinstance(image, (list, tuple)) else [image] * len(masks)
-        if all(isinstance(m, Image.Image) for m in masks):
-            fills = torch.cat([self._pil_mask(m, i, size) for m, i in zip(masks, images)])
-        elif len(masks) == 1 and isinstance(masks[0], torch.Tensor):
-            fills = masks[0].to(self.device).float()
-            fills = fills[None, None] if fills.ndim == 2 else fills[None] if fills.ndim == 3 else fills
-            if fills.ndim != 4 or fills.shape[1] != 1:
-                raise ValueError(f"the mask must have a single channel ([H, W], [1, H, W] or [B, 1, H, W]), got "
-                                 f"{list(masks[0].shape)}")
-            fills = F.interpolate(fills, size=(size, size), mode="nearest") if fills.shape[-1] != size else fills
-        else:
-            raise TypeError("mask must be a PIL image (or a list of them, one per image) or a tensor")
-        if len(fills) not in (1, count):
-            raise ValueError(f"{len(fills)} masks for {count} images; give one mask, or one per image")
-        return (fills <= 0.5).float().expand(count, 1, size, size).to(self.device)
-
-    @staticmethod
-    def _pil_mask(mask: Image.Image, image, size: int) -> torch.Tensor:
-        if len(mask.getbands()) != 1:
-            raise ValueError(f"the mask must be a single-channel image (mode L or 1: white = paint, black = keep), "
-                             f"got mode {mask.mode}; convert it with mask.convert('L')")
-        if isinstance(image, Image.Image) and mask.size != image.size:
-            mask = mask.resize(image.size, Image.NEAREST)
-        side = min(mask.size)
-        left, top = (mask.width - side) // 2, (mask.height - side) // 2
-        mask = mask.convert("L").crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
-
     def _edit_condition(self, prompt, image_embed, images, keep, n, config, generator, negative):
         """(caption or None, image embeddings [B * n, D]) for inpainting: a prompt through the prior; a given image
         embedding (with the prompt, if any, as the decoder's caption); neither: the CLIP embedding of the image
         with the hole filled by the kept pixels' median colour ("more of the surroundings": removes objects)."""
         count = len(images)
-        text = None if prompt is None else self.clip.encode_text(self._prompts_for(prompt, count)).repeat_interleave(n)
+        text = None if prompt is None else self.clip.encode_text(prompts_for(prompt, count)).repeat_interleave(n)
         if image_embed is not None:
-            return text, self._unit_embeds(image_embed, count).repeat_interleave(n, 0)
+            return text, unit_embeds(image_embed, count, self.clip.space.dim, self.device).repeat_interleave(n, 0)
         if text is not None:
             return text, self._prior(text, config, generator, negative)
         filled = keep * images + (1 - keep) * fill_colour(images, keep)
@@ -576,13 +493,13 @@ class UnCLIPPipeline:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         images = self._images_in(image, self.image_size)
-        keep = self._keep_masks(mask, image, len(images), self.image_size)
+        keep = keep_masks(mask, image, len(images), self.image_size, self.device)
         if bool((keep == 1).all()):  # nothing to fill
             return self._output(images.repeat_interleave(n, 0), output)
         if bool((keep == 0).all()) and (prompt is not None or image_embed is not None):
             return self._plain(prompt, image_embed, len(images), n, seed, negative_prompt, negative_image_embed,
                                output, settings)
-        jumps = (0 if self.decoder.inpaints else DEFAULT_JUMPS) if jumps is None else jumps
+        jumps = (0 if getattr(self.decoder, "inpaints", False) else DEFAULT_JUMPS) if jumps is None else jumps
         with self._session(seed, settings) as (config, generator):
             count = len(images) * n
             negative = self._negative(negative_prompt, negative_image_embed, count, config, seed)
@@ -598,7 +515,7 @@ class UnCLIPPipeline:
     def _plain(self, prompt, image_embed, count, n, seed, negative_prompt, negative_image_embed, output, settings):
         """Inpainting with nothing kept: generation from the condition alone."""
         if image_embed is None:
-            return self.generate(self._prompts_for(prompt, count), n, seed=seed, negative_prompt=negative_prompt,
+            return self.generate(prompts_for(prompt, count), n, seed=seed, negative_prompt=negative_prompt,
                                  negative_image_embed=negative_image_embed, output=output, **settings)
-        return self.decode(self._unit_embeds(image_embed, count).repeat_interleave(n, 0), seed=seed, output=output,
+        return self.decode(unit_embeds(image_embed, count, self.clip.space.dim, self.device).repeat_interleave(n, 0), seed=seed, output=output,
                            **settings)

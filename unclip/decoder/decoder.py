@@ -309,20 +309,21 @@ class Decoder(Configurable, nn.Module):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         noise = sampling_layout(noise.to(device))
+        run = dict(steps=steps, generator=generator, progress=progress)
         if inpaint is not None:
-            return sample_repaint(model_fn, self.diffusion, noise, inpaint, steps=steps, eta=eta, generator=generator,
-                                  progress=progress).contiguous()
-        x, skip = noise, 0
-        if init_image is not None:
-            if tuple(init_image.shape) != shape:
-                raise ValueError(f"init_image must have shape {shape}, got {tuple(init_image.shape)}")
-            x, skip = noised_start(self.diffusion, sampling_layout(init_image.to(device).float()), noise, steps, strength)
+            return sample_repaint(model_fn, self.diffusion, noise, inpaint, eta=eta, **run).contiguous()
+        x, skip = self._start(noise, init_image, strength, steps)
         if sampler == "ddpm":
-            out = sample_ddpm(model_fn, self.diffusion, x, steps=steps, generator=generator, progress=progress, skip=skip)
-        else:
-            out = sample_ddim(model_fn, self.diffusion, x, steps=steps, eta=eta, generator=generator, progress=progress,
-                              skip=skip)
-        return out.contiguous()
+            return sample_ddpm(model_fn, self.diffusion, x, skip=skip, **run).contiguous()
+        return sample_ddim(model_fn, self.diffusion, x, eta=eta, skip=skip, **run).contiguous()
+
+    def _start(self, noise: torch.Tensor, init_image: torch.Tensor | None, strength: float, steps: int):
+        """Where sampling starts: (x, steps to skip); image-to-image noises ``init_image`` by ``strength``."""
+        if init_image is None:
+            return noise, 0
+        if tuple(init_image.shape) != tuple(noise.shape):
+            raise ValueError(f"init_image must have shape {tuple(noise.shape)}, got {tuple(init_image.shape)}")
+        return noised_start(self.diffusion, sampling_layout(init_image.to(noise.device).float()), noise, steps, strength)
 
     def _checked_inpainting(self, inpaint: Inpainting | None, shape: tuple, device) -> Inpainting | None:
         if inpaint is None:
