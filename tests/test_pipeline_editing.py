@@ -95,6 +95,8 @@ def test_inpaint_bad_input_is_a_clear_error(pipe, scene):
         pipe.inpaint(image, mask.convert("RGB"), "a blue square", **FAST)
     with pytest.raises(ValueError, match=r"single channel .* got \[3, 32, 32\]"):
         pipe.inpaint(image, torch.ones(3, 32, 32), "a blue square", **FAST)
+    with pytest.raises(TypeError, match="mask must be a PIL image"):
+        pipe.inpaint(image, None, "a blue square", **FAST)
     with pytest.raises(ValueError, match="2 masks for 1 images"):
         pipe.inpaint(image, [mask, mask], "a blue square", **FAST)
     with pytest.raises(ValueError, match="2 prompts for 1 images"):
@@ -147,6 +149,7 @@ def test_variations_take_a_strength(pipe, scene):
     assert np.array_equal(_arrays(full), _arrays(pipe.variations(image, n=2, seed=0, strength=1.0, **FAST)))
     near = pipe.variations(image, n=2, seed=0, strength=0.3, **FAST)
     assert len(near) == 2 and not np.array_equal(_arrays(near), _arrays(full))
+    assert np.array_equal(_arrays(near), _arrays(pipe.variations(image, n=2, seed=0, strength=0.3, **FAST)))
     with pytest.raises(ValueError, match="strength must be"):
         pipe.variations(image, strength=2.0, **FAST)
 
