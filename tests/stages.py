@@ -34,3 +34,26 @@ def save_micro_pipeline(root, seed: int = 0):
         "decoder": save_stage(root / "decoder", decoder, stage="decoder", space=space),
         "upsamplers": [save_stage(root / "upsampler", upsampler, stage="upsampler", space=None)],
     }
+
+
+@torch.no_grad()
+def enliven(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Fill every all-zero parameter (the zero-initialised output layers) with small random values, so that a
+    fresh model's output depends on its input and conditioning: tests that pin outputs then see every path."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.numel() and not param.any():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
+def save_lively_pipeline(root, seed: int = 0):
+    """``save_micro_pipeline`` with every stage enlivened (see ``enliven``)."""
+    clip, prior, decoder, upsampler = (enliven(m, seed + i) for i, m in enumerate(micro_stages(seed)))
+    space = clip.space
+    return {
+        "clip": save_stage(root / "clip", clip, stage="clip", space=space),
+        "prior": save_stage(root / "prior", prior, stage="prior", space=space),
+        "decoder": save_stage(root / "decoder", decoder, stage="decoder", space=space),
+        "upsamplers": [save_stage(root / "upsampler", upsampler, stage="upsampler", space=None)],
+    }

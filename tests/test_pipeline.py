@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from stages import micro_stages, save_micro_pipeline
+from stages import micro_stages, save_lively_pipeline, save_micro_pipeline
 
 from unclip.checkpoint import save_stage
 from unclip.pipeline import UnCLIPPipeline, slerp
@@ -97,3 +97,43 @@ def test_stages_from_different_clips_refuse_to_compose(stages, tmp_path):
     other = save_stage(tmp_path / "prior", prior, stage="prior", space=other_clip.space)
     with pytest.raises(ValueError, match=r"the CLIP was trained in embedding space micro \(dim 32, fingerprint \w+\) but the prior in micro \(dim 32, fingerprint \w+\)"):
         UnCLIPPipeline.from_pretrained(clip=stages["clip"], prior=other, decoder=stages["decoder"])
+
+
+# Per image: mean, std, and the means weighted by a left-right and a top-bottom ramp, of the float outputs of a
+# pipeline whose zero-initialised layers were filled (so the conditioning matters), recorded before the pipeline
+# was split into shared steps (issue 13): every public method must keep its outputs for the same seed.
+PINNED = {
+    "generate": [[0.1274, 0.6385, 0.031, -0.0015], [0.1168, 0.6499, 0.0272, -0.0106]],
+    "rerank": [[0.1076, 0.6386, -0.0001, 0.0051]],
+    "variations": [[0.1669, 0.602, 0.0025, 0.0132], [0.1449, 0.5764, 0.0238, -0.0044]],
+    "interpolate": [[0.1396, 0.6085, -0.0115, -0.0029], [0.1418, 0.6137, -0.0087, -0.0044],
+                    [0.1455, 0.6107, -0.0039, 0.0017]],
+    "text_diff": [[0.1604, 0.6131, 0.0131, -0.0153], [0.1508, 0.6126, 0.0119, -0.0161]],
+    "decode": [[0.1509, 0.6097, 0.0024, 0.0037], [0.1591, 0.6258, 0.006, 0.0039]],
+}
+
+
+def _digest(images: torch.Tensor) -> torch.Tensor:
+    images = images.float()
+    ramp = torch.linspace(-1, 1, images.shape[-1])
+    return torch.stack([images.mean((1, 2, 3)), images.std((1, 2, 3)), (images * ramp).mean((1, 2, 3)),
+                        (images * ramp[:, None]).mean((1, 2, 3))], 1)
+
+
+def test_every_method_keeps_its_outputs_for_the_same_seed(tmp_path):
+    stages = save_lively_pipeline(tmp_path)
+    pipe = UnCLIPPipeline.from_pretrained(clip=stages["clip"], prior=stages["prior"], decoder=stages["decoder"],
+                                          upsamplers=stages["upsamplers"], device="cpu")
+    source, grey = Image.new("RGB", (50, 40), (220, 40, 40)), Image.new("L", (32, 32), 128)
+    embeds = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    tensors = dict(output="tensor", **FAST)
+    outputs = {
+        "generate": pipe.generate(["a red circle", "a blue square"], seed=3, **tensors),
+        "rerank": pipe.generate(["a red circle"], seed=4, rerank=2, **tensors),
+        "variations": pipe.variations(source, n=2, seed=5, **tensors),
+        "interpolate": pipe.interpolate(source, grey, steps=3, seed=6, **tensors),
+        "text_diff": pipe.text_diff(source, "a red circle", "a blue circle", amounts=(0.0, 0.5), seed=7, **tensors),
+        "decode": pipe.decode(embeds, seed=8, **tensors),
+    }
+    for name, images in outputs.items():
+        torch.testing.assert_close(_digest(images), torch.tensor(PINNED[name]), atol=2e-3, rtol=0, msg=name)

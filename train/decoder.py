@@ -1,4 +1,7 @@
-"""Train the GLIDE-style decoder on CLIP image embeddings: `python train/decoder.py experiment=shapes`."""
+"""Train the GLIDE-style decoder on CLIP image embeddings: `python train/decoder.py experiment=shapes`.
+
+Fine-tune one into an inpainting decoder: `python train/decoder.py experiment=shapes decoder=inpaint
+init_from=outputs/decoder/shapes hydra.run.dir=outputs/decoder/shapes-inpaint`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from _job import hydra_job
 from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.data.collate import first_items
+from unclip.decoder.inpainting import decoder_to_fine_tune, evaluation_inpainting
 from unclip.images import save_grid, to_pil
 from unclip.jobs import Job
 
@@ -29,7 +33,8 @@ class DecoderLoss:
         with torch.no_grad():
             image_embed = self.clip.encode_image(batch["image"])
             text = self.clip.encode_text(batch["caption"]) if decoder.caption_encoder is not None else None
-        return decoder.training_loss(downsample(batch["image"], decoder.image_size), image_embed, text)
+        images = downsample(batch["image"], decoder.image_size)
+        return decoder.training_loss(images, image_embed, text, metas=batch.get("meta"))
 
 
 @hydra_job("train_decoder")
@@ -41,7 +46,10 @@ def main(job: Job) -> None:
     data = build(config["data"])
     decoder = build(config["decoder"], image_embed_dim=space.dim, text_length=space.text_length,
                     token_dim=space.token_dim)
-    if getattr(decoder, "standardise_embed", False):  # per-dimension statistics of the training embeddings
+    if config.get("init_from"):  # fine-tune: the checkpoint's architecture and weights (+ inpainting channels)
+        decoder = decoder_to_fine_tune(config["init_from"], inpaint=config["decoder"].get("inpaint", False),
+                                       mask_mix=config["decoder"].get("mask_mix"), space=space)
+    elif getattr(decoder, "standardise_embed", False):  # per-dimension statistics of the training embeddings
         sample = first_items(data["train"], config.get("normalisation_items", 4096))["image"].to(clip.device)
         with torch.no_grad():
             decoder.fit_normalisation(torch.cat([clip.encode_image(sample[i:i + 256]) for i in range(0, len(sample), 256)]))
@@ -54,6 +62,7 @@ def main(job: Job) -> None:
             clip.encode_image(images), clip.encode_text(previewed["caption"]),
             steps=evaluation["steps"], guidance_scale=evaluation["guidance_scales"][-1],
             generator=torch.Generator(device=images.device).manual_seed(0),
+            inpaint=evaluation_inpainting(model, images, previewed.get("meta")),
         )
         originals = to_pil(downsample(images, model.image_size))
         save_grid(originals + to_pil(samples), out_dir / f"decoder-{step:08d}.png", columns=8)

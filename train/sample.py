@@ -1,6 +1,10 @@
-"""Generate images from prompts: `python train/sample.py pipeline.path=outputs/demo/pipeline prompts='[a red circle]'`.
+"""Generate or edit images: `python train/sample.py pipeline.path=outputs/demo/pipeline prompts='[a red circle]'`.
 
-Writes each image as PNG, a grid (one row per prompt), and samples.jsonl (prompt, seed, settings per image).
+Modes (``mode=``): generate (text -> images), variations (image=...), img2img (image=..., strength=...), inpaint
+(image=..., mask=...: white = paint, black = keep; prompts=[] removes what is masked) and mix
+(mix='[[red.png,0.5],[a blue square,0.5]]': image files or texts with weights). ``negative_prompt=`` steers every
+mode but mix away from a text. Writes each image as PNG, a grid (one row per prompt), and samples.jsonl (mode,
+prompt, inputs, seed and settings per image).
 """
 
 from __future__ import annotations
@@ -9,10 +13,51 @@ import json
 from pathlib import Path
 
 from _job import hydra_job
+from PIL import Image
 
 from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
+
+MODES = ("generate", "variations", "img2img", "inpaint", "mix")
+
+
+def _open(path, what: str) -> Image.Image:
+    if not path:
+        raise ValueError(f"this mode needs {what}=<an image file>")
+    return Image.open(path)
+
+
+def _mix_items(config: dict) -> list:
+    """``[[item, weight], ...]``: an item naming an existing file is an image, anything else a text."""
+    if not config["mix"]:
+        raise ValueError("mode=mix needs mix='[[image file or text, weight], ...]'")
+    return [(Image.open(item) if Path(str(item)).is_file() else str(item), float(weight)) for item, weight in config["mix"]]
+
+
+def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list, list[dict]]:
+    """The images of ``config['mode']`` and, per image, what made it (prompt or None)."""
+    mode, n = config["mode"], config["num_images_per_prompt"]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    common = {"seed": config["seed"]}
+    negative = {"negative_prompt": config["negative_prompt"]}
+    if mode == "mix":
+        return pipe.mix(_mix_items(config), n, **common), [{"prompt": None}] * n
+    if mode == "variations":
+        images = pipe.variations(_open(config["image"], "image"), n, strength=config["strength"], **negative, **common)
+        return images, [{"prompt": None}] * n
+    if mode == "generate":
+        images = pipe.generate(prompts, n, rerank=config["rerank"], **negative, **common)
+    elif mode == "img2img":
+        image = _open(config["image"], "image")
+        images = [i for p in prompts for i in pipe.img2img(image, p, config["strength"], n=n, **negative, **common)]
+    else:
+        image, mask = _open(config["image"], "image"), _open(config["mask"], "mask")
+        prompts = prompts or [None]
+        images = [i for p in prompts for i in pipe.inpaint(image, mask, p, n=n, jumps=config["jumps"], **negative,
+                                                             **common)]
+    return images, [{"prompt": p} for p in prompts for _ in range(n)]
 
 
 @hydra_job("train_sample")
@@ -23,16 +68,17 @@ def main(job: Job) -> None:
         lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
     pipe = UnCLIPPipeline.from_config(config["pipeline"])
+    images, made_by = sample(pipe, config, prompts)
     n = config["num_images_per_prompt"]
-    images = pipe.generate(prompts, n, seed=config["seed"], rerank=config["rerank"])
+    inputs = {key: config[key] for key in ("mode", "image", "mask", "strength", "negative_prompt", "mix", "jumps")}
     image_dir = run_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as log:
-        for i, image in enumerate(images):
+        for i, (image, record) in enumerate(zip(images, made_by)):
             name = f"{i:04d}.png"
             image.save(image_dir / name)
-            record = {"file": f"images/{name}", "prompt": prompts[i // n], "seed": config["seed"],
-                      "index_in_prompt": i % n, "rerank": config["rerank"], "settings": vars(pipe.settings)}
+            record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
+                      "rerank": config["rerank"], **inputs, "settings": vars(pipe.settings)}
             log.write(json.dumps(record) + "\n")
     grid = save_grid(images, run_dir / "grid.png", columns=n)
     job.finish({"images": len(images), "grid": str(grid)})

@@ -2,9 +2,14 @@
 
     pipe = UnCLIPPipeline.from_pretrained("outputs/demo/pipeline")
     images = pipe.generate(["a red circle", "a purple triangle at the top"], seed=0)
+    pipe.inpaint(image, mask, "a blue square")          # mask: white = paint here, black = keep
+    pipe.img2img(image, "a green circle", strength=0.6)
+    pipe.mix([(image, 0.5), ("a blue square", 0.5)])
+    pipe.generate("a circle", negative_prompt="red")
 
 Every call takes a seed and gives the same images for it. Stages from different CLIP embedding spaces
-refuse to compose, naming both fingerprints.
+refuse to compose, naming both fingerprints. Each public method is a few lines over the shared steps: encode
+(text, images), the prior, the decoder, the upsamplers.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from unclip.checkpoint import (
     LoadedStage,
@@ -26,11 +31,24 @@ from unclip.checkpoint import (
     resolve_checkpoint,
     write_json_atomic,
 )
+from unclip.decoder.inpainting import fill_colour, keep_at
+from unclip.decoder.upsampler import resize
+from unclip.diffusion import Inpainting, strength_skip
 from unclip.embedding import EmbeddingSpace, TextCondition
-from unclip.images import from_pil, to_pil
+from unclip.images import to_pil
+from unclip.pipeline_inputs import (
+    check_mix,
+    check_prompts,
+    images_in,
+    keep_masks,
+    prompts_for,
+    unit_embeds,
+)
 from unclip.weights import CheckpointError
 
 PIPELINE_FILE = "pipeline.json"
+# RePaint's resampling passes a step when inpainting with a plain decoder (an inpainting decoder needs none).
+DEFAULT_JUMPS = 3
 
 
 @dataclass
@@ -61,6 +79,15 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
     omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
     return F.normalize((torch.sin((1 - weight) * omega) / so) * a + (torch.sin(weight * omega) / so) * b, dim=-1)
+
+
+@dataclass
+class Negative:
+    """What guidance steers away from (a negative prompt): the caption for the prior's and the decoder's guidance,
+    and the image embedding for the decoder's; [B] rows each, either may be None."""
+
+    text: TextCondition | None = None
+    image_embed: torch.Tensor | None = None
 
 
 @dataclass
@@ -97,6 +124,11 @@ class UnCLIPPipeline:
         return [self.clip, self.prior, self.decoder, *self.upsamplers]
 
     @property
+    def image_size(self) -> int:
+        """The side of the images the pipeline makes (its last stage's)."""
+        return self.upsamplers[-1].image_size if self.upsamplers else self.decoder.image_size
+
+    @property
     def device(self) -> torch.device:
         """Where the pipeline runs (its CLIP's device)."""
         return getattr(self.clip, "device", None) or next(self.clip.parameters()).device
@@ -118,7 +150,8 @@ class UnCLIPPipeline:
         device: str | torch.device | None = None,
         use_ema: bool = True,
     ) -> "UnCLIPPipeline":
-        """From one saved pipeline directory, or from stage checkpoints (directories or run directories)."""
+        """From one saved pipeline directory, or from stage checkpoints (directories or run directories). Stages
+        given beside a pipeline directory replace its own (e.g. ``decoder=`` an inpainting decoder)."""
         settings = GenerationSettings()
         if path is not None:
             path = Path(path)
@@ -132,8 +165,9 @@ class UnCLIPPipeline:
                     raise CheckpointError(f"{manifest_file} lists no {name} stage")
                 if not (path / stages[name]).exists():
                     raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]})")
-            clip, prior, decoder = (path / stages[n] for n in ("clip", "prior", "decoder"))
-            upsamplers = [path / p for p in stages.get("upsamplers", [])]
+            clip, prior, decoder = (given or path / stages[n] for n, given in
+                                    (("clip", clip), ("prior", prior), ("decoder", decoder)))
+            upsamplers = list(upsamplers) or [path / p for p in stages.get("upsamplers", [])]
             settings = GenerationSettings(**manifest.get("settings", {}))
         missing = [name for name, value in (("clip", clip), ("prior", prior), ("decoder", decoder)) if value is None]
         if missing:
@@ -198,9 +232,9 @@ class UnCLIPPipeline:
         tmp.replace(directory)
         return directory
 
-    # -- the steps ---------------------------------------------------------------------------
+    # -- the shared steps ----------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
-        if not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -208,27 +242,13 @@ class UnCLIPPipeline:
         """The pipeline's mixed precision (bfloat16 on CPU and CUDA), for code that calls its stages directly."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type in ("cpu", "cuda"))
 
-    def _check_prompts(self, prompts: Sequence[str] | str) -> list[str]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("the prompt list is empty; give at least one prompt")
-        for prompt in prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
-        return prompts
-
-    def _decode(self, image_embed, text: TextCondition | None, settings: GenerationSettings, generator, noise=None, eta=None):
-        images = self.decoder.sample(
-            image_embed, text, steps=settings.decoder_steps, guidance_scale=settings.decoder_guidance,
-            eta=settings.decoder_eta if eta is None else eta, generator=generator, noise=noise,
-        )
-        for upsampler in self.upsamplers:
-            images = upsampler.sample(
-                images, steps=settings.upsampler_steps, aug_level=settings.upsampler_aug_level, generator=generator
-            )
-        return images
+    @contextmanager
+    def _session(self, seed: int, overrides: dict) -> Iterator[tuple[GenerationSettings, torch.Generator]]:
+        """One call's settings (defaults + ``overrides``, checked) and generator, under autocast."""
+        config = self._settings(overrides)
+        generator = self._generator(seed)
+        with self.autocast():
+            yield config, generator
 
     def _settings(self, overrides: dict) -> GenerationSettings:
         unknown = set(overrides) - set(vars(self.settings))
@@ -238,17 +258,79 @@ class UnCLIPPipeline:
         settings.check()
         return settings
 
-    def _images_in(self, image) -> torch.Tensor:
-        """A PIL image (any mode or size) or a [-1, 1] tensor -> [1, 3, S, S] at the CLIP's size."""
-        if isinstance(image, Image.Image):
-            return from_pil(image, self.clip.space.image_size).to(self.device)
-        if isinstance(image, torch.Tensor):
-            if image.ndim == 3:
-                image = image[None]
-            return image.to(self.device)
-        raise TypeError(f"expected a PIL image or a tensor, got {type(image).__name__}")
+    @staticmethod
+    def _output(images: torch.Tensor, output: str):
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        images = images.float()
+        return to_pil(images) if output == "pil" else images
 
-    # -- public API ---------------------------------------------------------------------------
+    def _images_in(self, image, size: int | None = None) -> torch.Tensor:
+        """Images in at ``size`` (PIL at the CLIP's size and tensors as they are without one), on the device."""
+        if size is None:
+            return images_in(image, self.clip.space.image_size, self.device, resize_tensors=False)
+        return images_in(image, size, self.device)
+
+    def _prior(self, text: TextCondition, config: GenerationSettings, generator, negative: Negative | None = None):
+        return self.prior.sample(
+            text, steps=config.prior_steps, guidance_scale=config.prior_guidance,
+            num_candidates=config.prior_candidates, generator=generator,
+            **({"negative": negative.text} if negative is not None and negative.text is not None else {}),
+        )
+
+    def _negative(self, prompt: str | None, image_embed, count: int, config: GenerationSettings,
+                  seed: int) -> Negative | None:
+        """The negative for ``count`` rows: a prompt's caption and (unless ``image_embed`` is given) its image
+        embedding from the prior, drawn from a stream of its own so that the other draws do not move."""
+        if prompt is None and image_embed is None:
+            return None
+        text = self.clip.encode_text(check_prompts(prompt)) if prompt is not None else None
+        if image_embed is not None:
+            embed = unit_embeds(image_embed, count, self.clip.space.dim, self.device, "negative_image_embed")
+        else:
+            embed = self._prior(text, config, self._generator(seed)).float().expand(count, -1)
+        return Negative(None if text is None else text.repeat_interleave(count), embed)
+
+    def _decode(self, image_embed, text: TextCondition | None, config: GenerationSettings, generator, *, noise=None,
+                eta=None, negative: Negative | None = None, inpaint: Inpainting | None = None, init=None,
+                strength: float = 1.0) -> torch.Tensor:
+        """The decoder: images at its size. An inpainting decoder asked for no inpainting fills everything."""
+        if getattr(self.decoder, "inpaints", False) and inpaint is None:
+            if init is not None:
+                raise ValueError("img2img and strength < 1 need a plain decoder; this pipeline's decoder inpaints")
+            size = self.decoder.image_size
+            blank = torch.zeros(len(image_embed), 3, size, size, device=self.device)
+            inpaint = Inpainting(blank, blank[:, :1])
+        return self.decoder.sample(
+            image_embed, text, steps=config.decoder_steps, guidance_scale=config.decoder_guidance,
+            eta=config.decoder_eta if eta is None else eta, generator=generator, noise=noise, inpaint=inpaint,
+            negative_embed=None if negative is None else negative.image_embed,
+            negative_text=None if negative is None else negative.text,
+            **({"init_image": init, "strength": strength} if init is not None else {}),
+        )
+
+    def _upsample(self, images: torch.Tensor, config: GenerationSettings, generator, *, known=None, keep=None,
+                  eta: float = 0.0) -> torch.Tensor:
+        """The upsamplers in turn; with ``known``/``keep`` (at the last stage's size) each inpaints too, keeping the
+        known image (resized to its size) where the mask (resized with ``keep_at``) keeps it."""
+        for upsampler in self.upsamplers:
+            size = upsampler.image_size
+            inpaint = None if known is None else Inpainting(resize(known, size), keep_at(keep, size))
+            images = upsampler.sample(images, steps=config.upsampler_steps, aug_level=config.upsampler_aug_level,
+                                      generator=generator, inpaint=inpaint, eta=eta if known is not None else 0.0)
+        return images
+
+    def _render(self, image_embed, text, config, generator, **decode) -> torch.Tensor:
+        """Decoder, then upsamplers (no inpainting)."""
+        return self._upsample(self._decode(image_embed, text, config, generator, **decode), config, generator)
+
+    def _best_of(self, images: torch.Tensor, text: TextCondition, rerank: int) -> torch.Tensor:
+        """Of every ``rerank`` consecutive images, the one the CLIP finds most similar to its caption."""
+        scores = (self.clip.encode_image(images) * text.embed.float()).sum(-1).view(-1, rerank)
+        best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
+        return images[best]
+
+    # -- text to image, image embeddings to images ------------------------------------------------
     @torch.no_grad()
     def generate(
         self,
@@ -257,69 +339,86 @@ class UnCLIPPipeline:
         *,
         seed: int = 0,
         rerank: int = 1,
+        negative_prompt: str | None = None,
+        negative_image_embed: torch.Tensor | None = None,
         output: str = "pil",
         **settings,
     ):
         """Text -> images: ``num_images_per_prompt`` per prompt, in prompt order. ``rerank=k`` draws k candidates
-        per image and keeps the one the CLIP finds most similar to the prompt."""
-        prompts = self._check_prompts(prompts)
+        per image and keeps the one the CLIP finds most similar to the prompt. ``negative_prompt`` (and/or
+        ``negative_image_embed``) is what guidance steers away from: the prior's (when ``prior_guidance != 1``)
+        and the decoder's unconditional branch."""
+        prompts = check_prompts(prompts)
         if num_images_per_prompt < 1 or rerank < 1:
             raise ValueError(f"num_images_per_prompt and rerank must be >= 1, got {num_images_per_prompt}, {rerank}")
-        config = self._settings(settings)
-        generator = self._generator(seed)
-        copies = num_images_per_prompt * rerank
-        with self.autocast():
-            text = self.clip.encode_text(prompts).repeat_interleave(copies)
-            image_embed = self.prior.sample(
-                text, steps=config.prior_steps, guidance_scale=config.prior_guidance,
-                num_candidates=config.prior_candidates, generator=generator,
-            )
-            images = self._decode(image_embed, text, config, generator).float()
+        with self._session(seed, settings) as (config, generator):
+            text = self.clip.encode_text(prompts).repeat_interleave(num_images_per_prompt * rerank)
+            negative = self._negative(negative_prompt, negative_image_embed, len(text), config, seed)
+            image_embed = self._prior(text, config, generator, negative)
+            images = self._render(image_embed, text, config, generator, negative=negative).float()
             if rerank > 1:
-                scores = (self.clip.encode_image(images) * text.embed.float()).sum(-1)
-                scores = scores.view(len(prompts) * num_images_per_prompt, rerank)
-                best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
-                images = images[best]
-        return to_pil(images) if output == "pil" else images
+                images = self._best_of(images, text, rerank)
+        return self._output(images, output)
 
     @torch.no_grad()
     def decode(self, image_embeds: torch.Tensor, *, seed: int = 0, eta: float = 0.0, output: str = "pil", **settings):
         """Images for CLIP image embeddings [N, D] (unit norm): the decoder and the upsamplers, no caption."""
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2 or len(image_embeds) == 0:
             raise ValueError(f"image_embeds must be a non-empty tensor [N, D], got {getattr(image_embeds, 'shape', image_embeds)!r}")
-        config = self._settings(settings)
-        generator = self._generator(seed)
-        with self._autocast():
-            images = self._decode(image_embeds.to(self.device).float(), None, config, generator, eta=eta).float()
-        return to_pil(images) if output == "pil" else images
+        with self._session(seed, settings) as (config, generator):
+            images = self._render(image_embeds.to(self.device).float(), None, config, generator, eta=eta)
+        return self._output(images, output)
 
+    # -- images to images -----------------------------------------------------------------------
     @torch.no_grad()
-    def variations(self, image, n: int = 4, *, seed: int = 0, eta: float = 1.0, output: str = "pil", **settings):
-        """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (DDIM eta > 0)."""
+    def variations(self, image, n: int = 4, *, seed: int = 0, eta: float = 1.0, strength: float = 1.0,
+                   negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
+                   output: str = "pil", **settings):
+        """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (DDIM eta > 0).
+        ``strength < 1`` starts from the image itself noised that far (1: from pure noise; 0: the image)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        config = self._settings(settings)
-        generator = self._generator(seed)
-        with self.autocast():
+        strength_skip(1, strength)  # checks it
+        with self._session(seed, settings) as (config, generator):
             embed = self.clip.encode_image(self._images_in(image)).float().repeat(n, 1)
-            images = self._decode(embed, None, config, generator, eta=eta).float()
-        return to_pil(images) if output == "pil" else images
+            negative = self._negative(negative_prompt, negative_image_embed, n, config, seed)
+            init = None if strength == 1 else self._images_in(image, self.decoder.image_size)[:1].repeat(n, 1, 1, 1)
+            images = self._render(embed, None, config, generator, eta=eta, negative=negative, init=init,
+                                  strength=strength)
+        return self._output(images, output)
+
+    @torch.no_grad()
+    def img2img(self, image, prompt: str | Sequence[str], strength: float = 0.5, *, n: int = 1, seed: int = 0,
+                negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
+                output: str = "pil", **settings):
+        """Image-to-image (SDEdit): each image noised ``strength`` of the way to pure noise at the decoder's size,
+        then denoised towards its prompt's embedding (from the prior); ``n`` per image, in image order. Low strength
+        keeps the composition, high strength follows the prompt; 0 returns the images (at the pipeline's size)."""
+        strength_skip(1, strength)  # checks it
+        images = self._images_in(image, self.image_size)
+        prompts = prompts_for(prompt, len(images))
+        if strength == 0:
+            return self._output(images.repeat_interleave(n, 0), output)
+        with self._session(seed, settings) as (config, generator):
+            text = self.clip.encode_text(prompts).repeat_interleave(n)
+            negative = self._negative(negative_prompt, negative_image_embed, len(text), config, seed)
+            init = resize(images, self.decoder.image_size).repeat_interleave(n, 0)
+            image_embed = self._prior(text, config, generator, negative)
+            images = self._render(image_embed, text, config, generator, negative=negative, init=init,
+                                  strength=strength)
+        return self._output(images, output)
 
     @torch.no_grad()
     def interpolate(self, image_a, image_b, steps: int = 5, *, seed: int = 0, output: str = "pil", **settings):
         """Decode ``steps`` slerps between the two images' embeddings, all with one fixed noise."""
         if steps < 2:
             raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
-        config = self._settings(settings)
-        generator = self._generator(seed)
-        with self.autocast():
+        with self._session(seed, settings) as (config, generator):
             a = self.clip.encode_image(self._images_in(image_a)).float()
             b = self.clip.encode_image(self._images_in(image_b)).float()
             embeds = torch.cat([slerp(a, b, w / (steps - 1)) for w in range(steps)])
-            size = self.decoder.image_size
-            noise = torch.randn(1, 3, size, size, device=self.device, generator=generator).repeat(steps, 1, 1, 1)
-            images = self._decode(embeds, None, config, generator, noise=noise, eta=0.0).float()
-        return to_pil(images) if output == "pil" else images
+            images = self._render(embeds, None, config, generator, noise=self._shared_noise(steps, generator), eta=0.0)
+        return self._output(images, output)
 
     @torch.no_grad()
     def text_diff(
@@ -328,15 +427,97 @@ class UnCLIPPipeline:
     ):
         """Move the image embedding along the normalised difference of two text embeddings (paper, 3.3):
         slerp(z_i, z_d, amount) with z_d = normalise(z_t(to) - z_t(from)); one fixed noise."""
-        self._check_prompts([from_text, to_text])
-        config = self._settings(settings)
-        generator = self._generator(seed)
-        with self.autocast():
+        check_prompts([from_text, to_text])
+        with self._session(seed, settings) as (config, generator):
             z_i = self.clip.encode_image(self._images_in(image)).float()
             texts = self.clip.encode_text([from_text, to_text]).embed.float()
             z_d = F.normalize(texts[1] - texts[0], dim=-1)[None]
             embeds = torch.cat([slerp(z_i, z_d, float(a)) for a in amounts])
+            noise = self._shared_noise(len(embeds), generator)
+            images = self._render(embeds, None, config, generator, noise=noise, eta=0.0)
+        return self._output(images, output)
+
+    def _shared_noise(self, count: int, generator) -> torch.Tensor:
+        size = self.decoder.image_size
+        return torch.randn(1, 3, size, size, device=self.device, generator=generator).repeat(count, 1, 1, 1)
+
+    @torch.no_grad()
+    def mix(self, items: Sequence[tuple], n: int = 1, *, seed: int = 0, eta: float = 0.0, output: str = "pil",
+            **settings):
+        """Decode the weighted mix of CLIP image embeddings: ``items`` are ``(image_or_text, weight)`` pairs (an image
+        as for ``variations``, a text through the prior); ``sum(weight * embedding)``, normalised. The weights must
+        not sum to zero; a weight may be negative (steer away)."""
+        items = check_mix(items)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        with self._session(seed, settings) as (config, generator):
+            embeds = [self._embedding_of(item, config, generator) for item, _ in items]
+            mixed = sum(weight * embed for (_, weight), embed in zip(items, embeds))
+            if float(mixed.norm()) < 1e-6:
+                raise ValueError("the weighted embeddings cancel out (their sum is zero); change the weights")
+            images = self._render(F.normalize(mixed, dim=-1).repeat(n, 1), None, config, generator, eta=eta)
+        return self._output(images, output)
+
+    def _embedding_of(self, item, config: GenerationSettings, generator) -> torch.Tensor:
+        """[1, D]: a text's through the prior, an image's from the CLIP."""
+        if isinstance(item, str):
+            return self._prior(self.clip.encode_text(check_prompts(item)), config, generator).float()
+        return self.clip.encode_image(self._images_in(item)[:1]).float()
+
+    # -- inpainting ---------------------------------------------------------------------------------
+    def _edit_condition(self, prompt, image_embed, images, keep, n, config, generator, negative):
+        """(caption or None, image embeddings [B * n, D]) for inpainting: a prompt through the prior; a given image
+        embedding (with the prompt, if any, as the decoder's caption); neither: the CLIP embedding of the image
+        with the hole filled by the kept pixels' median colour ("more of the surroundings": removes objects)."""
+        count = len(images)
+        text = None if prompt is None else self.clip.encode_text(prompts_for(prompt, count)).repeat_interleave(n)
+        if image_embed is not None:
+            return text, unit_embeds(image_embed, count, self.clip.space.dim, self.device).repeat_interleave(n, 0)
+        if text is not None:
+            return text, self._prior(text, config, generator, negative)
+        filled = keep * images + (1 - keep) * fill_colour(images, keep)
+        return None, self.clip.encode_image(filled).float().repeat_interleave(n, 0)
+
+    @torch.no_grad()
+    def inpaint(self, image, mask, prompt: str | Sequence[str] | None = None, *, image_embed: torch.Tensor | None = None,
+                n: int = 1, jumps: int | None = None, jump_length: int = 1, eta: float = 1.0, seed: int = 0,
+                negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
+                output: str = "pil", **settings):
+        """Fill the white part of ``mask`` in ``image`` (a PIL image, a list of them, or tensors [B, 3, H, W]); keep
+        the rest exactly. ``n`` results per image, in image order, at the pipeline's size (the image is resized to
+        it, the mask with it). The fill follows ``prompt`` (through the prior) or ``image_embed``; with neither, the
+        image's own surroundings (object removal).
+
+        A plain decoder inpaints with RePaint (``jumps`` resampling passes a step, default ``DEFAULT_JUMPS``; each
+        costs another model call a step); an inpainting decoder (``inpaint=True``) sees the masked image and needs
+        none (default 0). The upsamplers inpaint too, keeping the image at their size. An all-black mask returns the
+        image; an all-white one is plain generation: ``generate(prompt, n)`` or ``decode(image_embed)``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        images = self._images_in(image, self.image_size)
+        keep = keep_masks(mask, image, len(images), self.image_size, self.device)
+        if bool((keep == 1).all()):  # nothing to fill
+            return self._output(images.repeat_interleave(n, 0), output)
+        if bool((keep == 0).all()) and (prompt is not None or image_embed is not None):
+            return self._plain(prompt, image_embed, len(images), n, seed, negative_prompt, negative_image_embed,
+                               output, settings)
+        jumps = (0 if getattr(self.decoder, "inpaints", False) else DEFAULT_JUMPS) if jumps is None else jumps
+        with self._session(seed, settings) as (config, generator):
+            count = len(images) * n
+            negative = self._negative(negative_prompt, negative_image_embed, count, config, seed)
+            text, embeds = self._edit_condition(prompt, image_embed, images, keep, n, config, generator, negative)
+            known, keep = images.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)
             size = self.decoder.image_size
-            noise = torch.randn(1, 3, size, size, device=self.device, generator=generator).repeat(len(embeds), 1, 1, 1)
-            images = self._decode(embeds, None, config, generator, noise=noise, eta=0.0).float()
-        return to_pil(images) if output == "pil" else images
+            low = self._decode(embeds, text, config, generator, negative=negative, eta=eta, inpaint=Inpainting(
+                resize(known, size), keep_at(keep, size), jumps=jumps, jump_length=jump_length))
+            out = self._upsample(low, config, generator, known=known, keep=keep, eta=eta)
+            out = keep * known + (1 - keep) * out.float()  # exactly the image where kept
+        return self._output(out, output)
+
+    def _plain(self, prompt, image_embed, count, n, seed, negative_prompt, negative_image_embed, output, settings):
+        """Inpainting with nothing kept: generation from the condition alone."""
+        if image_embed is None:
+            return self.generate(prompts_for(prompt, count), n, seed=seed, negative_prompt=negative_prompt,
+                                 negative_image_embed=negative_image_embed, output=output, **settings)
+        return self.decode(unit_embeds(image_embed, count, self.clip.space.dim, self.device).repeat_interleave(n, 0), seed=seed, output=output,
+                           **settings)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from unclip.configurable import configurable
-from unclip.decoder.conditioning import CaptionCondition, ImageEmbedCondition
+from unclip.decoder.conditioning import (
+    CaptionCondition,
+    ImageEmbedCondition,
+    MaskedImageCondition,
+)
+from unclip.decoder.inpainting import check_mask_mix, random_keep_masks
 from unclip.decoder.text_encoder import CaptionEncoder, ClipTokenProjection
-from unclip.decoder.unet import UNet, embedding_width, sampling_layout, with_resolved_upsample_width
-from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim, sample_ddpm
+from unclip.decoder.unet import (
+    UNet,
+    embedding_width,
+    sampling_layout,
+    with_resolved_upsample_width,
+)
+from unclip.diffusion import (
+    GaussianDiffusion,
+    Inpainting,
+    classifier_free_guidance,
+    noised_start,
+    sample_ddim,
+    sample_ddpm,
+    sample_repaint,
+)
 from unclip.embedding import TextCondition
 
 CAPTION_MODES = ("transformer", "clip_tokens", "none")
@@ -37,6 +57,10 @@ class Decoder(nn.Module):
     ``"clip_tokens"``: the CLIP text encoder's per-token states, projected; ``"none"``: no caption.
     Training drops the image embedding (``image_embed_drop_prob``) and the caption (``caption_drop_prob``)
     to learned nulls, so that sampling can use classifier-free guidance.
+
+    ``inpaint=True`` (GLIDE's inpainting model): the UNet also takes the known image (zero where masked) and the
+    keep mask as 4 input channels, whose input-convolution weights start at zero; it trains on random masks
+    (``mask_mix``, see ``unclip.decoder.inpainting``) and samples only given one (``sample(inpaint=...)``).
     """
 
     def __init__(
@@ -59,6 +83,8 @@ class Decoder(nn.Module):
         image_embed_drop_prob: float = 0.1,
         caption_drop_prob: float = 0.5,
         standardise_embed: bool = False,
+        inpaint: bool = False,
+        mask_mix: dict | None = None,
     ):
         super().__init__()
         if caption not in CAPTION_MODES:
@@ -84,7 +110,13 @@ class Decoder(nn.Module):
             image_embed_dim, emb_dim, token_width, num_image_tokens, spatial_grid=spatial_grid,
             base_channels=body.get("base_channels", 64), standardise=standardise_embed, hidden=embed_hidden,
         )
+        if inpaint:
+            conditions["masked"] = MaskedImageCondition()
         self.unet = UNet(image_size=image_size, conditions=conditions, **body)
+        self.inpaints = bool(inpaint)
+        self.mask_mix = check_mask_mix(mask_mix) if inpaint else None
+        if inpaint:  # the known image and mask start with no say: the decoder is the plain one until fine-tuned
+            torch.nn.init.zeros_(self.unet.input_conv.weight[:, 3:])
         self.image_size = image_size
         self.image_embed_dim = image_embed_dim
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-1.0, 1.0))
@@ -117,12 +149,34 @@ class Decoder(nn.Module):
         states, pooled = self.caption_encoder.encode(text)
         return states, text.mask, pooled
 
-    def _net(self, x, t, drop, image_embed, context, context_mask, pooled_context, drop_caption=None):
+    def _net(self, x, t, drop, image_embed, context, context_mask, pooled_context, drop_embed=None, drop_caption=None,
+             masked_image=None, mask=None):
+        """The UNet as guidance calls it: ``drop`` [B] (guidance's null rows) or'ed with the per-row flags."""
+        drop_embed = drop if drop_embed is None else drop_embed | drop
         drop_caption = drop if drop_caption is None else drop_caption | drop
         return self.unet(
             x, t, image_embed=image_embed, context=context, context_mask=context_mask,
-            pooled_context=pooled_context, drop_image_embed=drop, drop_context=drop_caption,
+            pooled_context=pooled_context, drop_image_embed=drop_embed, drop_context=drop_caption,
+            masked_image=masked_image, mask=mask,
         )
+
+    def _inpainting_inputs(self, images: torch.Tensor | None, keep: torch.Tensor | None) -> dict:
+        """The inpainting channels' inputs (``masked_image``, ``mask``), or {} for a plain decoder."""
+        if not self.inpaints:
+            if keep is not None:
+                raise ValueError("this decoder does not inpaint (built without inpaint=True): it takes no mask; "
+                                 "inpaint with it through the RePaint sampler (sample(inpaint=...)) instead")
+            return {}
+        if keep is None:
+            raise ValueError(
+                "this is an inpainting decoder: it needs the known image and a keep mask (1 = keep, 0 = fill), "
+                "e.g. sample(..., inpaint=Inpainting(known, keep)); a mask of zeros asks for a whole new image")
+        size = self.image_size
+        if keep.shape != (images.shape[0], 1, size, size):
+            raise ValueError(f"the keep mask must be [B, 1, {size}, {size}] for images {list(images.shape)}, "
+                             f"got {list(keep.shape)}")
+        keep = keep.to(images.device, images.dtype)
+        return {"masked_image": images * keep, "mask": keep}
 
     # -- training ---------------------------------------------------------------------------
     def training_loss(
@@ -135,10 +189,14 @@ class Decoder(nn.Module):
         noise: torch.Tensor | None = None,
         drop_image_embed: torch.Tensor | None = None,
         drop_caption: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        metas: list | None = None,
     ) -> dict:
         """images [B, 3, S, S] in [-1, 1]; image_embed [B, D] unit-norm; text for the caption (optional).
 
-        ``t`` [B], ``noise`` [B, 3, S, S] and the drop flags [B] (bool) are drawn at random unless given.
+        ``t`` [B], ``noise`` [B, 3, S, S] and the drop flags [B] (bool) are drawn at random unless given. An
+        inpainting decoder also takes keep masks [B, 1, S, S], drawn from its ``mask_mix`` unless given (``metas``:
+        the items' metadata, for masks over their objects).
         """
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
@@ -149,12 +207,15 @@ class Decoder(nn.Module):
             drop_embed = torch.rand(batch, device=device) < self.image_embed_drop_prob
         if drop_caption is None:
             drop_caption = torch.rand(batch, device=device) < self.caption_drop_prob
+        if self.inpaints and keep is None:
+            keep = random_keep_masks(batch, self.image_size, metas, mix=self.mask_mix).to(device)
+        inpainting = self._inpainting_inputs(images.float(), keep)
         context, context_mask, pooled = self._caption_context(text)
         losses = self.diffusion.training_loss(
             lambda x, t: self.unet(
                 x, t, image_embed=image_embed, context=context, context_mask=context_mask,
                 pooled_context=pooled, drop_image_embed=drop_embed,
-                drop_context=drop_caption if context is not None else None,
+                drop_context=drop_caption if context is not None else None, **inpainting,
             ),
             images,
             t=t,
@@ -163,6 +224,35 @@ class Decoder(nn.Module):
         return {"loss": losses.mean()}
 
     # -- sampling ---------------------------------------------------------------------------
+    def _guidance_inputs(self, image_embed, text, negative_embed, negative_text, inpainting: dict):
+        """The conditioning guidance passes to ``_net``, and the negative one (None without a negative). A side
+        without a caption (none given, or a negative without text) has the other side's caption dropped."""
+        batch = image_embed.shape[0]
+        if negative_text is not None and len(negative_text) != batch:
+            raise ValueError(f"{len(negative_text)} negative captions for {batch} image embeddings")
+        if negative_embed is not None:
+            self._check_embed(negative_embed)
+            if negative_embed.shape[0] != batch:
+                raise ValueError(f"{negative_embed.shape[0]} negative image embeddings for {batch} image embeddings")
+        context, context_mask, pooled = self._caption_context(text)
+        cond = dict(image_embed=image_embed, context=context, context_mask=context_mask, pooled_context=pooled,
+                    **inpainting)
+        if negative_embed is None and negative_text is None:
+            return cond, None
+        neg_context, neg_mask, neg_pooled = self._caption_context(negative_text)
+        flags = torch.zeros(batch, dtype=torch.bool, device=image_embed.device)
+        cond.update(drop_embed=flags, drop_caption=flags if context is not None else ~flags)
+        negative = dict(cond, drop_embed=flags if negative_embed is not None else ~flags)
+        if negative_embed is not None:
+            negative["image_embed"] = negative_embed.to(image_embed)
+        if neg_context is not None:
+            negative.update(context=neg_context, context_mask=neg_mask, pooled_context=neg_pooled, drop_caption=flags)
+            if context is None:  # the conditional side has no caption: the negative's, dropped
+                cond.update(context=neg_context, context_mask=neg_mask, pooled_context=neg_pooled)
+        else:
+            negative["drop_caption"] = ~flags
+        return cond, negative
+
     @torch.no_grad()
     def sample(
         self,
@@ -176,8 +266,20 @@ class Decoder(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         progress: bool = False,
+        negative_embed: torch.Tensor | None = None,
+        negative_text: TextCondition | None = None,
+        inpaint: Inpainting | None = None,
+        init_image: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """Images [B, 3, S, S] in [-1, 1] for unit-norm image embeddings [B, D]."""
+        """Images [B, 3, S, S] in [-1, 1] for unit-norm image embeddings [B, D].
+
+        ``negative_embed`` [B, D] / ``negative_text``: guidance's unconditional branch (a negative prompt) instead of
+        the learned nulls. ``inpaint``: keep ``inpaint.known`` [B, 3, S, S] where ``inpaint.keep`` [B, 1, S, S] is 1
+        and fill the rest (RePaint's sampler, DDIM steps with ``eta``; an inpainting decoder also sees them as
+        input). ``init_image`` [B, 3, S, S] with ``strength`` in [0, 1]: image-to-image, starting from the image
+        noised ``strength`` of the way (1: plain sampling, 0: the image back).
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self._check_embed(image_embed)
@@ -186,23 +288,47 @@ class Decoder(nn.Module):
         device = next(self.parameters()).device
         image_embed = image_embed.to(device).float()
         batch = image_embed.shape[0]
+        shape = (batch, 3, self.image_size, self.image_size)
         if text is not None:
             if len(text) != batch:
                 raise ValueError(f"{len(text)} captions for {batch} image embeddings")
             text = text.to(device)
-        context, context_mask, pooled = self._caption_context(text)
-        model_fn = classifier_free_guidance(
-            self._net, guidance_scale, image_embed=image_embed, context=context,
-            context_mask=context_mask, pooled_context=pooled,
-        )
-        shape = (batch, 3, self.image_size, self.image_size)
+        if inpaint is not None and init_image is not None:
+            raise ValueError("inpaint and init_image cannot be combined; give one")
+        inpaint = self._checked_inpainting(inpaint, shape, device)
+        inpainting = {}  # a plain decoder inpaints through the sampler alone
+        if self.inpaints:
+            inpainting = self._inpainting_inputs(*((inpaint.known, inpaint.keep) if inpaint else (None, None)))
+        cond, negative = self._guidance_inputs(
+            image_embed, text, None if negative_embed is None else negative_embed.to(device).float(),
+            None if negative_text is None else negative_text.to(device), inpainting)
+        model_fn = classifier_free_guidance(self._net, guidance_scale, negative=negative, **cond)
         if noise is None:
             noise = torch.randn(shape, device=device, generator=generator)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         noise = sampling_layout(noise.to(device))
+        run = dict(steps=steps, generator=generator, progress=progress)
+        if inpaint is not None:
+            return sample_repaint(model_fn, self.diffusion, noise, inpaint, eta=eta, **run).contiguous()
+        x, skip = self._start(noise, init_image, strength, steps)
         if sampler == "ddpm":
-            out = sample_ddpm(model_fn, self.diffusion, noise, steps=steps, generator=generator, progress=progress)
-        else:
-            out = sample_ddim(model_fn, self.diffusion, noise, steps=steps, eta=eta, generator=generator, progress=progress)
-        return out.contiguous()
+            return sample_ddpm(model_fn, self.diffusion, x, skip=skip, **run).contiguous()
+        return sample_ddim(model_fn, self.diffusion, x, eta=eta, skip=skip, **run).contiguous()
+
+    def _start(self, noise: torch.Tensor, init_image: torch.Tensor | None, strength: float, steps: int):
+        """Where sampling starts: (x, steps to skip); image-to-image noises ``init_image`` by ``strength``."""
+        if init_image is None:
+            return noise, 0
+        if tuple(init_image.shape) != tuple(noise.shape):
+            raise ValueError(f"init_image must have shape {tuple(noise.shape)}, got {tuple(init_image.shape)}")
+        return noised_start(self.diffusion, sampling_layout(init_image.to(noise.device).float()), noise, steps, strength)
+
+    def _checked_inpainting(self, inpaint: Inpainting | None, shape: tuple, device) -> Inpainting | None:
+        if inpaint is None:
+            return None
+        if tuple(inpaint.known.shape) != shape or tuple(inpaint.keep.shape) != (shape[0], 1, *shape[2:]):
+            raise ValueError(f"inpaint needs known [B, 3, S, S] = {list(shape)} and keep [B, 1, S, S], got "
+                             f"{list(inpaint.known.shape)} and {list(inpaint.keep.shape)}")
+        return dataclasses.replace(inpaint, known=sampling_layout(inpaint.known.to(device).float()),
+                                   keep=inpaint.keep.to(device).float())

@@ -8,8 +8,13 @@ from torch import nn
 
 from unclip.configurable import configurable
 from unclip.decoder.conditioning import LowResCondition
-from unclip.decoder.unet import UNet, embedding_width, sampling_layout, with_resolved_upsample_width
-from unclip.diffusion import GaussianDiffusion, sample_ddim
+from unclip.decoder.unet import (
+    UNet,
+    embedding_width,
+    sampling_layout,
+    with_resolved_upsample_width,
+)
+from unclip.diffusion import GaussianDiffusion, Inpainting, sample_ddim, sample_repaint
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -97,8 +102,12 @@ class Upsampler(nn.Module):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        inpaint: Inpainting | None = None,
     ) -> torch.Tensor:
-        """Upsample [B, 3, low_res_size, low_res_size] in [-1, 1] to [B, 3, image_size, image_size]."""
+        """Upsample [B, 3, low_res_size, low_res_size] in [-1, 1] to [B, 3, image_size, image_size].
+
+        ``inpaint``: keep ``inpaint.known`` [B, 3, image_size, image_size] where ``inpaint.keep`` [B, 1, image_size,
+        image_size] is 1 (RePaint's sampler; the output equals the known image there)."""
         self._check_low_res(low_res)
         if not 0 <= aug_level <= self.max_aug_level:
             raise ValueError(f"aug_level must be in [0, max_aug_level={self.max_aug_level}], got {aug_level}")
@@ -114,8 +123,16 @@ class Upsampler(nn.Module):
 
         noise = torch.randn(batch, 3, self.image_size, self.image_size, device=device, generator=generator)
         cond = sampling_layout(cond)
-        out = sample_ddim(model_fn, self.diffusion, sampling_layout(noise), steps=steps, eta=eta, generator=generator,
-                          progress=progress).contiguous()
-        if self.predict_residual:
-            out = resize(low_res, self.image_size) + out
-        return out.clamp(-1, 1)
+        base = resize(low_res, self.image_size) if self.predict_residual else torch.zeros_like(noise)
+        if inpaint is None:
+            out = sample_ddim(model_fn, self.diffusion, sampling_layout(noise), steps=steps, eta=eta, generator=generator,
+                              progress=progress)
+        else:
+            if tuple(inpaint.known.shape) != tuple(noise.shape) or tuple(inpaint.keep.shape) != (batch, 1, *noise.shape[2:]):
+                raise ValueError(f"inpaint needs known {list(noise.shape)} and keep [B, 1, S, S], got "
+                                 f"{list(inpaint.known.shape)} and {list(inpaint.keep.shape)}")
+            known = sampling_layout(inpaint.known.to(device).float() - base)  # in the diffusion's (residual) space
+            inpaint = Inpainting(known, inpaint.keep.to(device).float(), inpaint.jumps, inpaint.jump_length)
+            out = sample_repaint(model_fn, self.diffusion, sampling_layout(noise), inpaint, steps=steps, eta=eta,
+                                 generator=generator, progress=progress)
+        return (base + out.contiguous()).clamp(-1, 1) if self.predict_residual else out.contiguous().clamp(-1, 1)

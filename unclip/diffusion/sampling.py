@@ -1,9 +1,13 @@
 """Samplers as plain functions of a model function.
 
 ``model_fn(x_t, t) -> model output`` in the diffusion's objective, where ``t`` is the original training
-timestep as a LongTensor [B]. Both samplers make exactly ``steps`` model calls, draw all their noise from
-``generator`` (on x_T's device) and return the final x0 as float32. Wrap a conditional network with
+timestep as a LongTensor [B]. Both samplers make exactly ``steps - skip`` model calls, draw all their noise
+from ``generator`` (on x_T's device) and return the final x0 as float32. Wrap a conditional network with
 ``functools.partial`` / a lambda, or with ``classifier_free_guidance`` for guided sampling.
+
+Image-to-image (SDEdit): ``x, skip = noised_start(diffusion, image, noise, steps, strength)`` noises an image
+to the step ``strength`` of the way to pure noise, and ``sample_ddim(..., x, steps, skip=skip)`` denoises it
+from there. Inpainting is ``repaint.sample_repaint``.
 """
 
 from __future__ import annotations
@@ -45,20 +49,45 @@ def respaced_timesteps(num_train_steps: int, num_sample_steps: int) -> torch.Ten
     return torch.tensor(ascending[::-1], dtype=torch.long)
 
 
-def _check_inputs(x_T: torch.Tensor, generator: torch.Generator | None) -> None:
+def _check_inputs(x_T: torch.Tensor, generator: torch.Generator | None, skip: int = 0, steps: int | None = None) -> None:
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
         raise TypeError(f"x_T must be a float tensor [B, ...], got {type(x_T).__name__} {getattr(x_T, 'shape', '')}")
     if generator is not None and generator.device.type != x_T.device.type:
         raise ValueError(
             f"the generator is on {generator.device} but x_T is on {x_T.device}; create it on x_T's device"
         )
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0 or (steps is not None and skip > steps):
+        raise ValueError(f"skip must be an int in [0, steps={steps}], got {skip!r}")
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def strength_skip(steps: int, strength: float) -> int:
+    """How many of ``steps`` sampling steps image-to-image skips at ``strength`` (1: none, pure noise; 0: all)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 ignores it), got {strength!r}")
+    return steps - round(strength * steps)
+
+
+def noised_start(
+    diffusion: GaussianDiffusion, x0: torch.Tensor, noise: torch.Tensor, steps: int, strength: float
+) -> tuple[torch.Tensor, int]:
+    """Image-to-image's start: ``x0`` noised with ``noise`` to the sampling step ``strength`` of the way to pure
+    noise, and the number of steps to ``skip`` there. ``strength == 1`` starts from ``noise`` itself (plain
+    sampling, the same draws); ``strength == 0`` returns ``x0`` with every step skipped (nothing to do)."""
+    skip = strength_skip(steps, strength)
+    if skip == 0:
+        return noise.float(), 0
+    if skip == steps:
+        return x0.float(), skip
+    t = respaced_timesteps(diffusion.num_steps, steps)[skip].item()
+    t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+    return diffusion.q_sample(x0, t_batch, noise), skip
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
 
-def _denoise(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor):
+def denoise(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor):
     """(x0, eps) predicted at x_t; x0 clamped to ``diffusion.clip_denoised`` and eps made consistent with it."""
     model_out = model_fn(x, t)
     if not isinstance(model_out, torch.Tensor):
@@ -79,28 +108,33 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callback | None = None,
+    skip: int = 0,
 ) -> torch.Tensor:
     """Ancestral sampling: x_{s} ~ q(x_s | x_t, x0 = predicted x0) from x_T (standard normal) down to x0.
 
     ``steps`` (default: every training step) uses the respaced process, whose betas come from
     ``alphas_cumprod`` at the kept steps; the variance is the posterior's ("fixed small"). No noise is
-    added at the final step, which returns the predicted x0.
+    added at the final step, which returns the predicted x0. ``skip > 0`` starts at the ``skip``-th step:
+    x_T is then x at that step (image-to-image, see ``noised_start``).
     """
-    _check_inputs(x_T, generator)
-    timesteps = respaced_timesteps(diffusion.num_steps, diffusion.num_steps if steps is None else steps)
+    steps = diffusion.num_steps if steps is None else steps
+    _check_inputs(x_T, generator, skip, steps)
+    timesteps = respaced_timesteps(diffusion.num_steps, steps)
     spaced = diffusion.respace(timesteps)  # its index j has the alphas_cumprod of the j-th smallest kept step
     batch, device = x_T.shape[0], x_T.device
     x = x_T.float()
-    for i, t in enumerate(tqdm(timesteps.tolist(), desc="ddpm", disable=not progress)):
+    if skip == steps:
+        return x
+    for i, t in enumerate(tqdm(timesteps.tolist()[skip:], desc="ddpm", disable=not progress), start=skip):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0, _ = _denoise(model_fn, diffusion, x, t_batch)
+        x0, _ = denoise(model_fn, diffusion, x, t_batch)
         if callback is not None:
             callback(i, t, x, x0)
         index = len(timesteps) - 1 - i
         if index == 0:
             return x0
         mean, _, log_variance = spaced.q_posterior(x0, x, torch.full_like(t_batch, index))
-        x = mean + (0.5 * log_variance).exp() * _noise_like(x, generator)
+        x = mean + (0.5 * log_variance).exp() * noise_like(x, generator)
     raise AssertionError("unreachable: the last step returns")
 
 
@@ -114,29 +148,44 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callback | None = None,
+    skip: int = 0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``steps`` evenly strided timesteps.
 
     ``eta = 0`` is deterministic given x_T; ``eta = 1`` has the ancestral sampler's variance. The last
-    step returns the predicted x0.
+    step returns the predicted x0. ``skip > 0`` starts at the ``skip``-th step: x_T is then x at that step
+    (image-to-image, see ``noised_start``).
     """
-    _check_inputs(x_T, generator)
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    _check_inputs(x_T, generator, skip, steps)
+    check_eta(eta)
     timesteps = respaced_timesteps(diffusion.num_steps, steps).tolist()
     alphas_cumprod = diffusion.alphas_cumprod.tolist()  # python floats (float64)
     batch, device = x_T.shape[0], x_T.device
     x = x_T.float()
-    for i, t in enumerate(tqdm(timesteps, desc="ddim", disable=not progress)):
+    if skip == steps:
+        return x
+    for i, t in enumerate(tqdm(timesteps[skip:], desc="ddim", disable=not progress), start=skip):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0, eps = _denoise(model_fn, diffusion, x, t_batch)
+        x0, eps = denoise(model_fn, diffusion, x, t_batch)
         if callback is not None:
             callback(i, t, x, x0)
         if i == len(timesteps) - 1:
             return x0
-        abar, abar_prev = alphas_cumprod[t], alphas_cumprod[timesteps[i + 1]]
-        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * _noise_like(x, generator)
+        x = ddim_step(x0, eps, alphas_cumprod[t], alphas_cumprod[timesteps[i + 1]], eta, generator)
     raise AssertionError("unreachable: the last step returns")
+
+
+def check_eta(eta: float) -> None:
+    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, abar: float, abar_prev: float, eta: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """One DDIM step from the step with ``alphas_cumprod`` abar to the one with abar_prev, given the predicted
+    x0 and eps (``eta`` scales the fresh noise: 0 deterministic, 1 ancestral)."""
+    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        x = x + sigma * noise_like(x0, generator)
+    return x

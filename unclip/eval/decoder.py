@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from unclip.decoder.inpainting import evaluation_inpainting
+
 
 @torch.no_grad()
 def evaluate_decoder(
@@ -22,10 +24,12 @@ def evaluate_decoder(
     batch_size: int = 64,
     seed: int = 0,
     suffix: str = "",
+    metas: list | None = None,
 ) -> tuple[dict, torch.Tensor]:
     """Decode the true CLIP image embeddings of ``images`` (with their captions) at every guidance scale and
     ``score`` the samples (``score(samples) -> metrics``). Returns the metrics, each key suffixed
-    ``_g<scale><suffix>``, and the samples of the first scale."""
+    ``_g<scale><suffix>``, and the samples of the first scale. An inpainting decoder decodes each image with
+    its object (from ``metas``) masked out (``evaluation_inpainting``): it must paint the object back."""
     metrics: dict = {}
     first = None
     for scale in guidance_scales:
@@ -35,9 +39,9 @@ def evaluate_decoder(
             chunk = images[start : start + batch_size]
             embed = clip.encode_image(chunk)
             text = clip.encode_text(captions[start : start + batch_size])
-            samples.append(
-                decoder.sample(embed, text, steps=steps, guidance_scale=scale, sampler=sampler, generator=generator).cpu()
-            )
+            inpaint = evaluation_inpainting(decoder, chunk, None if metas is None else metas[start : start + batch_size])
+            samples.append(decoder.sample(embed, text, steps=steps, guidance_scale=scale, sampler=sampler,
+                                          generator=generator, inpaint=inpaint).cpu())
         samples = torch.cat(samples)
         first = samples if first is None else first
         metrics.update({f"{key}_g{scale:g}{suffix}": value for key, value in score(samples).items()})

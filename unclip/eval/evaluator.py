@@ -64,7 +64,7 @@ class DataEvaluator:
             result, _ = evaluate_decoder(
                 decoder, clip, batch["image"].to(clip.device), batch["caption"],
                 lambda samples: self.score_decoded(samples, batch, clip),  # noqa: B023 (called at once)
-                guidance_scales=guidance_scales, steps=steps, suffix=f"_{split}",
+                guidance_scales=guidance_scales, steps=steps, suffix=f"_{split}", metas=batch.get("meta"),
             )
             metrics.update(result)
         return metrics

@@ -123,21 +123,26 @@ class DiffusionPrior(nn.Module):
         num_candidates: int = 2,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        negative: TextCondition | None = None,
     ) -> torch.Tensor:
-        """Unit-norm image embeddings [B, D] for the captions in ``text``."""
+        """Unit-norm image embeddings [B, D] for the captions in ``text``. ``negative`` (captions [B]): guidance's
+        unconditional branch (a negative prompt) instead of the learned null; used when ``guidance_scale != 1``."""
         check_prompts(text)
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         device = self.embed_mean.device
         text = text.to(device)
         batch = len(text)
-        repeated = text.repeat_interleave(num_candidates)
+        if negative is not None and len(negative) != batch:
+            raise ValueError(f"{len(negative)} negative captions for {batch} captions")
+
+        def inputs(condition: TextCondition) -> dict:
+            repeated = condition.to(device).repeat_interleave(num_candidates)
+            return dict(text_embed=repeated.embed.float(), token_embeds=repeated.token_embeds.float(),
+                        mask=repeated.mask)
+
         model_fn = classifier_free_guidance(
-            self._cached_net(),
-            guidance_scale,
-            text_embed=repeated.embed.float(),
-            token_embeds=repeated.token_embeds.float(),
-            mask=repeated.mask,
+            self._cached_net(), guidance_scale, negative=None if negative is None else inputs(negative), **inputs(text)
         )
         x_T = torch.randn(batch * num_candidates, self.embed_mean.shape[0], device=device, generator=generator)
         x0 = sample_ddim(model_fn, self.diffusion, x_T, steps=steps, eta=eta, generator=generator)

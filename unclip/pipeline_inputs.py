@@ -1,0 +1,121 @@
+"""What users hand the pipeline, checked and turned into tensors: prompts, images, masks, image embeddings and
+mix items. Every bad value is a ValueError (or TypeError) that names it and says what was expected."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unclip.decoder.upsampler import resize
+from unclip.images import from_pil
+
+
+def check_prompts(prompts: Sequence[str] | str) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the prompt list is empty; give at least one prompt")
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
+    return prompts
+
+
+def prompts_for(prompt: str | Sequence[str], count: int) -> list[str]:
+    """One prompt per image: a string for every image, or a list of ``count``."""
+    prompts = check_prompts(prompt)
+    if len(prompts) == 1:
+        return prompts * count
+    if len(prompts) != count:
+        raise ValueError(f"{len(prompts)} prompts for {count} images; give one prompt, or one per image")
+    return prompts
+
+
+def _is_pil_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(i, Image.Image) for i in value)
+
+
+def images_in(image, size: int, device, resize_tensors: bool = True) -> torch.Tensor:
+    """A PIL image (any mode or size), a list of them, or [-1, 1] tensors [B, 3, H, W] -> [B, 3, size, size] on
+    ``device``: PIL images centre-cropped and resized, tensors resized (unless not ``resize_tensors``)."""
+    if isinstance(image, Image.Image) or _is_pil_list(image):
+        return from_pil(image, size).to(device)
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+            raise ValueError(f"image tensors must be float [B, 3, H, W] in [-1, 1], got {image.dtype} "
+                             f"{list(image.shape)}; convert other images with unclip.images.from_pil")
+        image = image.to(device).float()
+        return resize(image, size) if resize_tensors else image
+    raise TypeError(f"expected a PIL image, a list of them or a tensor [B, 3, H, W], got {type(image).__name__}")
+
+
+def unit_embeds(image_embed, count: int, dim: int, device, name: str = "image_embed") -> torch.Tensor:
+    """Embeddings [D], [1, D] or [count, D] -> unit-norm [count, D] on ``device``."""
+    if not isinstance(image_embed, torch.Tensor) or image_embed.shape[-1:] != (dim,) or image_embed.ndim > 2:
+        raise ValueError(f"{name} must be a tensor [D], [1, D] or [N, D] with D = {dim}, got "
+                         f"{getattr(image_embed, 'shape', image_embed)!r}")
+    embeds = image_embed.reshape(-1, dim).to(device).float()
+    if len(embeds) not in (1, count):
+        raise ValueError(f"{name} has {len(embeds)} rows for {count} images; give 1 or {count}")
+    return F.normalize(embeds, dim=-1).expand(count, dim)
+
+
+def keep_masks(mask, image, count: int, size: int, device) -> torch.Tensor:
+    """The user's masks (white / 1 = paint, black / 0 = keep) -> keep masks [count, 1, size, size] in {0, 1}.
+
+    A PIL mask (one, or one per image) is resized to its image's size (nearest), then centre-cropped and resized as
+    the image is; a tensor ([H, W], [1, H, W] or [B, 1, H, W] in [0, 1]) is resized to ``size``. Values over 0.5
+    are painted."""
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+    images = list(image) if isinstance(image, (list, tuple)) else [image] * len(masks)
+    if all(isinstance(m, Image.Image) for m in masks):
+        fills = torch.cat([_pil_fill(m, i, size) for m, i in zip(masks, images)])
+    elif len(masks) == 1 and isinstance(masks[0], torch.Tensor):
+        fills = _tensor_fill(masks[0], size)
+    else:
+        raise TypeError("mask must be a PIL image (or a list of them, one per image) or a tensor")
+    if len(fills) not in (1, count):
+        raise ValueError(f"{len(fills)} masks for {count} images; give one mask, or one per image")
+    return (fills <= 0.5).float().expand(count, 1, size, size).to(device)
+
+
+def _pil_fill(mask: Image.Image, image, size: int) -> torch.Tensor:
+    if len(mask.getbands()) != 1:
+        raise ValueError(f"the mask must be a single-channel image (mode L or 1: white = paint, black = keep), "
+                         f"got mode {mask.mode}; convert it with mask.convert('L')")
+    if isinstance(image, Image.Image) and mask.size != image.size:
+        mask = mask.resize(image.size, Image.NEAREST)
+    side = min(mask.size)
+    left, top = (mask.width - side) // 2, (mask.height - side) // 2
+    mask = mask.convert("L").crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+
+
+def _tensor_fill(mask: torch.Tensor, size: int) -> torch.Tensor:
+    fills = mask.float().cpu()
+    fills = fills[None, None] if fills.ndim == 2 else fills[None] if fills.ndim == 3 else fills
+    if fills.ndim != 4 or fills.shape[1] != 1:
+        raise ValueError(f"the mask must have a single channel ([H, W], [1, H, W] or [B, 1, H, W]), got "
+                         f"{list(mask.shape)}")
+    return F.interpolate(fills, size=(size, size), mode="nearest") if fills.shape[-1] != size else fills
+
+
+def check_mix(items) -> list[tuple]:
+    """``[(image_or_text, weight), ...]`` with finite weights whose sum is not zero."""
+    items = list(items) if isinstance(items, (list, tuple)) else None
+    if not items or not all(isinstance(i, (list, tuple)) and len(i) == 2 for i in items):
+        raise ValueError("mix takes a non-empty list of (image_or_text, weight) pairs")
+    for item, weight in items:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"every weight must be a finite number, got {weight!r} for {item!r:.40}")
+    if abs(sum(weight for _, weight in items)) < 1e-8:
+        raise ValueError(f"the mix's weights sum to zero ({[w for _, w in items]}); give weights with a non-zero sum")
+    return [tuple(i) for i in items]
