@@ -43,6 +43,7 @@ from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
 from unclip.training.config import TrainerConfig
 from unclip.training.data import stream_loader
+from unclip.training.precision import StepCost, resolve_precision
 from unclip.weights import CheckpointError
 
 LossFn = Callable[[nn.Module, Any], dict]
@@ -140,9 +141,15 @@ class Trainer:
         self.extra_config = extra_config or {}
         self.dataset = dataset
         self.collate_fn = collate_fn or collate_dicts
+        # Before the Accelerator: `auto` counts the step's FLOPs on the CPU before the processes connect.
+        precision = resolve_precision(config, model, loss_fn, dataset, self.collate_fn)
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+            mixed_precision=precision.mixed_precision, gradient_accumulation_steps=config.grad_accum
         )
+        if accelerator is None and config.mixed_precision == "auto":
+            self.accelerator.print(precision.reason)
+        self.step_cost = StepCost.of(precision.step_flops, self.accelerator.mixed_precision, config.batch_size,
+                                     self.accelerator.device)
         set_seed(config.seed)
         self.model = model
         self.ema = EMA(
@@ -152,6 +159,7 @@ class Trainer:
             update_every=config.ema_update_every,
             # Buffers are copied, not averaged: averaging breaks constant ones such as a causal mask's -inf.
             param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
+            use_foreach=True,  # one lerp over all parameters, not one kernel per parameter
         )
         self.ema.to(self.accelerator.device)
         optimizer = make_optimizer(model, config)
@@ -399,6 +407,7 @@ class Trainer:
                     **logs,
                     "loss": loss_sum / max(loss_count, 1),
                 }
+                record.update(self.step_cost.log(record["samples_per_s"], acc.num_processes))
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 history.append(record)
