@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip.checkpoint import LoadedStage, load_stage, resolve_checkpoint, write_json_atomic
+from unclip.diffusion.graphs import check_cuda_graphs
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import from_pil, to_pil
 from unclip.weights import CheckpointError
@@ -38,8 +39,10 @@ class GenerationSettings:
     decoder_eta: float = 0.0
     upsampler_steps: int = 25
     upsampler_aug_level: float = 0.05
+    cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
 
     def check(self) -> None:
+        self.cuda_graphs = check_cuda_graphs(self.cuda_graphs)
         for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -216,10 +219,12 @@ class UnCLIPPipeline:
         images = self.decoder.sample(
             image_embed, text, steps=settings.decoder_steps, guidance_scale=settings.decoder_guidance,
             eta=settings.decoder_eta if eta is None else eta, generator=generator, noise=noise,
+            cuda_graphs=settings.cuda_graphs,
         )
         for upsampler in self.upsamplers:
             images = upsampler.sample(
-                images, steps=settings.upsampler_steps, aug_level=settings.upsampler_aug_level, generator=generator
+                images, steps=settings.upsampler_steps, aug_level=settings.upsampler_aug_level, generator=generator,
+                cuda_graphs=settings.cuda_graphs,
             )
         return images
 
@@ -265,7 +270,7 @@ class UnCLIPPipeline:
             text = self.clip.encode_text(prompts).repeat_interleave(copies)
             image_embed = self.prior.sample(
                 text, steps=config.prior_steps, guidance_scale=config.prior_guidance,
-                num_candidates=config.prior_candidates, generator=generator,
+                num_candidates=config.prior_candidates, generator=generator, cuda_graphs=config.cuda_graphs,
             )
             images = self._decode(image_embed, text, config, generator).float()
             if rerank > 1:

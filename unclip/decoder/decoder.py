@@ -158,8 +158,10 @@ class Decoder(Configurable, nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         progress: bool = False,
+        cuda_graphs: str | bool | None = "auto",
     ) -> torch.Tensor:
-        """Images [B, 3, S, S] in [-1, 1] for unit-norm image embeddings [B, D]."""
+        """Images [B, 3, S, S] in [-1, 1] for unit-norm image embeddings [B, D]; ``cuda_graphs``: see
+        ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph unless ``"off"``)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self._check_embed(image_embed)
@@ -183,8 +185,9 @@ class Decoder(Configurable, nn.Module):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         noise = sampling_layout(noise.to(device))
+        common = dict(steps=steps, generator=generator, progress=progress, cuda_graphs=cuda_graphs)
         if sampler == "ddpm":
-            out = sample_ddpm(model_fn, self.diffusion, noise, steps=steps, generator=generator, progress=progress)
+            out = sample_ddpm(model_fn, self.diffusion, noise, **common)
         else:
-            out = sample_ddim(model_fn, self.diffusion, noise, steps=steps, eta=eta, generator=generator, progress=progress)
+            out = sample_ddim(model_fn, self.diffusion, noise, eta=eta, **common)
         return out.contiguous()

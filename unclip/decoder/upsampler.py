@@ -93,8 +93,10 @@ class Upsampler(Configurable, nn.Module):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        cuda_graphs: str | bool | None = "auto",
     ) -> torch.Tensor:
-        """Upsample [B, 3, low_res_size, low_res_size] in [-1, 1] to [B, 3, image_size, image_size]."""
+        """Upsample [B, 3, low_res_size, low_res_size] in [-1, 1] to [B, 3, image_size, image_size];
+        ``cuda_graphs``: see ``unclip.diffusion.graphs``."""
         self._check_low_res(low_res)
         if not 0 <= aug_level <= self.max_aug_level:
             raise ValueError(f"aug_level must be in [0, max_aug_level={self.max_aug_level}], got {aug_level}")
@@ -111,7 +113,7 @@ class Upsampler(Configurable, nn.Module):
         noise = torch.randn(batch, 3, self.image_size, self.image_size, device=device, generator=generator)
         cond = sampling_layout(cond)
         out = sample_ddim(model_fn, self.diffusion, sampling_layout(noise), steps=steps, eta=eta, generator=generator,
-                          progress=progress).contiguous()
+                          progress=progress, cuda_graphs=cuda_graphs).contiguous()
         if self.predict_residual:
             out = resize(low_res, self.image_size) + out
         return out.clamp(-1, 1)

@@ -47,8 +47,21 @@ def classifier_free_guidance(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"guidance scale must be a finite number >= 0, got {scale!r}")
 
+    # The drop flags of a batch size are made once and passed at every step: a model may key a cache on them
+    # (the prior's prefix cache), and a CUDA graph replays without making tensors.
+    flags: dict = {}
+
+    def drop_flags(batch: int, device: torch.device, pattern: str) -> torch.Tensor:
+        key = (batch, device, pattern)
+        if key not in flags:
+            if pattern == "halves":  # [2B]: False * B, then True * B
+                flags[key] = torch.arange(2 * batch, device=device) >= batch
+            else:
+                flags[key] = torch.full((batch,), pattern == "all", dtype=torch.bool, device=device)
+        return flags[key]
+
     def single(x: torch.Tensor, t: torch.Tensor, drop: bool) -> torch.Tensor:
-        drop_cond = torch.full((x.shape[0],), drop, dtype=torch.bool, device=x.device)
+        drop_cond = drop_flags(x.shape[0], x.device, "all" if drop else "none")
         return model(x, t, drop_cond, **cond).float()
 
     if scale == 1:
@@ -60,7 +73,7 @@ def classifier_free_guidance(
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        drop_cond = torch.arange(2 * batch, device=x.device) >= batch  # [2B]: False * B, then True * B
+        drop_cond = drop_flags(batch, x.device, "halves")
         out = model(torch.cat([x, x]), torch.cat([t, t]), drop_cond, **doubled_cond)
         if out.shape[0] != 2 * batch:
             raise ValueError(f"the model returned batch {out.shape[0]} for a doubled batch of {2 * batch}")
