@@ -13,6 +13,7 @@ unknown GPUs have none (give one with ``parse_peak``: a number, or a key of ``PE
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -86,10 +87,21 @@ def parse_peak(value: str) -> Peak:
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """``(fn(), FLOPs)``: the FLOPs of the matrix products, convolutions and attention that ``fn`` runs."""
-    with FlopCounterMode(display=False) as counter:
+    """``(fn(), FLOPs)``: the FLOPs of the matrix products, convolutions and attention that ``fn`` runs.
+
+    ``fn`` runs with PyTorch's math attention kernel: the counter has no formula for some fused kernels (the CPU's
+    flash attention), and the math kernel's products count the full attention on every device and precision."""
+    with _math_attention(), FlopCounterMode(display=False) as counter:
         result = fn()
     return result, counter.get_total_flops()
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None:

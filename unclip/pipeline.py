@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unclip.checkpoint import LoadedStage, load_stage, resolve_checkpoint, write_json_atomic
+from unclip.checkpoint import (
+    LoadedStage,
+    load_stage,
+    resolve_checkpoint,
+    write_json_atomic,
+)
 from unclip.diffusion.graphs import check_cuda_graphs
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import from_pil, to_pil
