@@ -80,7 +80,7 @@ def parse(p: argparse.ArgumentParser, suite_batches: dict[str, list[int]]) -> ar
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    args.device = _device(p, args.device)
+    args.device = parse_device(p, args.device)
     args.peak = _peak(p, args.peak_tflops, args.device)
     if args.reference is not None and not (args.reference / "dalle2_pytorch").is_dir():
         p.error(f"--reference {args.reference}: no dalle2_pytorch package there; install it with the command in "
@@ -94,7 +94,8 @@ def parse(p: argparse.ArgumentParser, suite_batches: dict[str, list[int]]) -> ar
     return args
 
 
-def _device(p: argparse.ArgumentParser, name: str | None) -> torch.device:
+def parse_device(p: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """``--device``: cpu or cuda[:N], where torch sees it (else ``p.error``); None: cuda if available."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -429,12 +430,14 @@ def reference_goals(results: dict, pair: dict | None, args, batch: int, default:
     """Our default precision's training speed over the reference's fastest precision, from the separate workers
     and from the paired rounds, each against ``target`` (judged only ``when`` the goal applies)."""
     refs = {n: r for n, r in results.items() if n.startswith(REF)}
-    if not refs or default not in results:
+    if not refs:
         return []
-    comparable = when and not args.quick
+    comparable, goals = when and not args.quick, []
     best = min(refs, key=lambda n: refs[n]["step_s"])
-    goals = [goal(f"batch {batch}: {default} training speed / {best}'s (separate processes)",
-                  refs[best]["step_s"] / results[default]["step_s"], target, at_least=True, comparable=comparable)]
+    if default in results:
+        goals.append(goal(f"batch {batch}: {default} training speed / {best}'s (separate processes)",
+                          refs[best]["step_s"] / results[default]["step_s"], target, at_least=True,
+                          comparable=comparable))
     if pair:
         mine = pair["ours"]
         ratios = {n: pair[f"{n}/{mine}"] for n in refs if f"{n}/{mine}" in pair}  # their seconds / ours
