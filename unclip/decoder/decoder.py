@@ -8,7 +8,12 @@ from torch import nn
 from unclip.configurable import Configurable
 from unclip.decoder.text_encoder import CaptionEncoder, ClipTokenProjection
 from unclip.decoder.unet import UNet, sampling_layout, with_resolved_upsample_width
-from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim, sample_ddpm
+from unclip.diffusion import (
+    GaussianDiffusion,
+    classifier_free_guidance,
+    sample_ddim,
+    sample_ddpm,
+)
 from unclip.embedding import TextCondition
 
 CAPTION_MODES = ("transformer", "clip_tokens", "none")
