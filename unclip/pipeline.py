@@ -34,6 +34,7 @@ from unclip.checkpoint import (
 from unclip.decoder.inpainting import fill_colour, keep_at
 from unclip.decoder.upsampler import resize
 from unclip.diffusion import Inpainting, strength_skip
+from unclip.diffusion.graphs import check_cuda_graphs
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import to_pil
 from unclip.pipeline_inputs import (
@@ -61,8 +62,10 @@ class GenerationSettings:
     decoder_eta: float = 0.0
     upsampler_steps: int = 25
     upsampler_aug_level: float = 0.05
+    cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
 
     def check(self) -> None:
+        self.cuda_graphs = check_cuda_graphs(self.cuda_graphs)
         for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -274,7 +277,7 @@ class UnCLIPPipeline:
     def _prior(self, text: TextCondition, config: GenerationSettings, generator, negative: Negative | None = None):
         return self.prior.sample(
             text, steps=config.prior_steps, guidance_scale=config.prior_guidance,
-            num_candidates=config.prior_candidates, generator=generator,
+            num_candidates=config.prior_candidates, generator=generator, cuda_graphs=config.cuda_graphs,
             **({"negative": negative.text} if negative is not None and negative.text is not None else {}),
         )
 
@@ -305,7 +308,7 @@ class UnCLIPPipeline:
             image_embed, text, steps=config.decoder_steps, guidance_scale=config.decoder_guidance,
             eta=config.decoder_eta if eta is None else eta, generator=generator, noise=noise, inpaint=inpaint,
             negative_embed=None if negative is None else negative.image_embed,
-            negative_text=None if negative is None else negative.text,
+            negative_text=None if negative is None else negative.text, cuda_graphs=config.cuda_graphs,
             **({"init_image": init, "strength": strength} if init is not None else {}),
         )
 
@@ -317,7 +320,8 @@ class UnCLIPPipeline:
             size = upsampler.image_size
             inpaint = None if known is None else Inpainting(resize(known, size), keep_at(keep, size))
             images = upsampler.sample(images, steps=config.upsampler_steps, aug_level=config.upsampler_aug_level,
-                                      generator=generator, inpaint=inpaint, eta=eta if known is not None else 0.0)
+                                      generator=generator, inpaint=inpaint, eta=eta if known is not None else 0.0,
+                                      cuda_graphs=config.cuda_graphs)
         return images
 
     def _render(self, image_embed, text, config, generator, **decode) -> torch.Tensor:

@@ -271,6 +271,7 @@ class Decoder(nn.Module):
         inpaint: Inpainting | None = None,
         init_image: torch.Tensor | None = None,
         strength: float = 1.0,
+        cuda_graphs: str | bool | None = "auto",
     ) -> torch.Tensor:
         """Images [B, 3, S, S] in [-1, 1] for unit-norm image embeddings [B, D].
 
@@ -278,7 +279,8 @@ class Decoder(nn.Module):
         the learned nulls. ``inpaint``: keep ``inpaint.known`` [B, 3, S, S] where ``inpaint.keep`` [B, 1, S, S] is 1
         and fill the rest (RePaint's sampler, DDIM steps with ``eta``; an inpainting decoder also sees them as
         input). ``init_image`` [B, 3, S, S] with ``strength`` in [0, 1]: image-to-image, starting from the image
-        noised ``strength`` of the way (1: plain sampling, 0: the image back).
+        noised ``strength`` of the way (1: plain sampling, 0: the image back). ``cuda_graphs``: see
+        ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph unless ``"off"``; not RePaint's).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -313,8 +315,8 @@ class Decoder(nn.Module):
             return sample_repaint(model_fn, self.diffusion, noise, inpaint, eta=eta, **run).contiguous()
         x, skip = self._start(noise, init_image, strength, steps)
         if sampler == "ddpm":
-            return sample_ddpm(model_fn, self.diffusion, x, skip=skip, **run).contiguous()
-        return sample_ddim(model_fn, self.diffusion, x, eta=eta, skip=skip, **run).contiguous()
+            return sample_ddpm(model_fn, self.diffusion, x, skip=skip, cuda_graphs=cuda_graphs, **run).contiguous()
+        return sample_ddim(model_fn, self.diffusion, x, eta=eta, skip=skip, cuda_graphs=cuda_graphs, **run).contiguous()
 
     def _start(self, noise: torch.Tensor, init_image: torch.Tensor | None, strength: float, steps: int):
         """Where sampling starts: (x, steps to skip); image-to-image noises ``init_image`` by ``strength``."""

@@ -103,11 +103,13 @@ class Upsampler(nn.Module):
         generator: torch.Generator | None = None,
         progress: bool = False,
         inpaint: Inpainting | None = None,
+        cuda_graphs: str | bool | None = "auto",
     ) -> torch.Tensor:
         """Upsample [B, 3, low_res_size, low_res_size] in [-1, 1] to [B, 3, image_size, image_size].
 
         ``inpaint``: keep ``inpaint.known`` [B, 3, image_size, image_size] where ``inpaint.keep`` [B, 1, image_size,
-        image_size] is 1 (RePaint's sampler; the output equals the known image there)."""
+        image_size] is 1 (RePaint's sampler; the output equals the known image there). ``cuda_graphs``: see
+        ``unclip.diffusion.graphs``."""
         self._check_low_res(low_res)
         if not 0 <= aug_level <= self.max_aug_level:
             raise ValueError(f"aug_level must be in [0, max_aug_level={self.max_aug_level}], got {aug_level}")
@@ -126,7 +128,7 @@ class Upsampler(nn.Module):
         base = resize(low_res, self.image_size) if self.predict_residual else torch.zeros_like(noise)
         if inpaint is None:
             out = sample_ddim(model_fn, self.diffusion, sampling_layout(noise), steps=steps, eta=eta, generator=generator,
-                              progress=progress)
+                              progress=progress, cuda_graphs=cuda_graphs)
         else:
             if tuple(inpaint.known.shape) != tuple(noise.shape) or tuple(inpaint.keep.shape) != (batch, 1, *noise.shape[2:]):
                 raise ValueError(f"inpaint needs known {list(noise.shape)} and keep [B, 1, S, S], got "

@@ -147,7 +147,10 @@ class GaussianDiffusion:
             raise ValueError(f"timesteps t must have shape [B] = [{batch}], got {list(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"timesteps are on {t.device} but x is on {x.device}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+        # Reading the values back is a host sync, which a CUDA graph cannot capture; a captured sampling step
+        # was checked at its eager warm-up and its later timesteps come from ``respaced_timesteps``.
+        capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+        if t.numel() and not capturing and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
             raise ValueError(
                 f"timesteps must be in [0, {self.num_steps}), got values in [{int(t.min())}, {int(t.max())}]"
             )

@@ -68,8 +68,21 @@ def classifier_free_guidance(
     other, other_dropped = (cond, True) if negative is None else (negative, False)
     joined = _joined(cond, other) if scale not in (0, 1) else None  # concatenated once, reused at every step
 
+    # The drop flags of a batch size are made once and passed at every step: a model may key a cache on them
+    # (the prior's prefix cache), and a CUDA graph replays without making tensors.
+    flags: dict = {}
+
+    def drop_flags(batch: int, device: torch.device, pattern: str) -> torch.Tensor:
+        key = (batch, device, pattern)
+        if key not in flags:
+            if pattern == "halves":  # [2B]: False * B, then True * B
+                flags[key] = torch.arange(2 * batch, device=device) >= batch
+            else:
+                flags[key] = torch.full((batch,), pattern == "all", dtype=torch.bool, device=device)
+        return flags[key]
+
     def single(x: torch.Tensor, t: torch.Tensor, drop: bool, inputs: dict) -> torch.Tensor:
-        drop_cond = torch.full((x.shape[0],), drop, dtype=torch.bool, device=x.device)
+        drop_cond = drop_flags(x.shape[0], x.device, "all" if drop else "none")
         return model(x, t, drop_cond, **inputs).float()
 
     if scale == 1:
@@ -80,7 +93,7 @@ def classifier_free_guidance(
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         # [2B]: False * B, then True * B (dropped to the learned null) or False * B (the negative)
-        drop_cond = (torch.arange(2 * batch, device=x.device) >= batch) & other_dropped
+        drop_cond = drop_flags(batch, x.device, "halves") if other_dropped else drop_flags(2 * batch, x.device, "none")
         out = model(torch.cat([x, x]), torch.cat([t, t]), drop_cond, **joined)
         if out.shape[0] != 2 * batch:
             raise ValueError(f"the model returned batch {out.shape[0]} for a doubled batch of {2 * batch}")

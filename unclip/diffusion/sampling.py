@@ -8,6 +8,9 @@ from ``generator`` (on x_T's device) and return the final x0 as float32. Wrap a 
 Image-to-image (SDEdit): ``x, skip = noised_start(diffusion, image, noise, steps, strength)`` noises an image
 to the step ``strength`` of the way to pure noise, and ``sample_ddim(..., x, steps, skip=skip)`` denoises it
 from there. Inpainting is ``repaint.sample_repaint``.
+
+``cuda_graphs`` (``"auto"``, ``"on"``, ``"off"``; see ``unclip.diffusion.graphs``) captures a step's model call
+and prediction in a CUDA graph on CUDA tensors: ``"auto"`` does so there (from 4 steps) and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .gaussian import GaussianDiffusion
+from .graphs import maybe_graphed
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, t, x_t, pred_x0): step index (0 first), training timestep, the step's input, its predicted x0
@@ -99,6 +103,11 @@ def denoise(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, t:
     return x0, diffusion.eps_from_x0(x0, x, t)
 
 
+def _denoiser(model_fn: ModelFn, diffusion: GaussianDiffusion, cuda_graphs, device: torch.device, steps: int):
+    """``denoise(x_t, t) -> (x0, eps)``, captured in a CUDA graph where ``cuda_graphs`` says so."""
+    return maybe_graphed(lambda x, t: denoise(model_fn, diffusion, x, t), cuda_graphs, device, steps)
+
+
 @torch.no_grad()
 def sample_ddpm(
     model_fn: ModelFn,
@@ -109,6 +118,7 @@ def sample_ddpm(
     progress: bool = False,
     callback: Callback | None = None,
     skip: int = 0,
+    cuda_graphs: str | bool | None = "auto",
 ) -> torch.Tensor:
     """Ancestral sampling: x_{s} ~ q(x_s | x_t, x0 = predicted x0) from x_T (standard normal) down to x0.
 
@@ -122,12 +132,13 @@ def sample_ddpm(
     timesteps = respaced_timesteps(diffusion.num_steps, steps)
     spaced = diffusion.respace(timesteps)  # its index j has the alphas_cumprod of the j-th smallest kept step
     batch, device = x_T.shape[0], x_T.device
+    denoise = _denoiser(model_fn, diffusion, cuda_graphs, device, len(timesteps))
     x = x_T.float()
     if skip == steps:
         return x
     for i, t in enumerate(tqdm(timesteps.tolist()[skip:], desc="ddpm", disable=not progress), start=skip):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0, _ = denoise(model_fn, diffusion, x, t_batch)
+        x0, _ = denoise(x, t_batch)
         if callback is not None:
             callback(i, t, x, x0)
         index = len(timesteps) - 1 - i
@@ -149,6 +160,7 @@ def sample_ddim(
     progress: bool = False,
     callback: Callback | None = None,
     skip: int = 0,
+    cuda_graphs: str | bool | None = "auto",
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``steps`` evenly strided timesteps.
 
@@ -161,12 +173,13 @@ def sample_ddim(
     timesteps = respaced_timesteps(diffusion.num_steps, steps).tolist()
     alphas_cumprod = diffusion.alphas_cumprod.tolist()  # python floats (float64)
     batch, device = x_T.shape[0], x_T.device
+    denoise = _denoiser(model_fn, diffusion, cuda_graphs, device, len(timesteps))
     x = x_T.float()
     if skip == steps:
         return x
     for i, t in enumerate(tqdm(timesteps[skip:], desc="ddim", disable=not progress), start=skip):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0, eps = denoise(model_fn, diffusion, x, t_batch)
+        x0, eps = denoise(x, t_batch)
         if callback is not None:
             callback(i, t, x, x0)
         if i == len(timesteps) - 1:

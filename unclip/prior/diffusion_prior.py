@@ -79,16 +79,19 @@ class DiffusionPrior(nn.Module):
 
     def _cached_net(self):
         """``_net`` for sampling: the prefix (caption tokens and text embedding) of a conditioning is encoded
-        once and reused at every step; the samplers and guidance pass the same tensors at every step."""
+        once and reused at every step; the samplers and guidance pass the same tensors at every step. The cache
+        is keyed by the tensors' identity, never their values, so a step reads nothing back from the device
+        (a CUDA graph can capture it); it holds the tensors, so their ids stay theirs."""
         caches: dict = {}
 
         def net(x, t, drop_text, text_embed, token_embeds, mask):
             if not self.use_caption_tokens:
                 token_embeds = mask = None
-            key = (id(text_embed), tuple(drop_text.tolist()))
+            key = (id(text_embed), id(drop_text))
             if key not in caches:
-                caches[key] = (text_embed, self.net.encode_prefix(text_embed, token_embeds, mask, drop_text=drop_text))
-            return self.net.forward_with_prefix(x, t, caches[key][1])
+                prefix = self.net.encode_prefix(text_embed, token_embeds, mask, drop_text=drop_text)
+                caches[key] = (text_embed, drop_text, prefix)
+            return self.net.forward_with_prefix(x, t, caches[key][2])
 
         return net
 
@@ -124,9 +127,11 @@ class DiffusionPrior(nn.Module):
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         negative: TextCondition | None = None,
+        cuda_graphs: str | bool | None = "auto",
     ) -> torch.Tensor:
         """Unit-norm image embeddings [B, D] for the captions in ``text``. ``negative`` (captions [B]): guidance's
-        unconditional branch (a negative prompt) instead of the learned null; used when ``guidance_scale != 1``."""
+        unconditional branch (a negative prompt) instead of the learned null; used when ``guidance_scale != 1``.
+        ``cuda_graphs``: see ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph)."""
         check_prompts(text)
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
@@ -145,7 +150,7 @@ class DiffusionPrior(nn.Module):
             self._cached_net(), guidance_scale, negative=None if negative is None else inputs(negative), **inputs(text)
         )
         x_T = torch.randn(batch * num_candidates, self.embed_mean.shape[0], device=device, generator=generator)
-        x0 = sample_ddim(model_fn, self.diffusion, x_T, steps=steps, eta=eta, generator=generator)
+        x0 = sample_ddim(model_fn, self.diffusion, x_T, steps=steps, eta=eta, generator=generator, cuda_graphs=cuda_graphs)
         candidates = F.normalize(self.unstandardise(x0), dim=-1).view(batch, num_candidates, -1)
         scores = torch.einsum("bnd,bd->bn", candidates, text.embed.float())
         best = scores.argmax(dim=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # auto: see unclip.training.precision
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "trackio", "swanlab")
 
 
@@ -20,7 +20,7 @@ class TrainerConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # bf16 where it is faster (unclip.training.precision)
     ema_beta: float = 0.999
     ema_update_after_step: int = 100
     ema_update_every: int = 1

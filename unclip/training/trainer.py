@@ -47,6 +47,7 @@ from unclip.training.config import TrainerConfig
 from unclip.training.curves import plot_runs
 from unclip.training.data import DataStream
 from unclip.training.optim import lr_at, make_optimizer
+from unclip.training.precision import StepCost, resolve_precision
 from unclip.training.tracking import LogWindow, RunLog, StepOutcome
 from unclip.weights import CheckpointError
 
@@ -115,10 +116,17 @@ class Trainer:
         self.after_step_fn = after_step_fn
         self.extra_config = extra_config or {}
         self.dataset = dataset
+        self.collate_fn = collate_fn or collate_dicts
+        # Before the Accelerator: `auto` counts the step's FLOPs on the CPU before the processes connect.
+        precision = resolve_precision(config, model, loss_fn, dataset, self.collate_fn)
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+            mixed_precision=precision.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             log_with=config.log_with, project_dir=self.run_dir / "tensorboard" if config.log_with else None,
         )
+        if accelerator is None and config.mixed_precision == "auto":
+            self.accelerator.print(precision.reason)
+        self.step_cost = StepCost.of(precision.step_flops, self.accelerator.mixed_precision, config.batch_size,
+                                     self.accelerator.device)
         set_seed(config.seed)
         self.model = model
         self.ema = EMA(
@@ -128,13 +136,14 @@ class Trainer:
             update_every=config.ema_update_every,
             # Buffers are copied, not averaged: averaging breaks constant ones such as a causal mask's -inf.
             param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
+            use_foreach=True,  # one lerp over all parameters, not one kernel per parameter
         )
         self.ema.to(self.accelerator.device)
         optimizer = make_optimizer(model, config)
         self.wrapped, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
         acc = self.accelerator
         self.data = DataStream(
-            dataset, batch_size=config.batch_size, collate_fn=collate_fn or collate_dicts, rank=acc.process_index,
+            dataset, batch_size=config.batch_size, collate_fn=self.collate_fn, rank=acc.process_index,
             world_size=acc.num_processes, seed=config.seed, num_workers=config.num_workers,
             on_epoch_end=self._report_epoch,
         )
@@ -197,6 +206,7 @@ class Trainer:
 
     def _log_window(self, window: LogWindow, last: StepOutcome, bar: tqdm) -> dict:
         record = window.record(self.step, lr_at(self.step - 1, self.config), last)
+        record.update(self.step_cost.log(record["samples_per_s"], self.accelerator.num_processes))
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
         return record
