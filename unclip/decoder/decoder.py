@@ -133,7 +133,11 @@ class Decoder(nn.Module):
     def _rebuild_arguments(self, given: dict) -> dict:
         """The saved config names the UNet's upsample_width, so a later change of its default cannot rebuild
         a saved model differently."""
-        return {**given, "unet": with_resolved_upsample_width(given["unet"])}
+        arguments = {**given, "unet": with_resolved_upsample_width(given["unet"])}
+        inpaint = arguments.pop("inpaint", False)
+        mask_mix = arguments.pop("mask_mix", None)
+        # a plain decoder's config stays as it was before inpainting existed
+        return {**arguments, "inpaint": True, "mask_mix": check_mask_mix(mask_mix)} if inpaint else arguments
 
     # -- conditioning -----------------------------------------------------------------------
     def _check_embed(self, image_embed: torch.Tensor) -> None:
@@ -156,8 +160,8 @@ class Decoder(nn.Module):
         drop_caption = drop if drop_caption is None else drop_caption | drop
         return self.unet(
             x, t, image_embed=image_embed, context=context, context_mask=context_mask,
-            pooled_context=pooled_context, drop_image_embed=drop_embed, drop_context=drop_caption,
-            masked_image=masked_image, mask=mask,
+            pooled_context=pooled_context, drop_image_embed=drop_embed,
+            drop_context=drop_caption if context is not None else None, masked_image=masked_image, mask=mask,
         )
 
     def _inpainting_inputs(self, images: torch.Tensor | None, keep: torch.Tensor | None) -> dict:
