@@ -88,19 +88,22 @@ def test_the_schedule_step_travels_with_the_checkpoint(tmp_path):
     assert torch.equal(loaded.encode(images), dvae.encode(images))
 
 
-def test_the_loss_is_the_reconstruction_plus_the_weighted_kl_to_uniform():
-    dvae = tiny_dvae(straight_through=True, kl_weight_max=0.5, kl_steps=0)
+def test_the_loss_is_the_reconstruction_plus_the_weighted_kls_to_uniform():
+    dvae = tiny_dvae(straight_through=True, kl_weight_max=0.5, kl_steps=0, usage_kl_weight=0.25)
     images = shapes_images(2)
     logits = dvae.logits(images)
     out = dvae.training_loss(images, gumbel=torch.zeros_like(logits))
     q = logits.softmax(dim=1)
-    kl = (q * (q.log() + math.log(32))).sum(dim=1).mean()  # KL(q || uniform over 32)
+    kl = (q * (q.log() + math.log(32))).sum(dim=1).mean()  # KL(q || uniform over 32), mean over cells
+    usage = q.mean(dim=(0, 2, 3))
+    usage_kl = (usage * (usage.log() + math.log(32))).sum()  # the batch's aggregate distribution vs uniform
     # straight-through with no noise: the forward pass decodes exactly the argmax tokens, as decode does
     argmax_images = dvae.decode_codes(dvae.codebook(logits.argmax(dim=1)).permute(0, 3, 1, 2))
     recon = ((argmax_images - images) ** 2).mean()
     assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
     assert out["recon"].item() == pytest.approx(recon.item(), rel=1e-4)
-    assert out["loss"].item() == pytest.approx(recon.item() + 0.5 * kl.item(), rel=1e-4)
+    assert out["usage_kl"].item() == pytest.approx(usage_kl.item(), rel=1e-4, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(recon.item() + 0.5 * kl.item() + 0.25 * usage_kl.item(), rel=1e-4)
 
 
 def test_bad_input_is_named():

@@ -4,7 +4,12 @@ A conv encoder gives logits over ``codebook_size`` entries for every cell of a `
 grid. While training, a Gumbel-softmax sample of them (straight-through optional) mixes the codebook
 vectors that the conv decoder turns back into the image; after training, ``encode`` takes the argmax token
 of each cell and ``decode`` looks the tokens up. The loss is the reconstruction error plus a weighted KL
-divergence of the cells' token distributions from the uniform prior.
+divergence of the cells' token distributions from the uniform prior (the paper's), and optionally
+(``usage_kl_weight``) the KL divergence of the batch's aggregate token distribution from the uniform one
+(wav2vec 2.0's diversity loss), which keeps codebook entries in use without making each cell uncertain:
+on ``shapes``, where most cells are white background, the per-cell term alone lets the codebook collapse
+to a few dozen entries early in training, after which the encoder no longer learns (a saturated softmax
+passes no gradient).
 
 The temperature and KL weight follow :mod:`unclip.dvae.schedules` as functions of the update step. The step
 is passed to :meth:`DiscreteVAE.training_loss` or read from the ``schedule_step`` buffer, which a training
@@ -88,6 +93,7 @@ class DiscreteVAE(Configurable, nn.Module):
         temperature_steps: int = 10_000,
         kl_weight_max: float = 0.0,
         kl_steps: int = 1_000,
+        usage_kl_weight: float = 0.0,
     ):
         super().__init__()
         channels = list(channels)
@@ -100,14 +106,15 @@ class DiscreteVAE(Configurable, nn.Module):
             raise ValueError(
                 f"temperatures must satisfy start >= end > 0, got start={temperature_start}, end={temperature_end}"
             )
-        if kl_weight_max < 0:
-            raise ValueError(f"kl_weight_max must be >= 0, got {kl_weight_max}")
+        for name, weight in (("kl_weight_max", kl_weight_max), ("usage_kl_weight", usage_kl_weight)):
+            if weight < 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.remember_config(
             image_size=image_size, grid_size=grid_size, codebook_size=codebook_size, codebook_dim=codebook_dim,
             channels=channels, res_blocks=res_blocks, reconstruction=reconstruction,
             straight_through=straight_through, temperature_start=temperature_start,
             temperature_end=temperature_end, temperature_steps=temperature_steps,
-            kl_weight_max=kl_weight_max, kl_steps=kl_steps,
+            kl_weight_max=kl_weight_max, kl_steps=kl_steps, usage_kl_weight=usage_kl_weight,
         )
         self.image_size = image_size
         self.grid_size = grid_size
@@ -116,6 +123,7 @@ class DiscreteVAE(Configurable, nn.Module):
         self.straight_through = straight_through
         self.temperature_schedule = {"start": temperature_start, "end": temperature_end, "steps": temperature_steps}
         self.kl_schedule = {"maximum": kl_weight_max, "steps": kl_steps}
+        self.usage_kl_weight = usage_kl_weight
         self.encoder = _encoder(channels, res_blocks, codebook_size)
         self.codebook = nn.Embedding(codebook_size, codebook_dim)
         self.decoder = _decoder(channels, res_blocks, codebook_dim)
@@ -204,10 +212,13 @@ class DiscreteVAE(Configurable, nn.Module):
             recon = F.l1_loss(reconstructed, images.float())
         log_q = F.log_softmax(logits, dim=1)
         kl = (log_q.exp() * log_q).sum(dim=1).mean() + math.log(self.codebook_size)
+        usage = log_q.exp().mean(dim=(0, 2, 3))  # the batch's aggregate token distribution [K]
+        usage_kl = (usage * usage.clamp_min(1e-12).log()).sum() + math.log(self.codebook_size)
         return {
-            "loss": recon + beta * kl,
+            "loss": recon + beta * kl + self.usage_kl_weight * usage_kl,
             "recon": recon.detach(),
             "kl": kl.detach(),
+            "usage_kl": usage_kl.detach(),
             "tau": torch.tensor(tau),
             "kl_weight": torch.tensor(beta),
             "codes_used": torch.tensor(float(logits.argmax(dim=1).unique().numel())),
