@@ -1,0 +1,214 @@
+"""DALL-E's transformer (section 2.2): caption tokens then image tokens, modelled autoregressively.
+
+The sequence is ``[t_0 ... t_{T-1} | i_0 ... i_{N-1}]``: ``text_length`` caption tokens (CLIP's start token
+first, so it doubles as the beginning of the sequence) and ``image_length`` image tokens (a dVAE's grid in
+raster order, or any other token sequence). Text and image tokens have their own embeddings and output
+heads; a caption's padding positions take a learned embedding per position. The loss is the paper's
+weighted sum of the text and image cross-entropies (1/8 and 7/8).
+
+Captions arrive as the CLIP stage's token ids and are mapped to a compact vocabulary
+(:class:`~unclip.autoregressive.vocabulary.TextVocabulary`) whose ids are part of the model's config.
+Training drops a caption to all-padding (the null caption) with probability ``cond_drop_prob``, so that
+sampling can use classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.autoregressive.sampling import check_sampling, draw, guided_logits
+from unclip.autoregressive.transformer import CausalTransformer, KVCache
+from unclip.autoregressive.vocabulary import PAD, TextVocabulary
+from unclip.configurable import Configurable
+
+CLIP_END_OF_TEXT = 49407
+
+
+class TextImageTransformer(Configurable, nn.Module):
+    """p(image tokens | caption) and p(caption) in one decoder-only transformer.
+
+    ``text_vocab`` lists the CLIP token ids the model knows (build it with
+    ``TextVocabulary.from_token_rows(clip.tokenize(train_captions), end_id)``); ``text_end_id`` is the
+    tokenizer's end-of-text id.
+    """
+
+    def __init__(
+        self,
+        *,
+        text_vocab: list[int],
+        text_length: int,
+        image_vocab_size: int,
+        image_length: int,
+        text_end_id: int = CLIP_END_OF_TEXT,
+        width: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        dropout: float = 0.0,
+        text_loss_weight: float = 1 / 8,
+        cond_drop_prob: float = 0.1,
+    ):
+        super().__init__()
+        if text_length < 2:
+            raise ValueError(f"text_length must be >= 2 (start token and end token), got {text_length}")
+        if image_length < 1 or image_vocab_size < 2:
+            raise ValueError(f"need image_length >= 1 and image_vocab_size >= 2, got {image_length}, {image_vocab_size}")
+        if not 0 <= text_loss_weight <= 1:
+            raise ValueError(f"text_loss_weight must be in [0, 1] (the image loss gets the rest), got {text_loss_weight}")
+        if not 0 <= cond_drop_prob < 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        self.remember_config(
+            text_vocab=[int(i) for i in text_vocab], text_length=text_length, image_vocab_size=image_vocab_size,
+            image_length=image_length, text_end_id=text_end_id, width=width, depth=depth, heads=heads,
+            dropout=dropout, text_loss_weight=text_loss_weight, cond_drop_prob=cond_drop_prob,
+        )
+        self.vocabulary = TextVocabulary(text_vocab, text_end_id)
+        self.text_length, self.image_length, self.image_vocab_size = text_length, image_length, image_vocab_size
+        self.text_loss_weight, self.cond_drop_prob = text_loss_weight, cond_drop_prob
+        self.text_embed = nn.Embedding(len(self.vocabulary), width)
+        self.padding_embed = nn.Parameter(torch.randn(text_length, width) * 0.02)  # one per text position
+        self.image_embed = nn.Embedding(image_vocab_size, width)
+        self.transformer = CausalTransformer(
+            width=width, depth=depth, heads=heads, max_length=text_length + image_length - 1, dropout=dropout
+        )
+        self.text_head = nn.Linear(width, len(self.vocabulary))
+        self.image_head = nn.Linear(width, image_vocab_size)
+        for embedding in (self.text_embed, self.image_embed):
+            nn.init.normal_(embedding.weight, std=0.02)
+
+    # -- inputs -----------------------------------------------------------------------------
+    def text_ids(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP token ids [B, L] -> compact ids [B, text_length] (truncated with a warning when too long)."""
+        return self.vocabulary.encode(text_tokens, self.text_length)
+
+    def _image_ids(self, image_tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Image tokens [B, N] or [B, h, w] -> [B, N], checked against the length and the vocabulary."""
+        ids = image_tokens.flatten(1) if image_tokens.ndim > 2 else image_tokens
+        length = self.image_length if length is None else length
+        if ids.ndim != 2 or ids.shape[1] != length or ids.dtype.is_floating_point:
+            raise ValueError(
+                f"image tokens must be integer ids [B, {length}] (or a grid of that many), got "
+                f"{image_tokens.dtype} of shape {tuple(image_tokens.shape)}"
+            )
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.image_vocab_size):
+            raise ValueError(
+                f"image token ids must be in [0, {self.image_vocab_size}) (this model's image vocabulary), got "
+                f"ids from {int(ids.min())} to {int(ids.max())}"
+            )
+        return ids
+
+    def _embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Compact ids [B, T] -> [B, T, W]; padding positions get their own learned embedding."""
+        padding = (text_ids == PAD)[..., None]
+        return torch.where(padding, self.padding_embed[: text_ids.shape[1]], self.text_embed(text_ids))
+
+    def _null_text(self, batch: int, device) -> torch.Tensor:
+        return torch.full((batch, self.text_length), PAD, dtype=torch.long, device=device)
+
+    # -- training ---------------------------------------------------------------------------
+    def logits(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact text ids [B, T] and image ids [B, N] -> the logits predicting text tokens 1..T-1
+        [B, T-1, V_text] and image tokens 0..N-1 [B, N, V_image] (teacher forcing)."""
+        sequence = torch.cat([self._embed_text(text_ids), self.image_embed(image_ids[:, :-1])], dim=1)
+        hidden = self.transformer(sequence)
+        split = self.text_length - 1
+        return self.text_head(hidden[:, :split]), self.image_head(hidden[:, split:])
+
+    def training_loss(
+        self, text_tokens: torch.Tensor, image_tokens: torch.Tensor, *, drop: torch.Tensor | None = None
+    ) -> dict:
+        """CLIP token ids [B, L] and image tokens [B, N] (or [B, h, w]) -> ``loss`` (weighted), ``text_loss``,
+        ``image_loss``. ``drop`` [B] (bool) replaces the random choice of captions dropped to the null caption;
+        a dropped caption has no text loss."""
+        text_ids = self.text_ids(text_tokens)
+        image_ids = self._image_ids(image_tokens.to(text_ids.device))
+        if text_ids.shape[0] != image_ids.shape[0]:
+            raise ValueError(f"{text_ids.shape[0]} captions for {image_ids.shape[0]} token sequences")
+        if drop is None:
+            drop = torch.rand(text_ids.shape[0], device=text_ids.device) < self.cond_drop_prob
+        text_ids = torch.where(drop[:, None], self._null_text(len(drop), text_ids.device), text_ids)
+        text_logits, image_logits = self.logits(text_ids, image_ids)
+        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image_ids.flatten())
+        kept = ~drop
+        if kept.any():
+            text_loss = F.cross_entropy(text_logits[kept].flatten(0, 1).float(), text_ids[kept, 1:].flatten())
+        else:
+            text_loss = text_logits.sum() * 0.0  # keeps the graph for data-parallel training
+        loss = self.text_loss_weight * text_loss + (1 - self.text_loss_weight) * image_loss
+        return {"loss": loss, "text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
+
+    # -- sampling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        text_tokens: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance_scale: float | None = None,
+        prime: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Image tokens [B, N] for CLIP token ids [B, L].
+
+        ``guidance_scale`` (None: off) mixes the logits with those of the null caption (classifier-free
+        guidance; 1 gives the conditional model). ``prime`` [B, P] fixes the first P image tokens (image
+        completion). ``use_cache=False`` recomputes the whole sequence at every step (same tokens, slower).
+        """
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=self.image_vocab_size)
+        text_ids = self.text_ids(text_tokens)
+        batch, device = text_ids.shape[0], text_ids.device
+        if batch == 0:
+            raise ValueError("got zero captions to sample for; expected at least one")
+        image_ids = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        if prime is not None:
+            prime_length = prime.shape[1] if prime.ndim == 2 else -1
+            if not 0 <= prime_length < self.image_length or prime.shape[0] != batch:
+                raise ValueError(
+                    f"prime must be image tokens [{batch}, P] with P < {self.image_length}, got shape {tuple(prime.shape)}"
+                )
+            image_ids = self._image_ids(prime.to(device), prime_length)
+        guided = guidance_scale is not None
+        rows_text = torch.cat([text_ids, self._null_text(batch, device)]) if guided else text_ids
+        rows_image = image_ids.repeat(2, 1) if guided else image_ids
+        steps = self._cached_steps if use_cache else self._full_steps
+        next_logits = steps(self._embed_text(rows_text), self.image_embed(rows_image))
+        logits = next_logits(None)
+        while True:
+            if guided:
+                logits = guided_logits(logits[:batch], logits[batch:], guidance_scale)
+            token = draw(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            image_ids = torch.cat([image_ids, token[:, None]], dim=1)
+            if image_ids.shape[1] == self.image_length:
+                return image_ids
+            logits = next_logits(token.repeat(2) if guided else token)
+
+    def _next_image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.image_head(hidden[:, -1]).float()
+
+    def _cached_steps(self, text: torch.Tensor, images: torch.Tensor):
+        """For the embedded caption [R, T, W] and primed image tokens [R, P, W]: a function from the newest
+        token [R] (None at first) to the logits of the next image token [R, K] that feeds the transformer
+        only the new positions (the others are in the key/value cache)."""
+        cache: KVCache = self.transformer.new_cache()
+
+        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+            new = torch.cat([text, images], dim=1) if token is None else self.image_embed(token[:, None])
+            return self._next_image_logits(self.transformer(new, cache))
+
+        return next_logits
+
+    def _full_steps(self, text: torch.Tensor, images: torch.Tensor):
+        """As :meth:`_cached_steps`, recomputing the whole sequence at every step."""
+        sequence = torch.cat([text, images], dim=1)
+
+        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+            nonlocal sequence
+            if token is not None:
+                sequence = torch.cat([sequence, self.image_embed(token[:, None])], dim=1)
+            return self._next_image_logits(self.transformer(sequence))
+
+        return next_logits
