@@ -21,12 +21,13 @@ from torch import nn
 from unclip.autoregressive.sampling import check_sampling, draw, guided_logits
 from unclip.autoregressive.transformer import CausalTransformer, KVCache
 from unclip.autoregressive.vocabulary import PAD, TextVocabulary
-from unclip.configurable import Configurable
+from unclip.configurable import configurable
 
 CLIP_END_OF_TEXT = 49407
 
 
-class TextImageTransformer(Configurable, nn.Module):
+@configurable
+class TextImageTransformer(nn.Module):
     """p(image tokens | caption) and p(caption) in one decoder-only transformer.
 
     ``text_vocab`` lists the CLIP token ids the model knows (build it with
@@ -58,11 +59,6 @@ class TextImageTransformer(Configurable, nn.Module):
             raise ValueError(f"text_loss_weight must be in [0, 1] (the image loss gets the rest), got {text_loss_weight}")
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        self.remember_config(
-            text_vocab=[int(i) for i in text_vocab], text_length=text_length, image_vocab_size=image_vocab_size,
-            image_length=image_length, text_end_id=text_end_id, width=width, depth=depth, heads=heads,
-            dropout=dropout, text_loss_weight=text_loss_weight, cond_drop_prob=cond_drop_prob,
-        )
         self.vocabulary = TextVocabulary(text_vocab, text_end_id)
         self.text_length, self.image_length, self.image_vocab_size = text_length, image_length, image_vocab_size
         self.text_loss_weight, self.cond_drop_prob = text_loss_weight, cond_drop_prob
@@ -78,6 +74,11 @@ class TextImageTransformer(Configurable, nn.Module):
             nn.init.normal_(embedding.weight, std=0.02)
 
     # -- inputs -----------------------------------------------------------------------------
+
+    def _rebuild_arguments(self, given: dict) -> dict:
+        """The vocabulary as plain ints (a config is JSON)."""
+        return {**given, "text_vocab": [int(i) for i in given["text_vocab"]]}
+
     def text_ids(self, text_tokens: torch.Tensor) -> torch.Tensor:
         """CLIP token ids [B, L] -> compact ids [B, text_length] (truncated with a warning when too long)."""
         return self.vocabulary.encode(text_tokens, self.text_length)

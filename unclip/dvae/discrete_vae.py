@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from unclip.configurable import Configurable
+from unclip.configurable import configurable
 from unclip.dvae.schedules import gumbel_temperature, kl_weight
 
 RECONSTRUCTION_LOSSES = ("mse", "l1")
@@ -69,7 +69,8 @@ def _decoder(channels: list[int], res_blocks: int, codebook_dim: int) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-class DiscreteVAE(Configurable, nn.Module):
+@configurable
+class DiscreteVAE(nn.Module):
     """Images [B, 3, S, S] in [-1, 1] <-> token grids [B, g, g] with ids in [0, codebook_size).
 
     ``channels`` lists the encoder's widths, one per halving of the resolution, so ``grid_size`` must be
@@ -109,13 +110,6 @@ class DiscreteVAE(Configurable, nn.Module):
         for name, weight in (("kl_weight_max", kl_weight_max), ("usage_kl_weight", usage_kl_weight)):
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
-        self.remember_config(
-            image_size=image_size, grid_size=grid_size, codebook_size=codebook_size, codebook_dim=codebook_dim,
-            channels=channels, res_blocks=res_blocks, reconstruction=reconstruction,
-            straight_through=straight_through, temperature_start=temperature_start,
-            temperature_end=temperature_end, temperature_steps=temperature_steps,
-            kl_weight_max=kl_weight_max, kl_steps=kl_steps, usage_kl_weight=usage_kl_weight,
-        )
         self.image_size = image_size
         self.grid_size = grid_size
         self.codebook_size = codebook_size
