@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from stages import micro_stages
 
@@ -81,8 +82,38 @@ def test_pipeline_metrics_and_sample_prompts_follow_the_data(tmp_path):
     assert {"p_val_colour_shape_acc", "p_heldout_colour_shape_acc", "p_pair_pair_acc",
             "p_variations_keep_colour_shape", "p_interpolate_ends_right", "p_text_diff_0.5_blue_circle"} <= set(metrics)
     assert not any("variations" in key for key in shapes.pipeline_metrics(pipe, seed=0, edits=False))
+    assert not any(key.startswith("fidelity") for key in metrics)  # not asked for
+    balanced = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)},
+                               pipeline_items={"fidelity": {"val": 6, "pair": 4}})
+    metrics = balanced.pipeline_metrics(pipe, seed=0)
+    assert metrics["fidelity/val/n"] == 6 and metrics["fidelity/pair/n"] == 4
+    assert {f"fidelity/val/position={p}" for p in ("top", "bottom", "left", "right", "centre")} <= set(metrics)
+    assert {"fidelity/pair/relation", "fidelity_variations/val/position", "fidelity_variations/pair/all"} <= set(metrics)
+    summary = balanced.summary(metrics)
+    assert "text to image" in summary and "decoded true embeddings" in summary and "val position:" in summary
+    assert not any(k.startswith("fidelity") for k in balanced.pipeline_metrics(pipe, seed=0, fidelity=False))
     assert shapes.sample_prompts() == list(SAMPLE_PROMPTS)
     captions = CaptionsEvaluator({"val": TemplateCaptions()}, pipeline_items={"val": 4, "heldout": 3})
     assert set(captions.pipeline_metrics(pipe, seed=0)) == {
         "val_image_cosine", "val_shuffled_image_cosine", "val_clip_score", "val_shuffled_clip_score"}
     assert captions.sample_prompts() == ["a red image", "a green image", "a blue image"]  # its captions, each once
+
+
+def test_the_pipeline_evaluation_names_what_it_has_when_asked_for_what_it_has_not():
+    val = {"val": ShapesDataset(split="val", length=4)}
+    with pytest.raises(ValueError, match=r"\['val', 'heldout', 'pair', 'edits', 'fidelity'\], not \['train'\]"):
+        ShapesEvaluator(val, pipeline_items={"train": 4})
+    with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair'\], not \['test'\]"):
+        ShapesEvaluator(val, pipeline_items={"fidelity": {"test": 4}})
+
+
+def test_prompts_outside_the_vocabulary_generate_and_are_reported_not_counted():
+    clip, prior, decoder, upsampler = micro_stages()
+    pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler],
+                          settings=GenerationSettings(prior_steps=2, decoder_steps=2, upsampler_steps=2))
+    prompts = ["a violet hexagon", "a small red circle at the top"]
+    images = pipe.generate(prompts, seed=0)
+    assert len(images) == 2
+    metrics = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)}).prompt_metrics(images, prompts)
+    assert metrics["grid/out_of_vocabulary"] == ["a violet hexagon"]
+    assert metrics["grid/n"] == 1 and "grid/position=top" in metrics  # the other prompt, judged

@@ -68,6 +68,14 @@ def test_balanced_set_gives_every_value_its_share_and_is_a_function_of_the_seed(
         balanced_scenes({"train": 4})
 
 
+@pytest.mark.parametrize("n", [12, 20, 50])
+def test_a_smaller_balanced_set_still_gives_every_cell_its_share(n):
+    scenes = balanced_scenes({"val": n, "heldout": n})
+    for split in ("val", "heldout"):
+        cells = Counter((s.meta["objects"][0]["size"], s.meta["objects"][0]["position"]) for s in scenes[split])
+        assert len(cells) == 6 and max(cells.values()) - min(cells.values()) <= 1, cells
+
+
 def test_report_per_value_counts_right_and_wrong_images():
     scenes = balanced_scenes({"val": 12, "pair": 8})
     val = scenes["val"]

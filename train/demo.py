@@ -115,7 +115,13 @@ def main(job: Job) -> None:
     log.info(f"evaluating the pipeline with {type(evaluator).__name__} (and the passthrough prior's)")
     metrics = {"preset": config["preset"], "experiment": choice("experiment")}
     metrics.update(evaluator.pipeline_metrics(pipe, seed=config["seed"]))
-    metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False))
+    metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False,
+                                              fidelity=False))
+    metrics.update(evaluator.prompt_metrics(images, [prompt for prompt in prompts for _ in range(n)]))
+    summary = evaluator.summary(metrics)
+    if summary:
+        (out / "fidelity.txt").write_text(summary + "\n")
+        log.info("\n" + summary)
     for stage, stage_metrics in stages.items():
         metrics.update({f"{stage}/{k}": v for k, v in stage_metrics.items() if isinstance(v, (int, float))})
     # Every stage's minutes (also those of earlier calls, whose stages were skipped now) and this evaluation's.

@@ -16,7 +16,12 @@ def main(job: Job) -> None:
     job.require_data("evaluator")
     pipe = UnCLIPPipeline.from_config(job.config["pipeline"])
     evaluator = build(job.config["data"]["evaluator"], pipeline_items=job.config["eval_items"])
-    job.finish(evaluator.pipeline_metrics(pipe, seed=job.config["seed"]))
+    metrics = evaluator.pipeline_metrics(pipe, seed=job.config["seed"])
+    summary = evaluator.summary(metrics)
+    if summary:
+        (job.run_dir / "fidelity.txt").write_text(summary + "\n")
+        print(summary)
+    job.finish(metrics)
 
 
 if __name__ == "__main__":

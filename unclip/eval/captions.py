@@ -38,7 +38,8 @@ class CaptionsEvaluator(DataEvaluator):
             if split in self.splits and n > 0:  # counts for other data sets' splits are ignored
                 yield split, self.items(split, n)
 
-    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True) -> dict:
+    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
+                         fidelity: bool = True) -> dict:
         """``<prefix><split>_{image_cosine,clip_score}`` (and their ``shuffled_*``) of one image per caption."""
         metrics = {}
         for split, batch in self._pipeline_splits():

@@ -69,8 +69,17 @@ class DataEvaluator:
             metrics.update(result)
         return metrics
 
-    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True) -> dict:
+    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
+                         fidelity: bool = True) -> dict:
         raise NotImplementedError
+
+    def prompt_metrics(self, images, prompts: list[str], prefix: str = "grid/") -> dict:
+        """What the evaluator can say about images made from any prompts (one per image); nothing by default."""
+        return {}
+
+    def summary(self, metrics: dict, prefix: str = "") -> str:
+        """A short text table of the headline pipeline metrics ("" where the evaluator has none)."""
+        return ""
 
     def sample_prompts(self) -> list[str]:
         raise NotImplementedError

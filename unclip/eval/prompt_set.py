@@ -65,11 +65,10 @@ class Scene:
 
 
 def _single_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Scene]:
-    grid = [(combo, cell) for combo in combos for cell in SINGLE_CELLS]
     scenes = []
-    while len(scenes) < n:  # whole shuffled rounds of the grid: every cell equally often
-        round_ = grid[:]
-        rng.shuffle(round_)
+    while len(scenes) < n:  # rounds of the whole grid, cells interleaved: any n has every cell equally often (+-1)
+        columns = [rng.sample(list(combos), len(combos)) for _ in SINGLE_CELLS]
+        round_ = [(column[i], cell) for i in range(len(combos)) for column, cell in zip(columns, SINGLE_CELLS)]
         for (colour, shape), (size, position) in round_[: n - len(scenes)]:
             obj = ShapeObject(colour, shape, size, position, jittered_centre(rng, position, jitter))
             caption = single_caption(rng, obj, named_size=True, named_position=True)

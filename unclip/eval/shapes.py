@@ -11,6 +11,13 @@ from unclip.eval.clip_shapes import ShapesClipEvaluator
 from unclip.eval.evaluator import DataEvaluator
 from unclip.eval.judge import judge_batch, score
 from unclip.eval.pipeline import evaluate_edits, evaluate_on_shapes, shapes_prompt_sets
+from unclip.eval.prompt_set import (
+    balanced_scenes,
+    format_table,
+    judge_prompts,
+    text_to_image_fidelity,
+    variations_fidelity,
+)
 
 # The demo's sample grid: training compositions, held-out ones (purple triangle, orange circle, ...), pair scenes.
 SAMPLE_PROMPTS = (
@@ -25,6 +32,11 @@ SAMPLE_PROMPTS = (
     "a red circle to the left of a blue square",
     "a green triangle above a yellow circle",
 )
+# What pipeline_items may name: the caption-like prompt sets (val, heldout, pair), the edits' images and the
+# balanced prompt set's scenes per split (fidelity: {val, heldout, pair}; unclip.eval.prompt_set).
+PIPELINE_ITEMS = ("val", "heldout", "pair", "edits", "fidelity")
+DEFAULT_PIPELINE_ITEMS = {"val": 64, "heldout": 32, "pair": 32, "edits": 8,
+                          "fidelity": {"val": 120, "heldout": 48, "pair": 48}}
 
 
 @register
@@ -37,7 +49,13 @@ class ShapesEvaluator(DataEvaluator):
 
     def __init__(self, splits: dict, pipeline_items: dict | None = None, clip_items: int = 512,
                  prompts: list[str] | None = None):
-        super().__init__(splits, pipeline_items or {"val": 64, "heldout": 32, "pair": 32, "edits": 8}, clip_items)
+        pipeline_items = dict(DEFAULT_PIPELINE_ITEMS if pipeline_items is None else pipeline_items)
+        unknown = sorted(set(pipeline_items) - set(PIPELINE_ITEMS))
+        if unknown:
+            raise ValueError(f"shapes evaluates the pipeline on {list(PIPELINE_ITEMS)}, not {unknown}")
+        if pipeline_items.get("fidelity"):
+            balanced_scenes(dict(pipeline_items["fidelity"]))  # a split it does not have is an error now, not later
+        super().__init__(splits, pipeline_items, clip_items)
         self.prompts = list(prompts or SAMPLE_PROMPTS)
 
     @cached_property
@@ -63,16 +81,37 @@ class ShapesEvaluator(DataEvaluator):
     def _prompt_sets(self) -> dict:
         return shapes_prompt_sets(self.pipeline_items)
 
-    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True) -> dict:
-        """Text-to-image accuracy on the prompt sets, then (``edits``; they do not use the prior) variations,
+    def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
+                         fidelity: bool = True) -> dict:
+        """Text-to-image accuracy on the prompt sets; (``fidelity``) the balanced prompt set per attribute value,
+        text to image (``fidelity/<split>/...``) and (with ``edits``) decoded from the true image embeddings
+        (``fidelity_variations/<split>/...``); then (``edits``; they do not use the prior) variations,
         interpolation and text diffs of ``pipeline_items["edits"]`` val images."""
         sets = self._prompt_sets
         metrics = evaluate_on_shapes(pipe, sets, seed=seed, prefix=prefix)
+        counts = self.pipeline_items.get("fidelity")
+        if fidelity and counts:
+            scenes = balanced_scenes(dict(counts), seed=seed)
+            metrics.update(text_to_image_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity/"))
+            if edits:
+                metrics.update(variations_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity_variations/"))
         k = self.pipeline_items.get("edits", 0)
         if edits and k and "val" in sets:
             edited = evaluate_edits(pipe, sets["val"]["images"][:k], sets["val"]["metas"][:k], seed=seed)
             metrics.update({f"{prefix}{key}": value for key, value in edited.items()})
         return metrics
+
+    def prompt_metrics(self, images, prompts: list[str], prefix: str = "grid/") -> dict:
+        """The judge's accuracy on images made from any prompts (one prompt per image); prompts outside the data
+        set's vocabulary are listed under ``<prefix>out_of_vocabulary``, not counted."""
+        return judge_prompts(images, prompts, prefix=prefix)
+
+    def summary(self, metrics: dict, prefix: str = "") -> str:
+        lines = []
+        for name, title in (("fidelity/", "text to image"), ("fidelity_variations/", "decoded true embeddings")):
+            if any(key.startswith(f"{prefix}{name}") for key in metrics):
+                lines += [f"balanced prompt set, {title}:", format_table(metrics, prefix=f"{prefix}{name}")]
+        return "\n".join(lines)
 
     def sample_prompts(self) -> list[str]:
         return list(self.prompts)
