@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 STAGES = ("clip", "embed", "prior", "prior_passthrough", "decoder", "upsampler")
-TINY = ["preset=quick", "steps.clip=2", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2", "images_per_prompt=1",
-        "generation.prior_steps=2", "generation.decoder_steps=2", "generation.upsampler_steps=2"]
+TINY = ["preset=quick", "upsampler=true", "steps.clip=2", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2",
+        "images_per_prompt=1", "generation.prior_steps=2", "generation.decoder_steps=2", "generation.upsampler_steps=2"]
 
 
 def _run(*args, check=True):
@@ -75,11 +75,15 @@ def test_a_data_choice_a_stage_cannot_use_is_an_error(tmp_path):
 def test_image_sizes_follow_the_data():
     from demo import image_sizes
 
-    def sizes(data_size, upsampler=True):
-        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "upsampler": upsampler})
+    def sizes(data_size, upsampler=True, preset="full"):
+        presets = {"full": {"with_upsampler": True}, "quick": {"with_upsampler": False}}
+        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "upsampler": upsampler,
+                            "preset": preset, "presets": presets})
 
     assert sizes(64) == (32, 64)  # the demo's shapes: 32-px decoder, upsampled to 64
     assert sizes(128) == (32, 128)
     assert sizes(32) == (32, None)  # nothing to upsample
     assert sizes(16) == (16, None)  # the decoder never makes images larger than the data's
     assert sizes(64, upsampler=False) == (32, None)
+    assert sizes(64, upsampler=None) == (32, 64) and sizes(64, upsampler=None, preset="quick") == (32, None)
+    assert sizes(64, upsampler=True, preset="quick") == (32, 64)  # the user's choice wins
