@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 STAGES = ("clip", "embed", "prior", "prior_passthrough", "decoder", "upsampler")
-TINY = ["preset=quick", "upsampler=true", "steps.clip=2", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2",
+TINY = ["preset=quick", "with_upsampler=true", "steps.clip=2", "steps.prior=2", "steps.decoder=2", "steps.upsampler=2",
         "images_per_prompt=1", "generation.prior_steps=2", "generation.decoder_steps=2", "generation.upsampler_steps=2"]
 
 
@@ -77,7 +77,7 @@ def test_image_sizes_follow_the_data():
 
     def sizes(data_size, upsampler=True, preset="full"):
         presets = {"full": {"with_upsampler": True}, "quick": {"with_upsampler": False}}
-        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "upsampler": upsampler,
+        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "with_upsampler": upsampler,
                             "preset": preset, "presets": presets})
 
     assert sizes(64) == (32, 64)  # the demo's shapes: 32-px decoder, upsampled to 64

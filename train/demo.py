@@ -48,7 +48,7 @@ def image_sizes(config: dict) -> tuple[int, int | None]:
     data's size if smaller; the upsampler takes it up to the data's size."""
     data_size = config["data"]["image_size"]
     decoder_size = min(config["decoder_size"], data_size)
-    wanted = config["upsampler"]
+    wanted = config["with_upsampler"]
     if wanted is None:  # the preset's choice (quick: none, its few steps would only add noise)
         wanted = config["presets"][config["preset"]].get("with_upsampler", True)
     upsampled = data_size if wanted and data_size > decoder_size else None
