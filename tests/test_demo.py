@@ -87,3 +87,31 @@ def test_image_sizes_follow_the_data():
     assert sizes(64, upsampler=False) == (32, None)
     assert sizes(64, upsampler=None) == (32, 64) and sizes(64, upsampler=None, preset="quick") == (32, None)
     assert sizes(64, upsampler=True, preset="quick") == (32, 64)  # the user's choice wins
+
+
+def test_preset_auto_picks_the_gpu_preset_only_where_cuda_is(monkeypatch):
+    import torch
+    from demo import resolve_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_preset("auto") == "full"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_preset("auto") == "gpu"
+    assert resolve_preset("quick") == "quick"  # a named preset is kept, GPU or not
+
+
+@pytest.mark.parametrize("preset", ["full", "quick", "gpu"])
+def test_every_presets_stage_settings_compose_into_their_jobs_and_build(preset):
+    import _job  # noqa: F401  (registers the structured configs)
+    from hydra import compose, initialize_config_dir
+
+    from unclip.config import build
+
+    presets = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "demo.yaml"))["presets"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        for stage in ("clip", "prior", "decoder", "upsampler"):
+            cfg = compose(config_name=f"train_{stage}", overrides=["experiment=shapes", *presets[preset][stage]])
+            assert cfg.trainer.max_steps >= 1
+        decoder = compose(config_name="train_decoder", overrides=["experiment=shapes", *presets[preset]["decoder"]])
+    model = build(OmegaConf.to_container(decoder.decoder, resolve=True), image_embed_dim=8, text_length=4, token_dim=8)
+    assert model.config["unet"]["base_channels"] == decoder.decoder.unet.base_channels

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from _job import choice, forwarded_overrides, hydra_job
 
 from unclip.config import build
@@ -41,6 +42,15 @@ def run_stage(name: str, script: str, out: Path, overrides: list[str], force: bo
     subprocess.run(cmd, check=True)
     log.info(f"{name}: {(time.time() - started) / 60:.1f} min")
     return json.loads(metrics_file.read_text())
+
+
+def resolve_preset(preset: str) -> str:
+    """``auto``: ``gpu`` where CUDA is available, else ``full``; any other name as given."""
+    if preset != "auto":
+        return preset
+    chosen = "gpu" if torch.cuda.is_available() else "full"
+    log.info(f"preset=auto: {chosen} ({'CUDA is available' if chosen == 'gpu' else 'no CUDA device'})")
+    return chosen
 
 
 def image_sizes(config: dict) -> tuple[int, int | None]:
@@ -91,6 +101,7 @@ def compose(out: Path, prior: str, stages: dict, settings: dict) -> UnCLIPPipeli
 @hydra_job("demo")
 def main(job: Job) -> None:
     config, out = job.config, Path(job.config["out"])
+    config["preset"] = resolve_preset(config["preset"])
     if config["preset"] not in config["presets"]:
         raise ValueError(f"preset must be one of {sorted(config['presets'])}, got {config['preset']!r}")
     preset = config["presets"][config["preset"]]
