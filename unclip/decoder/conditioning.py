@@ -80,8 +80,7 @@ class ImageEmbedCondition(Condition):
     inputs = ("image_embed", "drop_image_embed")
 
     def __init__(self, image_embed_dim: int, emb_dim: int, context_width: int, num_tokens: int = 4,
-                 spatial_grid: int = 0, base_channels: int | None = None, standardise: bool = False,
-                 hidden: int = 0):
+                 spatial_grid: int = 0, base_channels: int | None = None, standardise: bool = False):
         super().__init__()
         for name, value in (("image_embed_dim", image_embed_dim), ("num_image_tokens", num_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -90,18 +89,14 @@ class ImageEmbedCondition(Condition):
             raise ValueError(f"spatial_embed_grid must be an int >= 0, got {spatial_grid!r}")
         self.image_embed_dim, self.num_tokens, self.context_width = image_embed_dim, num_tokens, context_width
         self.null_embed = nn.Parameter(torch.randn(image_embed_dim) / math.sqrt(image_embed_dim))
-        # an MLP before the projections reads what the embedding holds non-linearly (e.g. which colour is where)
-        self.trunk = nn.Sequential(nn.Linear(image_embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()) \
-            if hidden else nn.Identity()
-        width = hidden or image_embed_dim
-        self.to_time = nn.Linear(width, emb_dim)
-        self.to_tokens = nn.Linear(width, num_tokens * context_width)
+        self.to_time = nn.Linear(image_embed_dim, emb_dim)
+        self.to_tokens = nn.Linear(image_embed_dim, num_tokens * context_width)
         self.token_norm = nn.LayerNorm(context_width)
         self.spatial_grid = spatial_grid
         if spatial_grid:
             if not base_channels:
                 raise ValueError("spatial_embed_grid needs base_channels")
-            self.to_spatial = nn.Linear(width, base_channels * spatial_grid**2)
+            self.to_spatial = nn.Linear(image_embed_dim, base_channels * spatial_grid**2)
         self.standardise = standardise
         if standardise:  # per-dimension mean and std of the training embeddings, set by fit_normalisation
             self.register_buffer("embed_mean", torch.zeros(image_embed_dim))
@@ -125,7 +120,6 @@ class ImageEmbedCondition(Condition):
                 embed = (embed.float() - self.embed_mean) / self.embed_std
             if drop is not None:
                 embed = torch.where(drop[:, None], null.to(embed.dtype), embed)
-        embed = self.trunk(embed)
         tokens = rearrange(self.to_tokens(embed), "b (n d) -> b n d", n=self.num_tokens)
         features = None
         if self.spatial_grid:

@@ -99,7 +99,6 @@ class Decoder(nn.Module):
         body = dict(unet)
         num_image_tokens = body.pop("num_image_tokens", 4)
         spatial_grid = body.pop("spatial_embed_grid", 0)
-        embed_hidden = body.pop("image_embed_hidden", 0)
         emb_dim = embedding_width(body.get("base_channels", 64))
         conditions = {}
         if self.caption_encoder is not None:
@@ -108,7 +107,7 @@ class Decoder(nn.Module):
         token_width = caption_width if self.caption_encoder is not None else emb_dim
         conditions["image"] = ImageEmbedCondition(
             image_embed_dim, emb_dim, token_width, num_image_tokens, spatial_grid=spatial_grid,
-            base_channels=body.get("base_channels", 64), standardise=standardise_embed, hidden=embed_hidden,
+            base_channels=body.get("base_channels", 64), standardise=standardise_embed,
         )
         if inpaint:
             conditions["masked"] = MaskedImageCondition()

@@ -95,7 +95,7 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the spatial tokens plus the context tokens (GLIDE's ``encoder_kv``)."""
 
-    def __init__(self, channels: int, head_channels: int, context_width: int | None, positions: int = 0):
+    def __init__(self, channels: int, head_channels: int, context_width: int | None):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
@@ -104,16 +104,11 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_width, 2 * channels) if context_width else None
         self.proj_out = _zero(nn.Linear(channels, channels))
-        # learned position of each spatial token (``positions`` = H*W), so that where a query stands can decide
-        # which context tokens it attends to; None: positions only through the convolutions' padding (ADM)
-        self.position = nn.Parameter(torch.randn(positions, channels) * 0.02) if positions else None
 
     def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
         """x [B, C, H, W]; context [B, Tc, context_width]; key_mask [B, H*W + Tc] bool (True = visible) or None."""
         b, c, height, width = x.shape
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # a view in channels_last
-        if self.position is not None:
-            tokens = tokens + self.position.to(tokens.dtype)
         q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if context is not None and self.context_kv is not None:
             ck, cv = rearrange(self.context_kv(context), "b t (two h d) -> two b h t d", two=2, h=self.heads)
@@ -185,7 +180,6 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         upsample_width: str = DEFAULT_UPSAMPLE_WIDTH,
-        attention_positions: bool = False,
         conditions: dict[str, Condition] | None = None,
     ):
         super().__init__()
@@ -227,8 +221,7 @@ class UNet(nn.Module):
         def attention(channels: int, resolution: int) -> AttentionBlock | None:
             if resolution not in attention_resolutions:
                 return None
-            return AttentionBlock(channels, head_channels, self.context_width,
-                                  resolution**2 if attention_positions else 0)
+            return AttentionBlock(channels, head_channels, self.context_width)
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, self.emb_dim, dropout, use_scale_shift_norm)
@@ -250,9 +243,7 @@ class UNet(nn.Module):
                 self.down.append(Level(None, None, Downsample(ch)))
                 skip_channels.append(ch)
                 resolution //= 2
-        middle_positions = resolution**2 if attention_positions else 0
-        self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels, self.context_width, middle_positions),
-                                     res(ch, ch)])
+        self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels, self.context_width), res(ch, ch)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
