@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,7 @@ from unclip.checkpoint import (
 )
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
+from unclip.run_lock import hold_directory
 from unclip.training.config import TrainerConfig
 from unclip.training.curves import plot_runs
 from unclip.training.data import DataStream
@@ -168,7 +170,13 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to ``max_steps`` (resuming or starting over as the config says), then checkpoint, preview and
-        evaluate; the final metrics add the run's ``data_issues``."""
+        evaluate; the final metrics add the run's ``data_issues``. The main process owns the run directory
+        meanwhile (``unclip.run_lock``): a second run into it is refused, naming this one's process id."""
+        owner = hold_directory(self.run_dir, f"training {self.stage}") if self.is_main else nullcontext()
+        with owner:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         self._start()
         bar = self._progress_bar()
         batches = self.data.batches()
