@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from unclip.checkpoint import (
     LoadedStage,
+    commit_directory,
     load_stage,
     resolve_checkpoint,
     write_json_atomic,
@@ -91,6 +93,17 @@ class Negative:
 
     text: TextCondition | None = None
     image_embed: torch.Tensor | None = None
+
+
+def _check_replaceable(directory: Path) -> None:
+    """``save_pretrained`` writes a new or empty directory, or replaces a saved pipeline; nothing else."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"cannot save the pipeline to {directory}: it is a file; choose a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / PIPELINE_FILE).is_file():
+        raise FileExistsError(
+            f"cannot save the pipeline to {directory}: it is not empty and not a saved pipeline (no {PIPELINE_FILE}), "
+            "and saving would replace everything in it; choose a new or empty directory, or move its files away"
+        )
 
 
 @dataclass
@@ -210,17 +223,31 @@ class UnCLIPPipeline:
         return pipe
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Copy every stage (weights, config, space) into one directory with a pipeline.json."""
+        """Copy every stage (weights, config, space) into one directory with a pipeline.json. The directory must
+        be new, empty or a saved pipeline; a saved pipeline is replaced only once the new one is complete (written
+        to a temporary sibling, then swapped in), so a failed save leaves it as it was."""
         directory = Path(directory)
         if not self.sources:
             raise ValueError("save_pretrained needs a pipeline built by from_pretrained (stage checkpoints to copy)")
-        tmp = directory.with_name(f".tmp-{directory.name}")
+        _check_replaceable(directory)
+        tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write_stages(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        commit_directory(tmp, directory)
+        return directory
+
+    def _write_stages(self, target_root: Path) -> None:
         stages: dict = {"upsamplers": []}
         for name, source in self.sources.items():
             source = resolve_checkpoint(source)
-            target = tmp / name
+            target = target_root / name
             target.mkdir()
             for file in ("model.safetensors", "ema.safetensors", "config.json", "space.json"):
                 if (source / file).is_file():
@@ -229,11 +256,8 @@ class UnCLIPPipeline:
                 stages["upsamplers"].append(name)
             else:
                 stages[name] = name
-        write_json_atomic(tmp / PIPELINE_FILE, {"format": 1, "stages": stages, "settings": vars(self.settings)})
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.replace(directory)
-        return directory
+        write_json_atomic(target_root / PIPELINE_FILE, {"format": 1, "stages": stages,
+                                                        "settings": vars(self.settings)})
 
     # -- the shared steps ----------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
