@@ -17,6 +17,7 @@ trainer prints them at the end of every epoch and reports them in the final metr
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from contextlib import nullcontext
@@ -35,12 +36,15 @@ from tqdm.auto import tqdm
 from unclip.checkpoint import (
     CHECKPOINTS,
     LATEST,
+    MANIFEST,
     TRAINER_STATE,
     checkpoint_name,
     commit_directory,
+    manifest_problems,
     read_latest,
     save_stage_files,
     write_latest,
+    write_manifest,
 )
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
@@ -55,6 +59,7 @@ from unclip.weights import CheckpointError
 
 LossFn = Callable[[nn.Module, Any], dict]
 CURVES = "curves.png"  # in the run directory: the loss and evaluation curves, drawn at the end of training
+RANDOM_STATES = re.compile(r"trainer/random_states_\d+\.pkl")  # accelerate's per-process generator states
 
 
 class NonFiniteLossError(RuntimeError):
@@ -322,6 +327,7 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(), indent=2))
+            write_manifest(tmp)
             commit_directory(tmp, final)
             write_latest(self.checkpoint_root, name)
             self._prune_checkpoints()
@@ -347,7 +353,33 @@ class Trainer:
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Refuse a checkpoint whose files differ from its manifest (damaged random states only unless
+        ``trainer.allow_inexact_resume``); one written before manifests resumes unverified, with a warning."""
+        problems = manifest_problems(path)
+        if problems is None:
+            self.accelerator.print(f"warning: {path} has no {MANIFEST} (written by an older version), so its files "
+                                   "cannot be verified; resuming from them as they are")
+            own = f"trainer/random_states_{self.accelerator.process_index}.pkl"
+            problems = {} if (path / own).is_file() else {own: "missing"}
+        latest = self.checkpoint_root / LATEST
+        damaged = [f"{path / name} is {problem}" for name, problem in problems.items() if not RANDOM_STATES.match(name)]
+        if damaged:
+            raise CheckpointError(f"cannot resume from {path}: {'; '.join(damaged)}. Write an earlier checkpoint's "
+                                  f"name into {latest}, or start over with trainer.overwrite=true")
+        random_states = "; ".join(f"{path / name} is {problem}" for name, problem in problems.items())
+        if random_states and not self.config.allow_inexact_resume:
+            raise CheckpointError(
+                f"cannot resume exactly from {path}: {random_states}. Without the random generators' state the run "
+                "would go on, but not as an uninterrupted run would; add trainer.allow_inexact_resume=true to accept "
+                f"that, write an earlier checkpoint's name into {latest}, or start over with trainer.overwrite=true"
+            )
+        if random_states:
+            self.accelerator.print(f"warning: resuming inexactly (trainer.allow_inexact_resume=true): {random_states}; "
+                                   "the random generators do not continue as they were")
+
     def load_checkpoint(self, path: Path) -> None:
+        self._verify_checkpoint(path)
         try:
             state = json.loads((path / TRAINER_STATE).read_text())
             if state["num_processes"] != self.accelerator.num_processes:
