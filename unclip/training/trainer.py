@@ -17,6 +17,7 @@ trainer prints them at the end of every epoch and reports them in the final metr
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -404,7 +405,11 @@ class Trainer:
         self.last_checkpoint = path
 
     def _prepare_run_dir(self) -> None:
-        existing = self.latest_checkpoint() if self.checkpoint_root.exists() else None
+        """Resume, start over (``overwrite``) or start in a run directory without checkpoints; the checkpoint
+        directory is tried for writing before any step is trained; log.jsonl keeps the records up to the start."""
+        if self.config.overwrite:
+            self._discard_earlier_run()
+        existing = self._existing_checkpoint()
         if self.config.resume:
             if existing is None:
                 self.accelerator.print(f"trainer.resume: no checkpoint in {self.checkpoint_root}, starting fresh")
@@ -412,20 +417,36 @@ class Trainer:
                 self.load_checkpoint(existing)
                 self.accelerator.print(f"resumed from {existing} at step {self.step}")
         elif existing is not None:
-            if not self.config.overwrite:
-                raise FileExistsError(
-                    f"{self.run_dir} already holds checkpoints of an earlier run ({existing.name}); add "
-                    "trainer.resume=true to continue it, trainer.overwrite=true to start over, or choose "
-                    "another directory with hydra.run.dir=..."
-                )
-            self.accelerator.wait_for_everyone()
-            if self.is_main:
-                shutil.rmtree(self.checkpoint_root)
-            self.accelerator.wait_for_everyone()
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints of an earlier run ({existing.name}); add "
+                "trainer.resume=true to continue it, trainer.overwrite=true to start over, or choose "
+                "another directory with hydra.run.dir=..."
+            )
         if self.is_main:
-            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.checkpoint_root)
             for stale in self.checkpoint_root.glob(".tmp-*"):  # left by a crash mid-save
                 shutil.rmtree(stale, ignore_errors=True)
+            self.log.keep_until(self.step)  # records of steps after the start (before a crash) are trained again
+        self.accelerator.wait_for_everyone()
+
+    def _existing_checkpoint(self) -> Path | None:
+        if not self.checkpoint_root.exists():
+            return None
+        try:
+            return self.latest_checkpoint()
+        except CheckpointError as err:  # a `latest` naming a checkpoint that is gone or incomplete
+            raise CheckpointError(f"{err}; write the name of a complete checkpoint into it, or start over with "
+                                  "trainer.overwrite=true") from err
+
+    def _discard_earlier_run(self) -> None:
+        """``trainer.overwrite``: the earlier run's checkpoints (whatever ``latest`` says), log, curves, previews
+        and TensorBoard events go."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            for name in (CHECKPOINTS, "previews", "tensorboard"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            for name in (self.log.path.name, CURVES):
+                (self.run_dir / name).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     # -- evaluation -------------------------------------------------------------------------
@@ -481,6 +502,20 @@ class Trainer:
         else:
             totals.update(self.data.issues)
         return dict(sorted(totals.items()))
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a file into it, so that a run that could not save its checkpoints stops
+    before training rather than after."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write checkpoints to {directory} ({err.strerror or err}); the steps trained "
+                              "would be lost: make it a writable directory, or choose another run directory with "
+                              "hydra.run.dir=...") from err
 
 
 def _scalars(metrics: dict):
