@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,7 @@ def load_stage(
     if not (use_ema and weights.is_file()):
         weights = directory / "model.safetensors"
     state = load_weights_file(weights)
+    _warn_non_finite(state, weights)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensors of the wrong shape
@@ -240,6 +242,15 @@ def load_stage(
             f"unexpected {unexpected[:5]}"
         )
     return LoadedStage(model=model.to(map_location), config=config, space=space, path=directory)
+
+
+def _warn_non_finite(state: dict[str, torch.Tensor], weights: Path) -> None:
+    """NaN or infinite weights load, but make black or noise images: say which file and tensors hold them."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        warnings.warn(f"{weights} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}); the model will make meaningless output. Load an earlier "
+                      "checkpoint, or train again from one before the values went bad", RuntimeWarning, stacklevel=3)
 
 
 def _shared_tensor_names(model: nn.Module) -> list[str]:
