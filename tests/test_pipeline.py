@@ -92,6 +92,48 @@ def test_save_pretrained_round_trip_and_missing_stage(pipe, tmp_path):
         UnCLIPPipeline.from_pretrained(saved)
 
 
+def test_save_pretrained_refuses_a_directory_of_other_files(pipe, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=rf"cannot save the pipeline to {tmp_path / 'mine'}: it is not empty and "
+                                              r"not a saved pipeline \(no pipeline.json\).*choose a new or empty"):
+        pipe.save_pretrained(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary left
+    (tmp_path / "empty").mkdir()
+    assert (pipe.save_pretrained(tmp_path / "empty") / "pipeline.json").is_file()
+
+
+def test_save_pretrained_replaces_a_saved_pipeline_only_once_the_new_one_is_complete(pipe, tmp_path, monkeypatch):
+    import shutil
+
+    saved = pipe.save_pretrained(tmp_path / "pipeline")
+    (saved / "pipeline.json").write_text(json.dumps({**json.loads((saved / "pipeline.json").read_text()),
+                                                     "settings": {"decoder_steps": 7}}))
+    before = {p.relative_to(saved): p.read_bytes() for p in saved.rglob("*") if p.is_file()}
+    copies = []
+
+    def copy_then_fail(source, target):
+        copies.append(target)
+        if len(copies) == 3:
+            raise OSError(28, "No space left on device")
+        return shutil.copyfile(source, target)
+
+    monkeypatch.setattr(shutil, "copy2", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        pipe.save_pretrained(saved)
+    assert {p.relative_to(saved): p.read_bytes() for p in saved.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    monkeypatch.undo()
+    loaded = UnCLIPPipeline.from_pretrained(saved, device="cpu")
+    assert loaded.settings.decoder_steps == 7
+    loaded.save_pretrained(saved)  # onto itself: its stages are read before the old copy goes
+    assert UnCLIPPipeline.from_pretrained(saved, device="cpu").settings.decoder_steps == 7
+    pipe.save_pretrained(saved)
+    assert json.loads((saved / "pipeline.json").read_text())["settings"]["decoder_steps"] == pipe.settings.decoder_steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+
+
 def test_stages_from_different_clips_refuse_to_compose(stages, tmp_path):
     other_clip, prior, _, _ = micro_stages(seed=1)
     other = save_stage(tmp_path / "prior", prior, stage="prior", space=other_clip.space)

@@ -5,6 +5,10 @@ Modes (``mode=``): generate (text -> images), variations (image=...), img2img (i
 (mix='[[red.png,0.5],[a blue square,0.5]]': image files or texts with weights). ``negative_prompt=`` steers every
 mode but mix away from a text. Writes each image as PNG, a grid (one row per prompt), and samples.jsonl (mode,
 prompt, inputs, seed and settings per image).
+
+The run directory is this run's alone while it runs (a second run into it is refused, naming this one's process
+id) and must be empty, unless ``overwrite=true``: then the earlier run's samples (the files its samples.jsonl
+lists, the grid, metrics.json) are replaced and nothing else there is touched.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from PIL import Image
 from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
+from unclip.run_lock import LOCK_FILE, hold_directory
 
 MODES = ("generate", "variations", "img2img", "inpaint", "mix")
 
@@ -60,15 +65,44 @@ def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list
     return images, [{"prompt": p} for p in prompts for _ in range(n)]
 
 
-@hydra_job("train_sample")
-def main(job: Job) -> None:
-    config, run_dir = job.config, job.run_dir
-    prompts = list(config["prompts"] or [])
-    if config["prompts_file"]:
-        lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
-    pipe = UnCLIPPipeline.from_config(config["pipeline"])
-    images, made_by = sample(pipe, config, prompts)
+HYDRAS_OWN = (".hydra", LOCK_FILE)  # and its job log, <job>.log: written before this job starts
+
+
+def earlier_output(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` that Hydra and the lock did not put there."""
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRAS_OWN and p.suffix != ".log")
+
+
+def refuse_earlier_output(run_dir: Path, overwrite: bool) -> None:
+    earlier = earlier_output(run_dir)
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} is not empty (it holds {', '.join(earlier[:5])}); add overwrite=true to replace the earlier "
+            "samples there (only the files its samples.jsonl lists are removed), or choose another directory with "
+            "name=... or hydra.run.dir=..."
+        )
+
+
+def remove_earlier_samples(run_dir: Path) -> None:
+    """Remove what an earlier sample run wrote into ``run_dir``: the files its samples.jsonl lists, the grid,
+    metrics.json and samples.jsonl; nothing else."""
+    listing = run_dir / "samples.jsonl"
+    listed = []
+    if listing.is_file():
+        for line in listing.read_text(encoding="utf-8").splitlines():
+            try:
+                listed.append(json.loads(line)["file"])
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+    for name in [*listed, "grid.png", "metrics.json", "samples.jsonl"]:
+        path = (run_dir / name).resolve()
+        if path.is_relative_to(run_dir.resolve()) and path.is_file():
+            path.unlink()
+    if (run_dir / "images").is_dir() and not any((run_dir / "images").iterdir()):
+        (run_dir / "images").rmdir()
+
+
+def write_samples(run_dir: Path, pipe: UnCLIPPipeline, images: list, made_by: list[dict], config: dict) -> None:
     n = config["num_images_per_prompt"]
     inputs = {key: config[key] for key in ("mode", "image", "mask", "strength", "negative_prompt", "mix", "jumps")}
     image_dir = run_dir / "images"
@@ -80,8 +114,23 @@ def main(job: Job) -> None:
             record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
                       "rerank": config["rerank"], **inputs, "settings": vars(pipe.settings)}
             log.write(json.dumps(record) + "\n")
-    grid = save_grid(images, run_dir / "grid.png", columns=n)
-    job.finish({"images": len(images), "grid": str(grid)})
+
+
+@hydra_job("train_sample")
+def main(job: Job) -> None:
+    config, run_dir = job.config, job.run_dir
+    with hold_directory(run_dir, "train/sample.py"):
+        refuse_earlier_output(run_dir, config["overwrite"])
+        prompts = list(config["prompts"] or [])
+        if config["prompts_file"]:
+            lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
+            prompts += [line.strip() for line in lines if line.strip()]
+        pipe = UnCLIPPipeline.from_config(config["pipeline"])
+        images, made_by = sample(pipe, config, prompts)
+        remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were
+        write_samples(run_dir, pipe, images, made_by, config)
+        grid = save_grid(images, run_dir / "grid.png", columns=config["num_images_per_prompt"])
+        job.finish({"images": len(images), "grid": str(grid)})
 
 
 if __name__ == "__main__":

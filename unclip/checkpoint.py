@@ -5,7 +5,8 @@ A stage checkpoint is a directory holding
 * ``model.safetensors``: the trained weights; ``ema.safetensors``: their EMA (optional);
 * ``config.json``: ``{"format", "stage", "model": <config that rebuilds the model>, ...}``;
 * ``space.json``: the EmbeddingSpace the stage lives in;
-* during training also ``trainer/`` (accelerate's state) and ``trainer.json`` for exact resume.
+* during training also ``trainer/`` (accelerate's state) and ``trainer.json`` for exact resume, and
+  ``manifest.json``: every file's size and sha256, checked before a resume loads anything.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so a
 crash mid-save leaves the previous checkpoint intact. Loading reads JSON and safetensors only and builds
@@ -14,9 +15,11 @@ the model through :func:`unclip.config.build`, which refuses classes outside thi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"  # in a training checkpoint: where the run stood (step, data stream, EMA)
+MANIFEST = "manifest.json"  # in a training checkpoint: {"files": {relative path: {"size", "sha256"}}}
 
 
 @dataclass
@@ -100,6 +104,42 @@ def save_stage(
     save_stage_files(tmp, model, stage=stage, space=space, ema_model=ema_model, extra=extra)
     commit_directory(tmp, final)
     return final
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and sha256 of every file under ``directory`` in its ``manifest.json``."""
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_json_atomic(directory / MANIFEST, {"format": 1, "files": files})
+
+
+def manifest_problems(directory: Path) -> dict[str, str] | None:
+    """The files of ``directory`` that differ from its manifest, by relative path: what is wrong with each
+    ({} if none); None if the checkpoint has no manifest (written before they existed)."""
+    manifest_file = directory / MANIFEST
+    if not manifest_file.exists():
+        return None
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+        expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{manifest_file} is damaged ({type(err).__name__}: {err}), so the checkpoint "
+                              "cannot be verified") from err
+    problems = {}
+    for name, (size, digest) in expected.items():
+        path = directory / name
+        if not path.is_file():
+            problems[name] = "missing"
+        elif path.stat().st_size != size:
+            problems[name] = f"{path.stat().st_size} bytes where {size} were written (truncated or replaced)"
+        elif _sha256(path) != digest:
+            problems[name] = "changed since it was written (its sha256 differs)"
+    return problems
 
 
 def checkpoint_name(step: int) -> str:
@@ -189,6 +229,7 @@ def load_stage(
     if not (use_ema and weights.is_file()):
         weights = directory / "model.safetensors"
     state = load_weights_file(weights)
+    _warn_non_finite(state, weights)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensors of the wrong shape
@@ -201,6 +242,15 @@ def load_stage(
             f"unexpected {unexpected[:5]}"
         )
     return LoadedStage(model=model.to(map_location), config=config, space=space, path=directory)
+
+
+def _warn_non_finite(state: dict[str, torch.Tensor], weights: Path) -> None:
+    """NaN or infinite weights load, but make black or noise images: say which file and tensors hold them."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        warnings.warn(f"{weights} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}); the model will make meaningless output. Load an earlier "
+                      "checkpoint, or train again from one before the values went bad", RuntimeWarning, stacklevel=3)
 
 
 def _shared_tensor_names(model: nn.Module) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from unclip.checkpoint import (
     LoadedStage,
+    commit_directory,
     load_stage,
     resolve_checkpoint,
     write_json_atomic,
@@ -38,8 +40,13 @@ from unclip.diffusion.graphs import check_cuda_graphs
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import to_pil
 from unclip.pipeline_inputs import (
+    check_amounts,
+    check_count,
+    check_finite,
     check_mix,
+    check_output,
     check_prompts,
+    check_seed,
     images_in,
     keep_masks,
     prompts_for,
@@ -63,10 +70,11 @@ class GenerationSettings:
     upsampler_steps: int = 25
     upsampler_aug_level: float = 0.05
     cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
+    max_batch: int = 64  # images made at once: generate() makes more in chunks of this many (candidates count)
 
     def check(self) -> None:
         self.cuda_graphs = check_cuda_graphs(self.cuda_graphs)
-        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates"):
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -74,6 +82,13 @@ class GenerationSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _rows(embeds, start: int, count: int, total: int):
+    """Rows ``start:start + count`` of per-row embeddings [total, D]; anything else (one row, None) as it is."""
+    if isinstance(embeds, torch.Tensor) and embeds.ndim == 2 and len(embeds) == total > 1:
+        return embeds[start:start + count]
+    return embeds
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -91,6 +106,44 @@ class Negative:
 
     text: TextCondition | None = None
     image_embed: torch.Tensor | None = None
+
+
+def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
+    """A saved pipeline's ``pipeline.json``: its stages (each directory present) and generation settings."""
+    manifest_file = path / PIPELINE_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{manifest_file} is damaged, not JSON ({err}); save the pipeline again") from err
+    known = {"format", "stages", "settings"}
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) or set(manifest) - known:
+        raise CheckpointError(f"{manifest_file} is not a pipeline file: expected an object with 'stages' (and "
+                              f"'format', 'settings'), got {json.dumps(manifest)[:200]}; save the pipeline again")
+    stages = manifest["stages"]
+    for name in ("clip", "prior", "decoder"):
+        if not isinstance(stages.get(name), str):
+            raise CheckpointError(f"{manifest_file} lists no {name} stage")
+        if not (path / stages[name]).exists():
+            raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]})")
+    settings = manifest.get("settings", {})
+    unknown = sorted(set(settings) - set(vars(GenerationSettings()))) if isinstance(settings, dict) else settings
+    if unknown:
+        raise CheckpointError(f"{manifest_file} has unknown settings {unknown}; known: "
+                              f"{sorted(vars(GenerationSettings()))}")
+    return stages, GenerationSettings(**settings)
+
+
+def _check_replaceable(directory: Path) -> None:
+    """``save_pretrained`` writes a new or empty directory, or replaces a saved pipeline; nothing else."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"cannot save the pipeline to {directory}: it is a file; choose a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / PIPELINE_FILE).is_file():
+        raise FileExistsError(
+            f"cannot save the pipeline to {directory}: it is not empty and not a saved pipeline (no {PIPELINE_FILE}), "
+            "and saving would replace everything in it; choose a new or empty directory, or move its files away"
+        )
 
 
 @dataclass
@@ -158,20 +211,10 @@ class UnCLIPPipeline:
         settings = GenerationSettings()
         if path is not None:
             path = Path(path)
-            manifest_file = path / PIPELINE_FILE
-            if not manifest_file.is_file():
-                raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing")
-            manifest = json.loads(manifest_file.read_text())
-            stages = manifest["stages"]
-            for name in ("clip", "prior", "decoder"):
-                if name not in stages:
-                    raise CheckpointError(f"{manifest_file} lists no {name} stage")
-                if not (path / stages[name]).exists():
-                    raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]})")
+            stages, settings = _read_pipeline_file(path)
             clip, prior, decoder = (given or path / stages[n] for n, given in
                                     (("clip", clip), ("prior", prior), ("decoder", decoder)))
             upsamplers = list(upsamplers) or [path / p for p in stages.get("upsamplers", [])]
-            settings = GenerationSettings(**manifest.get("settings", {}))
         missing = [name for name, value in (("clip", clip), ("prior", prior), ("decoder", decoder)) if value is None]
         if missing:
             raise ValueError(f"from_pretrained needs a pipeline directory or the stages {missing}")
@@ -210,17 +253,31 @@ class UnCLIPPipeline:
         return pipe
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Copy every stage (weights, config, space) into one directory with a pipeline.json."""
+        """Copy every stage (weights, config, space) into one directory with a pipeline.json. The directory must
+        be new, empty or a saved pipeline; a saved pipeline is replaced only once the new one is complete (written
+        to a temporary sibling, then swapped in), so a failed save leaves it as it was."""
         directory = Path(directory)
         if not self.sources:
             raise ValueError("save_pretrained needs a pipeline built by from_pretrained (stage checkpoints to copy)")
-        tmp = directory.with_name(f".tmp-{directory.name}")
+        _check_replaceable(directory)
+        tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write_stages(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        commit_directory(tmp, directory)
+        return directory
+
+    def _write_stages(self, target_root: Path) -> None:
         stages: dict = {"upsamplers": []}
         for name, source in self.sources.items():
             source = resolve_checkpoint(source)
-            target = tmp / name
+            target = target_root / name
             target.mkdir()
             for file in ("model.safetensors", "ema.safetensors", "config.json", "space.json"):
                 if (source / file).is_file():
@@ -229,25 +286,23 @@ class UnCLIPPipeline:
                 stages["upsamplers"].append(name)
             else:
                 stages[name] = name
-        write_json_atomic(tmp / PIPELINE_FILE, {"format": 1, "stages": stages, "settings": vars(self.settings)})
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.replace(directory)
-        return directory
+        write_json_atomic(target_root / PIPELINE_FILE, {"format": 1, "stages": stages,
+                                                        "settings": vars(self.settings)})
 
     # -- the shared steps ----------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(check_seed(seed))
 
     def autocast(self):
         """The pipeline's mixed precision (bfloat16 on CPU and CUDA), for code that calls its stages directly."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type in ("cpu", "cuda"))
 
     @contextmanager
-    def _session(self, seed: int, overrides: dict) -> Iterator[tuple[GenerationSettings, torch.Generator]]:
-        """One call's settings (defaults + ``overrides``, checked) and generator, under autocast."""
+    def _session(self, seed: int, overrides: dict, output: str = "pil"
+                 ) -> Iterator[tuple[GenerationSettings, torch.Generator]]:
+        """One call's settings (defaults + ``overrides``, checked) and generator, under autocast; ``output`` is
+        checked before any work."""
+        check_output(output)
         config = self._settings(overrides)
         generator = self._generator(seed)
         with self.autocast():
@@ -263,8 +318,7 @@ class UnCLIPPipeline:
 
     @staticmethod
     def _output(images: torch.Tensor, output: str):
-        if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        check_output(output)
         images = images.float()
         return to_pil(images) if output == "pil" else images
 
@@ -348,28 +402,37 @@ class UnCLIPPipeline:
         output: str = "pil",
         **settings,
     ):
-        """Text -> images: ``num_images_per_prompt`` per prompt, in prompt order. ``rerank=k`` draws k candidates
+        """Text -> images: ``num_images_per_prompt`` per prompt, in prompt order, made ``settings.max_batch`` at a
+        time (a larger request runs in chunks; its first chunk's images are those of a request for only them). ``rerank=k`` draws k candidates
         per image and keeps the one the CLIP finds most similar to the prompt. ``negative_prompt`` (and/or
         ``negative_image_embed``) is what guidance steers away from: the prior's (when ``prior_guidance != 1``)
         and the decoder's unconditional branch."""
         prompts = check_prompts(prompts)
-        if num_images_per_prompt < 1 or rerank < 1:
-            raise ValueError(f"num_images_per_prompt and rerank must be >= 1, got {num_images_per_prompt}, {rerank}")
-        with self._session(seed, settings) as (config, generator):
-            text = self.clip.encode_text(prompts).repeat_interleave(num_images_per_prompt * rerank)
-            negative = self._negative(negative_prompt, negative_image_embed, len(text), config, seed)
-            image_embed = self._prior(text, config, generator, negative)
-            images = self._render(image_embed, text, config, generator, negative=negative).float()
-            if rerank > 1:
-                images = self._best_of(images, text, rerank)
-        return self._output(images, output)
+        per_prompt = check_count("num_images_per_prompt", num_images_per_prompt) * check_count("rerank", rerank)
+        rows = len(prompts) * per_prompt  # candidates
+        with self._session(seed, settings, output) as (config, generator):
+            if negative_image_embed is not None:  # checked once for every row
+                unit_embeds(negative_image_embed, rows, self.clip.space.dim, self.device, "negative_image_embed")
+            prompt_text = self.clip.encode_text(prompts)
+            chunk = max(1, config.max_batch // rerank) * rerank
+            parts = []
+            for start in range(0, rows, chunk):
+                index = torch.arange(start, min(start + chunk, rows), device=prompt_text.embed.device)
+                text = prompt_text[index // per_prompt]
+                negative = self._negative(negative_prompt, _rows(negative_image_embed, start, len(index), rows),
+                                          len(index), config, seed)
+                image_embed = self._prior(text, config, generator, negative)
+                images = self._render(image_embed, text, config, generator, negative=negative).float()
+                parts.append(self._output(self._best_of(images, text, rerank) if rerank > 1 else images, output))
+        return torch.cat(parts) if output == "tensor" else [image for part in parts for image in part]
 
     @torch.no_grad()
     def decode(self, image_embeds: torch.Tensor, *, seed: int = 0, eta: float = 0.0, output: str = "pil", **settings):
         """Images for CLIP image embeddings [N, D] (unit norm): the decoder and the upsamplers, no caption."""
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2 or len(image_embeds) == 0:
             raise ValueError(f"image_embeds must be a non-empty tensor [N, D], got {getattr(image_embeds, 'shape', image_embeds)!r}")
-        with self._session(seed, settings) as (config, generator):
+        check_finite(image_embeds, "image_embeds")
+        with self._session(seed, settings, output) as (config, generator):
             images = self._render(image_embeds.to(self.device).float(), None, config, generator, eta=eta)
         return self._output(images, output)
 
@@ -380,10 +443,9 @@ class UnCLIPPipeline:
                    output: str = "pil", **settings):
         """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (DDIM eta > 0).
         ``strength < 1`` starts from the image itself noised that far (1: from pure noise; 0: the image)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_count("n", n)
         strength_skip(1, strength)  # checks it
-        with self._session(seed, settings) as (config, generator):
+        with self._session(seed, settings, output) as (config, generator):
             embed = self.clip.encode_image(self._images_in(image)).float().repeat(n, 1)
             negative = self._negative(negative_prompt, negative_image_embed, n, config, seed)
             init = None if strength == 1 else self._images_in(image, self.decoder.image_size)[:1].repeat(n, 1, 1, 1)
@@ -399,11 +461,12 @@ class UnCLIPPipeline:
         then denoised towards its prompt's embedding (from the prior); ``n`` per image, in image order. Low strength
         keeps the composition, high strength follows the prompt; 0 returns the images (at the pipeline's size)."""
         strength_skip(1, strength)  # checks it
+        check_count("n", n)
         images = self._images_in(image, self.image_size)
         prompts = prompts_for(prompt, len(images))
         if strength == 0:
             return self._output(images.repeat_interleave(n, 0), output)
-        with self._session(seed, settings) as (config, generator):
+        with self._session(seed, settings, output) as (config, generator):
             text = self.clip.encode_text(prompts).repeat_interleave(n)
             negative = self._negative(negative_prompt, negative_image_embed, len(text), config, seed)
             init = resize(images, self.decoder.image_size).repeat_interleave(n, 0)
@@ -415,9 +478,9 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def interpolate(self, image_a, image_b, steps: int = 5, *, seed: int = 0, output: str = "pil", **settings):
         """Decode ``steps`` slerps between the two images' embeddings, all with one fixed noise."""
-        if steps < 2:
+        if check_count("steps", steps) < 2:
             raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
-        with self._session(seed, settings) as (config, generator):
+        with self._session(seed, settings, output) as (config, generator):
             a = self.clip.encode_image(self._images_in(image_a)).float()
             b = self.clip.encode_image(self._images_in(image_b)).float()
             embeds = torch.cat([slerp(a, b, w / (steps - 1)) for w in range(steps)])
@@ -432,11 +495,12 @@ class UnCLIPPipeline:
         """Move the image embedding along the normalised difference of two text embeddings (paper, 3.3):
         slerp(z_i, z_d, amount) with z_d = normalise(z_t(to) - z_t(from)); one fixed noise."""
         check_prompts([from_text, to_text])
-        with self._session(seed, settings) as (config, generator):
+        amounts = check_amounts(amounts)
+        with self._session(seed, settings, output) as (config, generator):
             z_i = self.clip.encode_image(self._images_in(image)).float()
             texts = self.clip.encode_text([from_text, to_text]).embed.float()
             z_d = F.normalize(texts[1] - texts[0], dim=-1)[None]
-            embeds = torch.cat([slerp(z_i, z_d, float(a)) for a in amounts])
+            embeds = torch.cat([slerp(z_i, z_d, a) for a in amounts])
             noise = self._shared_noise(len(embeds), generator)
             images = self._render(embeds, None, config, generator, noise=noise, eta=0.0)
         return self._output(images, output)
@@ -452,9 +516,8 @@ class UnCLIPPipeline:
         as for ``variations``, a text through the prior); ``sum(weight * embedding)``, normalised. The weights must
         not sum to zero; a weight may be negative (steer away)."""
         items = check_mix(items)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        with self._session(seed, settings) as (config, generator):
+        check_count("n", n)
+        with self._session(seed, settings, output) as (config, generator):
             embeds = [self._embedding_of(item, config, generator) for item, _ in items]
             mixed = sum(weight * embed for (_, weight), embed in zip(items, embeds))
             if float(mixed.norm()) < 1e-6:
@@ -496,8 +559,7 @@ class UnCLIPPipeline:
         costs another model call a step); an inpainting decoder (``inpaint=True``) sees the masked image and needs
         none (default 0). The upsamplers inpaint too, keeping the image at their size. An all-black mask returns the
         image; an all-white one is plain generation: ``generate(prompt, n)`` or ``decode(image_embed)``."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_count("n", n)
         images = self._images_in(image, self.image_size)
         keep = keep_masks(mask, image, len(images), self.image_size, self.device)
         if bool((keep == 1).all()):  # nothing to fill
@@ -506,7 +568,7 @@ class UnCLIPPipeline:
             return self._plain(prompt, image_embed, len(images), n, seed, negative_prompt, negative_image_embed,
                                output, settings)
         jumps = (0 if getattr(self.decoder, "inpaints", False) else DEFAULT_JUMPS) if jumps is None else jumps
-        with self._session(seed, settings) as (config, generator):
+        with self._session(seed, settings, output) as (config, generator):
             count = len(images) * n
             negative = self._negative(negative_prompt, negative_image_embed, count, config, seed)
             text, embeds = self._edit_condition(prompt, image_embed, images, keep, n, config, generator, negative)

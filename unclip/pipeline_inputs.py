@@ -4,6 +4,7 @@ mix items. Every bad value is a ValueError (or TypeError) that names it and says
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Sequence
 
 import numpy as np
@@ -14,10 +15,14 @@ from PIL import Image
 from unclip.decoder.upsampler import resize
 from unclip.images import from_pil
 
+OUTPUTS = ("pil", "tensor")
+
 
 def check_prompts(prompts: Sequence[str] | str) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.80}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("the prompt list is empty; give at least one prompt")
@@ -25,6 +30,44 @@ def check_prompts(prompts: Sequence[str] | str) -> list[str]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
     return prompts
+
+
+def check_count(name: str, value) -> int:
+    """A number of images (or steps): a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be a whole number from -2**63 to 2**64 - 1, got {seed!r:.40}")
+    return int(seed)
+
+
+def check_output(output) -> str:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    return output
+
+
+def check_amounts(amounts) -> list[float]:
+    """``text_diff``'s amounts: a non-empty list of numbers in [0, 1] (0: the image, 1: all the way to the text
+    difference)."""
+    amounts = list(amounts) if isinstance(amounts, (list, tuple)) else amounts
+    if not isinstance(amounts, list) or not amounts:
+        raise ValueError(f"amounts must be a non-empty list of numbers in [0, 1], got {amounts!r}")
+    for amount in amounts:
+        if isinstance(amount, bool) or not isinstance(amount, Real) or not 0 <= amount <= 1:
+            raise ValueError(f"every amount must be a number in [0, 1] (0: the image, 1: the text difference), got "
+                             f"{amount!r} in {amounts}")
+    return [float(a) for a in amounts]
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} holds NaN or infinite values ({int((~torch.isfinite(tensor)).sum())} of "
+                         f"{tensor.numel()}); give finite values")
 
 
 def prompts_for(prompt: str | Sequence[str], count: int) -> list[str]:
@@ -45,13 +88,17 @@ def images_in(image, size: int, device, resize_tensors: bool = True) -> torch.Te
     """A PIL image (any mode or size), a list of them, or [-1, 1] tensors [B, 3, H, W] -> [B, 3, size, size] on
     ``device``: PIL images centre-cropped and resized, tensors resized (unless not ``resize_tensors``)."""
     if isinstance(image, Image.Image) or _is_pil_list(image):
+        for one in [image] if isinstance(image, Image.Image) else image:
+            if one.width < 1 or one.height < 1:
+                raise ValueError(f"an input image is {one.width}x{one.height} pixels; give an image with pixels")
         return from_pil(image, size).to(device)
     if isinstance(image, torch.Tensor):
         if image.ndim == 3:
             image = image[None]
-        if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+        if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point() or 0 in image.shape:
             raise ValueError(f"image tensors must be float [B, 3, H, W] in [-1, 1], got {image.dtype} "
                              f"{list(image.shape)}; convert other images with unclip.images.from_pil")
+        check_finite(image, "the image tensor")
         image = image.to(device).float()
         return resize(image, size) if resize_tensors else image
     raise TypeError(f"expected a PIL image, a list of them or a tensor [B, 3, H, W], got {type(image).__name__}")
@@ -63,6 +110,9 @@ def unit_embeds(image_embed, count: int, dim: int, device, name: str = "image_em
         raise ValueError(f"{name} must be a tensor [D], [1, D] or [N, D] with D = {dim}, got "
                          f"{getattr(image_embed, 'shape', image_embed)!r}")
     embeds = image_embed.reshape(-1, dim).to(device).float()
+    check_finite(embeds, name)
+    if not bool((embeds.norm(dim=-1) > 0).all()):
+        raise ValueError(f"{name} has an all-zero row, which has no direction; give non-zero embeddings")
     if len(embeds) not in (1, count):
         raise ValueError(f"{name} has {len(embeds)} rows for {count} images; give 1 or {count}")
     return F.normalize(embeds, dim=-1).expand(count, dim)
@@ -101,6 +151,7 @@ def _pil_fill(mask: Image.Image, image, size: int) -> torch.Tensor:
 
 def _tensor_fill(mask: torch.Tensor, size: int) -> torch.Tensor:
     fills = mask.float().cpu()
+    check_finite(fills, "the mask")
     fills = fills[None, None] if fills.ndim == 2 else fills[None] if fills.ndim == 3 else fills
     if fills.ndim != 4 or fills.shape[1] != 1:
         raise ValueError(f"the mask must have a single channel ([H, W], [1, H, W] or [B, 1, H, W]), got "

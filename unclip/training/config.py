@@ -32,7 +32,8 @@ class TrainerConfig:
     seed: int = 0
     num_workers: int = 0
     resume: bool = False  # continue from the run directory's latest checkpoint
-    overwrite: bool = False  # discard the run directory's checkpoints and start over
+    overwrite: bool = False  # discard the run directory's checkpoints and log and start over
+    allow_inexact_resume: bool = False  # resume even if the checkpoint's random-state files are missing or damaged
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     progress: bool = True
     log_with: str | None = None  # also log to an accelerate tracker, e.g. tensorboard (events in <run>/tensorboard/)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,16 @@ class RunLog:
         self.enabled = enabled
         self.accelerator = accelerator  # with trackers, or None
 
+    def keep_until(self, step: int) -> None:
+        """Keep only the records up to ``step`` (where the run starts): later ones were written before a crash or
+        by an earlier run and will be written again, so that no step is in the log twice."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -74,6 +85,14 @@ class RunLog:
             log.write(json.dumps(record, default=float) + "\n")
         if self.accelerator is not None:
             self.accelerator.log(tracked_scalars(record), step=record["step"])
+
+
+def _step_of(line: str) -> float:
+    """A log line's step; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def tracked_scalars(record: dict) -> dict[str, float]:

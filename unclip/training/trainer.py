@@ -17,8 +17,11 @@ trainer prints them at the end of every epoch and reports them in the final metr
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,15 +37,19 @@ from tqdm.auto import tqdm
 from unclip.checkpoint import (
     CHECKPOINTS,
     LATEST,
+    MANIFEST,
     TRAINER_STATE,
     checkpoint_name,
     commit_directory,
+    manifest_problems,
     read_latest,
     save_stage_files,
     write_latest,
+    write_manifest,
 )
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
+from unclip.run_lock import hold_directory
 from unclip.training.config import TrainerConfig
 from unclip.training.curves import plot_runs
 from unclip.training.data import DataStream
@@ -53,6 +60,7 @@ from unclip.weights import CheckpointError
 
 LossFn = Callable[[nn.Module, Any], dict]
 CURVES = "curves.png"  # in the run directory: the loss and evaluation curves, drawn at the end of training
+RANDOM_STATES = re.compile(r"trainer/random_states_\d+\.pkl")  # accelerate's per-process generator states
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,7 +176,13 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to ``max_steps`` (resuming or starting over as the config says), then checkpoint, preview and
-        evaluate; the final metrics add the run's ``data_issues``."""
+        evaluate; the final metrics add the run's ``data_issues``. The main process owns the run directory
+        meanwhile (``unclip.run_lock``): a second run into it is refused, naming this one's process id."""
+        owner = hold_directory(self.run_dir, f"training {self.stage}") if self.is_main else nullcontext()
+        with owner:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         self._start()
         bar = self._progress_bar()
         batches = self.data.batches()
@@ -314,6 +328,7 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(), indent=2))
+            write_manifest(tmp)
             commit_directory(tmp, final)
             write_latest(self.checkpoint_root, name)
             self._prune_checkpoints()
@@ -339,7 +354,33 @@ class Trainer:
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Refuse a checkpoint whose files differ from its manifest (damaged random states only unless
+        ``trainer.allow_inexact_resume``); one written before manifests resumes unverified, with a warning."""
+        problems = manifest_problems(path)
+        if problems is None:
+            self.accelerator.print(f"warning: {path} has no {MANIFEST} (written by an older version), so its files "
+                                   "cannot be verified; resuming from them as they are")
+            own = f"trainer/random_states_{self.accelerator.process_index}.pkl"
+            problems = {} if (path / own).is_file() else {own: "missing"}
+        latest = self.checkpoint_root / LATEST
+        damaged = [f"{path / name} is {problem}" for name, problem in problems.items() if not RANDOM_STATES.match(name)]
+        if damaged:
+            raise CheckpointError(f"cannot resume from {path}: {'; '.join(damaged)}. Write an earlier checkpoint's "
+                                  f"name into {latest}, or start over with trainer.overwrite=true")
+        random_states = "; ".join(f"{path / name} is {problem}" for name, problem in problems.items())
+        if random_states and not self.config.allow_inexact_resume:
+            raise CheckpointError(
+                f"cannot resume exactly from {path}: {random_states}. Without the random generators' state the run "
+                "would go on, but not as an uninterrupted run would; add trainer.allow_inexact_resume=true to accept "
+                f"that, write an earlier checkpoint's name into {latest}, or start over with trainer.overwrite=true"
+            )
+        if random_states:
+            self.accelerator.print(f"warning: resuming inexactly (trainer.allow_inexact_resume=true): {random_states}; "
+                                   "the random generators do not continue as they were")
+
     def load_checkpoint(self, path: Path) -> None:
+        self._verify_checkpoint(path)
         try:
             state = json.loads((path / TRAINER_STATE).read_text())
             if state["num_processes"] != self.accelerator.num_processes:
@@ -364,7 +405,11 @@ class Trainer:
         self.last_checkpoint = path
 
     def _prepare_run_dir(self) -> None:
-        existing = self.latest_checkpoint() if self.checkpoint_root.exists() else None
+        """Resume, start over (``overwrite``) or start in a run directory without checkpoints; the checkpoint
+        directory is tried for writing before any step is trained; log.jsonl keeps the records up to the start."""
+        if self.config.overwrite:
+            self._discard_earlier_run()
+        existing = self._existing_checkpoint()
         if self.config.resume:
             if existing is None:
                 self.accelerator.print(f"trainer.resume: no checkpoint in {self.checkpoint_root}, starting fresh")
@@ -372,20 +417,36 @@ class Trainer:
                 self.load_checkpoint(existing)
                 self.accelerator.print(f"resumed from {existing} at step {self.step}")
         elif existing is not None:
-            if not self.config.overwrite:
-                raise FileExistsError(
-                    f"{self.run_dir} already holds checkpoints of an earlier run ({existing.name}); add "
-                    "trainer.resume=true to continue it, trainer.overwrite=true to start over, or choose "
-                    "another directory with hydra.run.dir=..."
-                )
-            self.accelerator.wait_for_everyone()
-            if self.is_main:
-                shutil.rmtree(self.checkpoint_root)
-            self.accelerator.wait_for_everyone()
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints of an earlier run ({existing.name}); add "
+                "trainer.resume=true to continue it, trainer.overwrite=true to start over, or choose "
+                "another directory with hydra.run.dir=..."
+            )
         if self.is_main:
-            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.checkpoint_root)
             for stale in self.checkpoint_root.glob(".tmp-*"):  # left by a crash mid-save
                 shutil.rmtree(stale, ignore_errors=True)
+            self.log.keep_until(self.step)  # records of steps after the start (before a crash) are trained again
+        self.accelerator.wait_for_everyone()
+
+    def _existing_checkpoint(self) -> Path | None:
+        if not self.checkpoint_root.exists():
+            return None
+        try:
+            return self.latest_checkpoint()
+        except CheckpointError as err:  # a `latest` naming a checkpoint that is gone or incomplete
+            raise CheckpointError(f"{err}; write the name of a complete checkpoint into it, or start over with "
+                                  "trainer.overwrite=true") from err
+
+    def _discard_earlier_run(self) -> None:
+        """``trainer.overwrite``: the earlier run's checkpoints (whatever ``latest`` says), log, curves, previews
+        and TensorBoard events go."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            for name in (CHECKPOINTS, "previews", "tensorboard"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            for name in (self.log.path.name, CURVES):
+                (self.run_dir / name).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     # -- evaluation -------------------------------------------------------------------------
@@ -441,6 +502,20 @@ class Trainer:
         else:
             totals.update(self.data.issues)
         return dict(sorted(totals.items()))
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a file into it, so that a run that could not save its checkpoints stops
+    before training rather than after."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write checkpoints to {directory} ({err.strerror or err}); the steps trained "
+                              "would be lost: make it a writable directory, or choose another run directory with "
+                              "hydra.run.dir=...") from err
 
 
 def _scalars(metrics: dict):

@@ -1,0 +1,129 @@
+"""Output directories are owned by one run at a time, and a run replaces only what it wrote: two processes into one
+directory, a run killed while holding one, re-running into a directory with other files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+from stages import save_micro_pipeline
+from test_training import make_trainer
+
+from unclip.run_lock import LOCK_FILE, DirectoryInUseError, hold_directory
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _holder(directory):
+    """A process holding ``directory`` (as a run would) until it is killed."""
+    code = ("import sys, time; from unclip.run_lock import hold_directory\n"
+            "with hold_directory(sys.argv[1], 'a test run'):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_directory_held_by_a_live_run_is_refused_naming_its_pid_and_a_killed_runs_lock_is_taken_over(tmp_path,
+                                                                                                       capsys):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(DirectoryInUseError, match=rf"{tmp_path} is in use by process {holder.pid} on .*a test run"):
+            with hold_directory(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid  # left behind by the killed run
+    with hold_directory(tmp_path, "the next run"):
+        assert f"taking over the stale lock {tmp_path / LOCK_FILE} of process {holder.pid}" in capsys.readouterr().out
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with hold_directory(tmp_path):  # re-entrant within the process
+            pass
+        assert (tmp_path / LOCK_FILE).exists()
+    assert not (tmp_path / LOCK_FILE).exists()  # removed on exit
+
+
+def test_a_second_training_run_into_a_run_directory_in_use_is_refused_before_it_writes(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(DirectoryInUseError, match=rf"{tmp_path} is in use by process {holder.pid}"):
+            make_trainer(tmp_path, max_steps=4).fit()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "log.jsonl").exists()
+    make_trainer(tmp_path, max_steps=4).fit()  # the killed holder's lock does not block the next run
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def _sample_args(stages, out, *extra):
+    return [sys.executable, "train/sample.py", f"hydra.run.dir={out}", f"pipeline.clip={stages['clip']}",
+            f"pipeline.prior={stages['prior']}", f"pipeline.decoder={stages['decoder']}",
+            f"pipeline.upsamplers=[{stages['upsamplers'][0]}]", "pipeline.settings.prior_steps=2",
+            "pipeline.settings.decoder_steps=2", "pipeline.settings.upsampler_steps=2", *extra]
+
+
+def _sample(stages, out, *extra):
+    return subprocess.run(_sample_args(stages, out, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _listed(out):
+    return [json.loads(line)["file"] for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_two_concurrent_sample_jobs_into_one_directory_one_refuses_the_others_output_intact(tmp_path):
+    stages = save_micro_pipeline(tmp_path / "stages")
+    out, prompts = tmp_path / "out", tmp_path / "prompts.fifo"
+    os.mkfifo(prompts)  # the first job waits, holding the directory, until the test gives it its prompts
+    first = subprocess.Popen(_sample_args(stages, out, "prompts=[]", f"prompts_file={prompts}",
+                                          "num_images_per_prompt=2"),
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / LOCK_FILE).is_file() or not (out / LOCK_FILE).read_text():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
+            time.sleep(0.2)
+        second = _sample(stages, out, "prompts=[a blue square]", "num_images_per_prompt=3")
+        assert second.returncode != 0
+        assert f"{out.resolve()} is in use by process {first.pid}" in second.stderr, second.stderr[-2000:]
+        with open(prompts, "w") as fifo:
+            fifo.write("a red circle\na green square\n")
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill() if first.poll() is None else None
+    assert first.returncode == 0, stderr[-2000:]
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a green square"] * 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert json.loads((out / "metrics.json").read_text())["images"] == 4
+    assert Image.open(out / "grid.png").width > 2 * 32
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_sampling_into_a_used_directory_needs_overwrite_and_then_replaces_only_its_own_files(tmp_path):
+    stages = save_micro_pipeline(tmp_path / "stages")
+    out = tmp_path / "out"
+    first = _sample(stages, out, "prompts=[a red circle,a blue square]", "num_images_per_prompt=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "favourite.png").write_bytes(b"mine too")
+    before = {name: (out / name).read_bytes() for name in _listed(out)}
+
+    again = _sample(stages, out, "prompts=[a green square]", "num_images_per_prompt=1")
+    assert again.returncode != 0
+    assert f"{out} is not empty (it holds grid.png, images, metrics.json, notes.txt, samples.jsonl); add " \
+           "overwrite=true" in again.stderr, again.stderr[-2000:]
+    assert {name: (out / name).read_bytes() for name in _listed(out)} == before  # nothing touched
+
+    replaced = _sample(stages, out, "prompts=[a green square]", "num_images_per_prompt=1", "overwrite=true")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert _listed(out) == ["images/0000.png"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0000.png", "favourite.png"]  # no stale images
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "metrics.json").read_text())["images"] == 1
