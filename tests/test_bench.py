@@ -142,3 +142,34 @@ def test_cuda_without_a_gpu_is_a_clear_error(script):
     proc = run(script, "--device", "cuda")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--device cuda: torch sees no CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr
+
+
+def test_editing_quick_measures_every_edit_and_keeps_the_unmasked_pixels(tmp_path):
+    from stages import save_micro_pipeline
+
+    from unclip.checkpoint import load_stage, save_stage
+    from unclip.decoder.inpainting import inpainting_decoder_from
+    from unclip.pipeline import UnCLIPPipeline
+
+    stages = save_micro_pipeline(tmp_path)
+    UnCLIPPipeline.from_pretrained(**stages, device="cpu").save_pretrained(tmp_path / "pipeline")
+    decoder = load_stage(stages["decoder"], stage="decoder")
+    save_stage(tmp_path / "inpainter", inpainting_decoder_from(decoder.model), stage="decoder", space=decoder.space)
+    out = last_json(run("editing.py", str(tmp_path / "pipeline"), "--quick", "--threads", "1", "--device", "cpu",
+                        "--inpainting-decoder", str(tmp_path / "inpainter"), "--out", str(tmp_path / "out")))
+    metrics = out["metrics"]
+    for variant in ("inpainting decoder", "repaint j=0", "repaint j=3"):
+        for part in ("replace", "remove"):
+            assert 0 <= metrics[f"{part}_success[{variant}]"] <= 1
+            assert metrics[f"{part}_outside_max_abs_diff_255[{variant}]"] <= 2  # issue 14: kept exactly
+    assert {f"img2img_follows_prompt[{s:g}]" for s in (0.2, 0.4, 0.6, 0.8, 1.0)} <= set(metrics)
+    assert {"mix_blue_square[text weight 0.5]", "negative_red_circles[with 'red']"} <= set(metrics)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"] == metrics
+    assert {"replace_inpainting_decoder.png", "img2img.png", "mix.png", "negative_red.png"} <= {
+        p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_editing_bad_flags_end_in_one_sentence(tmp_path):
+    proc = run("editing.py", str(tmp_path), "--quick")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path} is not a saved pipeline (no pipeline.json)" in proc.stderr
