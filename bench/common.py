@@ -398,6 +398,22 @@ def throughput_rows(results: dict, args, batch: int) -> list[tuple[str, dict, ob
     return rows
 
 
+def sampling_rows(results: dict, columns, what: str, args, reference: dict) -> list[tuple[str, dict, object]]:
+    """The sampling latency rows (plain, guided, guided without CUDA graphs) of the columns that sampled;
+    ``what`` names one sample ("1 image"), ``reference`` holds the reference's sample_s / sample_guided_s."""
+    sampled = [c for c in columns if "sample_s" in results.get(c, {})]
+    if not sampled:
+        return []
+    return [
+        (f"sample {what}, {args.sample_steps} DDIM (s)", {c: results[c]["sample_s"] for c in sampled},
+         reference["sample_s"]),
+        (f"  with guidance {args.guidance:g} (s)", {c: results[c]["sample_guided_s"] for c in sampled},
+         reference["sample_guided_s"]),
+        ("  with guidance, without CUDA graphs (s)", {c: results[c].get("sample_guided_eager_s") for c in sampled},
+         None),
+    ]
+
+
 def goal(description: str, value: float | None, target: float, at_least: bool, comparable: bool = True) -> dict:
     """Print one goal line; return it for the JSON."""
     if value is None or not comparable:

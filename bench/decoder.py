@@ -198,10 +198,8 @@ def report(args, batch: int, results: dict) -> dict:
     comparable = args.comparable and batch == DEFAULT_BATCH
     reference_speed = REFERENCE["train_samples_per_s_caption" if args.caption else "train_samples_per_s"]
 
-    def col(f, where=columns) -> dict:
-        return {c: f(results[c]) for c in where if c in results}
-
-    sampled = [c for c in columns if "sample_s" in results[c]]
+    def col(f) -> dict:
+        return {c: f(results[c]) for c in columns if c in results}
 
     def share(r, phase) -> float:
         return 100 * r[phase] / r["step_s"]
@@ -221,14 +219,7 @@ def report(args, batch: int, results: dict) -> dict:
         (f"loss, mean of the last {common.loss_summary(results[ours[0]]['losses'])['tail_steps'] if ours else 0} steps",
          {c: common.loss_summary(results[c]["losses"])["tail_mean"] for c in ours}, None),  # not the ref's loss
     ]
-    if sampled:
-        rows += [
-            (f"sample 1 image, {args.sample_steps} DDIM (s)", col(lambda r: r["sample_s"], sampled),
-             REFERENCE["sample_s"]),
-            (f"  with guidance {args.guidance:g} (s)", col(lambda r: r["sample_guided_s"], sampled),
-             REFERENCE["sample_guided_s"]),
-            ("  with guidance, without CUDA graphs (s)", col(lambda r: r.get("sample_guided_eager_s"), sampled), None),
-        ]
+    rows += common.sampling_rows(results, columns, "1 image", args, REFERENCE)
     common.table(rows, columns, fmt="{:.3f}", last=f"{common.REFERENCE} (fp32, the issue's CPU numbers)")
     default, goals = common.default_goals(results, args, batch)
     on_cpu = comparable and args.device.type == "cpu"

@@ -202,10 +202,9 @@ def report(args, batch: int, results: dict) -> dict:
         print("quick run: the counts are too small for any number below to mean anything")
     comparable = args.comparable and batch == DEFAULT_BATCH
 
-    def col(f, where=columns) -> dict:
-        return {c: f(results[c]) for c in where if c in results}
+    def col(f) -> dict:
+        return {c: f(results[c]) for c in columns if c in results}
 
-    sampled = [c for c in columns if "sample_s" in results[c]]
     summary = {c: common.loss_summary(results[c]["losses"]) for c in ours}
     steps = args.warmup + args.steps
     rows = [
@@ -223,14 +222,7 @@ def report(args, batch: int, results: dict) -> dict:
         (f"loss, mean of the last {summary[ours[0]]['tail_steps'] if ours else 0} steps",
          {c: summary[c]["tail_mean"] for c in ours}, None),
     ]
-    if sampled:
-        rows += [
-            (f"sample 1 caption x 2 cand., {args.sample_steps} DDIM (s)", col(lambda r: r["sample_s"], sampled),
-             REFERENCE["sample_s"]),
-            (f"  with guidance {args.guidance:g} (s)", col(lambda r: r["sample_guided_s"], sampled),
-             REFERENCE["sample_guided_s"]),
-            ("  with guidance, without CUDA graphs (s)", col(lambda r: r.get("sample_guided_eager_s"), sampled), None),
-        ]
+    rows += common.sampling_rows(results, columns, "1 caption x 2 cand.", args, REFERENCE)
     common.table(rows, columns, fmt="{:.3f}", last=f"{common.REFERENCE} (fp32, the issue's CPU numbers)")
     default, goals = common.default_goals(results, args, batch)
     chosen = results.get(default) if default else None
