@@ -273,9 +273,42 @@ def test_folder_errors_name_the_path_and_files(tmp_path):
     for name in ("x", "y"):
         (bad / f"{name}.png").write_bytes(b"not a png")
         (bad / f"{name}.txt").write_text("a caption")
-    data = ImageFolderDataset(bad, split="all")
     with pytest.raises(RuntimeError, match=r"x\.png \(corrupt_image.*y\.png \(corrupt_image"):
-        data[0]
+        ImageFolderDataset(bad, split="all")  # refused when built, not when first read
+
+
+def test_a_val_split_whose_images_are_all_corrupt_is_refused_before_training_naming_them(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from unclip.data.folder import split_of
+
+    data, corrupt = tmp_path / "data", []
+    data.mkdir()
+    for i in range(30):
+        name = f"img{i:02d}.png"
+        if split_of(name, 0.1) == "val":
+            (data / name).write_bytes(b"not a png")
+            corrupt.append(name)
+        else:
+            Image.new("RGB", (32, 32), (8 * i, 0, 0)).save(data / name)
+        (data / f"img{i:02d}.txt").write_text(f"a red square {i}")
+    assert 1 < len(corrupt) < 10
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train/clip.py", f"hydra.run.dir={out}", "clip=micro_vit", "data=folder", f"data.root={data}",
+         "data.val_fraction=0.1", "data.image_size=32", "trainer.max_steps=4", "trainer.batch_size=4",
+         "trainer.progress=false", "trainer.mixed_precision=no"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (f"all {len(corrupt)} images of split 'val' in image folder '{data}' are unusable: {corrupt[0]} "
+            f"(corrupt_image: {data / corrupt[0]}") in proc.stderr, proc.stderr[-2000:]
+    assert all(f"{name} (corrupt_image" in proc.stderr for name in corrupt)
+    assert "Replace or remove these files, or change val_fraction to give the split other images" in proc.stderr
+    assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()  # no step trained
 
 
 # ----------------------------------------------------------------------------------------------------

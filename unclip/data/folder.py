@@ -85,10 +85,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"image folder {str(self.root)!r} has no captioned image in split {split!r} "
                 f"({len(images)} images, val_fraction={val_fraction}, captions={self.layout!r}, "
-                f"index issues {self.index_issues})"
+                f"index issues {self.index_issues}); give every image a caption (name.txt beside it, or a line in "
+                f"{CAPTIONS_FILE})" + ("" if split == "all" else ", or change val_fraction to move images into it")
             )
         self._entries = entries
         self.files: list[str] = [file for file, _ in entries]
+        self[0]  # a split none of whose first max_tries images can be read is an error now, not when first read
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -120,10 +122,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 issues = item["issues"]
             item["issues"] = issues
             return item
-        raise RuntimeError(
-            f"no readable item among {len(failures)} files from index {index} of {str(self.root)!r}: "
-            + "; ".join(failures)
-        )
+        raise RuntimeError(self._unreadable(index, failures))
+
+    def _unreadable(self, index: int, failures: list[str]) -> str:
+        """The error for ``failures`` (every file tried from ``index``, with its reason): which, and the way out."""
+        shown = "; ".join(failures[:10]) + (f"; ... ({len(failures) - 10} more)" if len(failures) > 10 else "")
+        if len(failures) == len(self._entries):
+            return (f"all {len(failures)} images of split {self.split!r} in image folder {str(self.root)!r} are "
+                    f"unusable: {shown}. Replace or remove these files"
+                    + ("" if self.split == "all" else ", or change val_fraction to give the split other images"))
+        return (f"no usable image among {len(failures)} files in a row (max_tries) from index {index} of split "
+                f"{self.split!r} in image folder {str(self.root)!r}: {shown}. Replace or remove these files, or "
+                "raise max_tries")
 
     def _read(self, position: int) -> dict:
         file, caption_source = self._entries[position]
