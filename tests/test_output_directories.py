@@ -127,3 +127,50 @@ def test_sampling_into_a_used_directory_needs_overwrite_and_then_replaces_only_i
     assert _listed(out) == ["images/0000.png"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["0000.png", "favourite.png"]  # no stale images
     assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "metrics.json").read_text())["images"] == 1
+
+
+@pytest.mark.parametrize("job", ["sample", "clip"])
+def test_a_job_into_a_directory_another_run_holds_is_refused_before_hydra_writes_there(tmp_path, job):
+    earlier = tmp_path / ".hydra" / "config.yaml"
+    earlier.parent.mkdir()
+    earlier.write_text("the holder's config")
+    holder = _holder(tmp_path)
+    try:
+        proc = subprocess.run([sys.executable, f"train/{job}.py", f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: {tmp_path} is in use by process {holder.pid} on {os.uname().nodename} (a test run, since "
+        f"{json.loads((tmp_path / LOCK_FILE).read_text())['since']}); wait for it to finish or choose another output "
+        "directory (hydra.run.dir=...)")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([".hydra", "config.yaml", LOCK_FILE])
+    assert earlier.read_text() == "the holder's config"
+
+
+def _in_a_read_only_directory(command, directory):
+    """``command`` run with ``directory`` read-only: unwritable to a user, a read-only mount (in a private mount
+    namespace, gone when the command ends) for root, who may write anywhere else."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    mount = f"mount -t tmpfs -o ro tmpfs {directory} && exec \"$@\""
+    return subprocess.run(["unshare", "--mount", "sh", "-c", mount, "sh", *command], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the run directory", "its parent"])
+def test_a_read_only_run_directory_is_an_error_naming_it_and_the_way_out(tmp_path, inside):
+    read_only = tmp_path / "run"
+    read_only.mkdir()
+    run_dir = read_only / "sub" if inside else read_only
+    proc = _in_a_read_only_directory([sys.executable, "train/clip.py", f"hydra.run.dir={run_dir}"], read_only)
+    assert proc.returncode == 1
+    verb = "create" if inside else "write to"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot {verb} {run_dir} (Read-only file system); the run could not save its results there: choose a "
+        "writable directory or fix its permissions; e.g. hydra.run.dir=<a writable directory>"
+    ) or os.geteuid() != 0 and f"Error: cannot {verb} {run_dir} (Permission denied)" in proc.stderr, proc.stderr
+    assert "Unable to configure handler" not in proc.stderr

@@ -4,24 +4,63 @@ It also registers the structured configs, so that their dataclasses state every 
 ``trainer/schema`` (``unclip.training.TrainerConfig``, named by conf/trainer/default.yaml) and
 ``generation/defaults`` (``unclip.pipeline.GenerationSettings``). A value of the wrong type
 (``trainer.lr=abc``, ``trainer.max_steps=2.5``) or an unknown key is then an error naming the setting.
+
+And it makes every job own its run directory before Hydra writes anything there (``.hydra/``, the job's log):
+:class:`RunDirectoryCallback`, added to Hydra's own config, tries the directory for writing and takes its lock
+(``unclip.run_lock``) when the run starts, so that a read-only or busy directory is an error naming it, not a
+failure inside Hydra's logging setup or a rewritten ``.hydra/`` of another run.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
 
 import hydra
+from hydra.conf import HydraConf
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from unclip.jobs import Job, start_job
 from unclip.pipeline import GenerationSettings
+from unclip.run_lock import DirectoryInUseError, hold_directory
 from unclip.training import TrainerConfig
+
+
+class RunDirectoryCallback(Callback):
+    """Before Hydra creates the run directory and writes into it: fix its name (a ``${now:...}`` in it is read
+    once), try it for writing and hold it (the main process of a multi-process launch) until the run ends."""
+
+    def __init__(self) -> None:
+        self._held = ExitStack()
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        directory = Path(str(config.hydra.run.dir))
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(directory)
+        if int(os.environ.get("RANK", "0")) != 0:  # accelerate's other processes share the main one's directory
+            return
+        try:
+            self._held.enter_context(hold_directory(directory, f"train/{config.hydra.job.name}.py"))
+        except PermissionError as err:  # Hydra turns a callback's exceptions into warnings: end the run here
+            sys.exit(f"Error: {err}; e.g. hydra.run.dir=<a writable directory>")
+        except DirectoryInUseError as err:
+            sys.exit(f"Error: {err} (hydra.run.dir=...)")
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._held.close()
+
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerConfig)
 ConfigStore.instance().store(group="generation", name="defaults", node=GenerationSettings)
+ConfigStore.instance().store(group="hydra", name="config", provider="hydra", node=HydraConf(
+    callbacks={"run_directory": {"_target_": f"{__name__}.RunDirectoryCallback"}}))
 
 
 def hydra_job(config_name: str) -> Callable[[Callable[[Job], None]], Callable[[], None]]:

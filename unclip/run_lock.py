@@ -75,7 +75,11 @@ def hold_directory(directory: str | Path, what: str = "a run") -> Iterator[Path]
         finally:
             _held[directory] -= 1
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create {directory} ({err.strerror or err}); the run could not save its results "
+                              "there: choose a writable directory or fix its permissions") from err
     path = directory / LOCK_FILE
     fd, previous = _open_locked(path)
     if previous.get("pid"):
