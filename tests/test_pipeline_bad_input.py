@@ -91,6 +91,46 @@ def test_ten_thousand_images_run_in_chunks_and_the_first_chunk_is_a_smaller_requ
     assert max(batches) == 64 and sum(batches) == 10_000  # settings.max_batch, 64 by default
 
 
+MASK = Image.new("L", (32, 32))
+MASK.paste(255, (8, 8, 24, 24))
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: p.variations(RED, 10_000),
+    lambda p: p.variations(RED, 10_000, strength=0.5, negative_prompt="a blue square"),
+    lambda p: p.img2img(RED, "a red circle", 0.5, n=10_000),
+    lambda p: p.inpaint(RED, MASK, "a blue square", n=10_000),
+    lambda p: p.inpaint(RED, MASK, n=10_000),  # removal: the fill follows the image's surroundings
+    lambda p: p.mix([(RED, 0.5), ("a blue square", 0.5)], 10_000),
+    lambda p: p.decode(torch.nn.functional.normalize(torch.randn(10_000, 32), dim=-1)),
+    lambda p: p.interpolate(RED, Image.new("RGB", (32, 32), "blue"), 10_000),
+    lambda p: p.text_diff(RED, "a red circle", "a blue circle", amounts=[i / 9_999 for i in range(10_000)]),
+], ids=["variations", "variations-strength-negative", "img2img", "inpaint", "inpaint-remove", "mix", "decode",
+        "interpolate", "text_diff"])
+def test_ten_thousand_images_from_every_method_are_made_in_chunks_of_max_batch(pipe, monkeypatch, call):
+    made = {"prior": [], "decoder": [], "upsampler": []}
+
+    def prior(text, *args, **kwargs):
+        made["prior"].append(len(text))
+        return torch.nn.functional.normalize(torch.randn(len(text), 32), dim=-1)
+
+    def stage(name, size):
+        def sample(batch, *args, **kwargs):
+            made[name].append(len(batch))
+            return torch.zeros(len(batch), 3, size, size)
+        return sample
+
+    monkeypatch.setattr(pipe.prior, "sample", prior)
+    monkeypatch.setattr(pipe.decoder, "sample", stage("decoder", pipe.decoder.image_size))
+    for upsampler in pipe.upsamplers:
+        monkeypatch.setattr(upsampler, "sample", stage("upsampler", upsampler.image_size))
+    images = call(pipe)
+    assert len(images) == 10_000
+    assert max(made["decoder"]) == 64 and sum(made["decoder"]) == 10_000, made["decoder"][:5]
+    assert max(made["upsampler"]) == 64 and sum(made["upsampler"]) == 10_000 * len(pipe.upsamplers)
+    assert max(made["prior"], default=0) <= 64
+
+
 @pytest.mark.parametrize("text,message", [
     ("{", r"pipeline.json is damaged, not JSON \(.*\); save the pipeline again"),
     ("{}", r"pipeline.json is not a pipeline file: expected an object with 'stages' .*, got \{\}"),

@@ -70,7 +70,7 @@ class GenerationSettings:
     upsampler_steps: int = 25
     upsampler_aug_level: float = 0.05
     cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
-    max_batch: int = 64  # images made at once: generate() makes more in chunks of this many (candidates count)
+    max_batch: int = 64  # images a stage makes at once: every call makes more in chunks of this many
 
     def check(self) -> None:
         self.cuda_graphs = check_cuda_graphs(self.cuda_graphs)
@@ -89,6 +89,22 @@ def _rows(embeds, start: int, count: int, total: int):
     if isinstance(embeds, torch.Tensor) and embeds.ndim == 2 and len(embeds) == total > 1:
         return embeds[start:start + count]
     return embeds
+
+
+def _chunks(total: int, config: GenerationSettings) -> list[slice]:
+    """Rows ``0:total`` in runs of ``config.max_batch``: what one call of a stage makes at once."""
+    return [slice(start, min(start + config.max_batch, total)) for start in range(0, total, config.max_batch)]
+
+
+def _take(rows_of, rows: slice, total: int):
+    """``rows_of[rows]`` if it holds a row for each of ``total`` (tensors, captions, an Inpainting's tensors),
+    else as it is (None, one row for all)."""
+    if isinstance(rows_of, Inpainting):
+        return Inpainting(_take(rows_of.known, rows, total), _take(rows_of.keep, rows, total), jumps=rows_of.jumps,
+                          jump_length=rows_of.jump_length)
+    if isinstance(rows_of, (torch.Tensor, TextCondition)) and len(rows_of) == total:
+        return rows_of[rows]
+    return rows_of
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -329,11 +345,13 @@ class UnCLIPPipeline:
         return images_in(image, size, self.device)
 
     def _prior(self, text: TextCondition, config: GenerationSettings, generator, negative: Negative | None = None):
-        return self.prior.sample(
-            text, steps=config.prior_steps, guidance_scale=config.prior_guidance,
+        """Image embeddings for captions, ``config.max_batch`` rows at a time."""
+        negative_text = None if negative is None else negative.text
+        return torch.cat([self.prior.sample(
+            text[rows], steps=config.prior_steps, guidance_scale=config.prior_guidance,
             num_candidates=config.prior_candidates, generator=generator, cuda_graphs=config.cuda_graphs,
-            **({"negative": negative.text} if negative is not None and negative.text is not None else {}),
-        )
+            **({"negative": _take(negative_text, rows, len(text))} if negative_text is not None else {}),
+        ) for rows in _chunks(len(text), config)])
 
     def _negative(self, prompt: str | None, image_embed, count: int, config: GenerationSettings,
                   seed: int) -> Negative | None:
@@ -351,31 +369,42 @@ class UnCLIPPipeline:
     def _decode(self, image_embed, text: TextCondition | None, config: GenerationSettings, generator, *, noise=None,
                 eta=None, negative: Negative | None = None, inpaint: Inpainting | None = None, init=None,
                 strength: float = 1.0) -> torch.Tensor:
-        """The decoder: images at its size. An inpainting decoder asked for no inpainting fills everything."""
-        if getattr(self.decoder, "inpaints", False) and inpaint is None:
-            if init is not None:
-                raise ValueError("img2img and strength < 1 need a plain decoder; this pipeline's decoder inpaints")
-            size = self.decoder.image_size
-            blank = torch.zeros(len(image_embed), 3, size, size, device=self.device)
-            inpaint = Inpainting(blank, blank[:, :1])
-        return self.decoder.sample(
-            image_embed, text, steps=config.decoder_steps, guidance_scale=config.decoder_guidance,
-            eta=config.decoder_eta if eta is None else eta, generator=generator, noise=noise, inpaint=inpaint,
-            negative_embed=None if negative is None else negative.image_embed,
-            negative_text=None if negative is None else negative.text, cuda_graphs=config.cuda_graphs,
-            **({"init_image": init, "strength": strength} if init is not None else {}),
-        )
+        """The decoder: images at its size, ``config.max_batch`` at a time. An inpainting decoder asked for no
+        inpainting fills everything."""
+        fills_all = getattr(self.decoder, "inpaints", False) and inpaint is None
+        if fills_all and init is not None:
+            raise ValueError("img2img and strength < 1 need a plain decoder; this pipeline's decoder inpaints")
+        total, size, parts = len(image_embed), self.decoder.image_size, []
+        for rows in _chunks(total, config):
+            part = _take(inpaint, rows, total)
+            if fills_all:
+                blank = torch.zeros(len(image_embed[rows]), 3, size, size, device=self.device)
+                part = Inpainting(blank, blank[:, :1])
+            parts.append(self.decoder.sample(
+                image_embed[rows], _take(text, rows, total), steps=config.decoder_steps,
+                guidance_scale=config.decoder_guidance, eta=config.decoder_eta if eta is None else eta,
+                generator=generator, noise=_take(noise, rows, total), inpaint=part,
+                negative_embed=None if negative is None else _take(negative.image_embed, rows, total),
+                negative_text=None if negative is None else _take(negative.text, rows, total),
+                cuda_graphs=config.cuda_graphs,
+                **({"init_image": _take(init, rows, total), "strength": strength} if init is not None else {}),
+            ))
+        return torch.cat(parts)
 
     def _upsample(self, images: torch.Tensor, config: GenerationSettings, generator, *, known=None, keep=None,
                   eta: float = 0.0) -> torch.Tensor:
-        """The upsamplers in turn; with ``known``/``keep`` (at the last stage's size) each inpaints too, keeping the
-        known image (resized to its size) where the mask (resized with ``keep_at``) keeps it."""
+        """The upsamplers in turn, ``config.max_batch`` images at a time; with ``known``/``keep`` (at the last
+        stage's size) each inpaints too, keeping the known image (resized to its size) where the mask (resized with
+        ``keep_at``) keeps it."""
         for upsampler in self.upsamplers:
-            size = upsampler.image_size
-            inpaint = None if known is None else Inpainting(resize(known, size), keep_at(keep, size))
-            images = upsampler.sample(images, steps=config.upsampler_steps, aug_level=config.upsampler_aug_level,
-                                      generator=generator, inpaint=inpaint, eta=eta if known is not None else 0.0,
-                                      cuda_graphs=config.cuda_graphs)
+            size, total, parts = upsampler.image_size, len(images), []
+            for rows in _chunks(total, config):
+                inpaint = None if known is None else Inpainting(resize(known[rows], size), keep_at(keep[rows], size))
+                parts.append(upsampler.sample(images[rows], steps=config.upsampler_steps,
+                                              aug_level=config.upsampler_aug_level, generator=generator,
+                                              inpaint=inpaint, eta=eta if known is not None else 0.0,
+                                              cuda_graphs=config.cuda_graphs))
+            images = torch.cat(parts)
         return images
 
     def _render(self, image_embed, text, config, generator, **decode) -> torch.Tensor:
