@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from stages import save_micro_pipeline
 
+from unclip.checkpoint import MANIFEST, load_stage, write_manifest
 from unclip.pipeline import UnCLIPPipeline
 from unclip.weights import CheckpointError
 
@@ -156,6 +157,7 @@ def test_nan_weights_load_with_a_warning_naming_the_file_and_tensor(stages, tmp_
     name = next(iter(state))
     state[name] = torch.full_like(state[name], float("nan"))
     save_file(state, decoder / "model.safetensors")
+    write_manifest(decoder)  # as a run that trained into NaN saved it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         UnCLIPPipeline.from_pretrained(**{**stages, "decoder": decoder}, device="cpu")
@@ -163,3 +165,48 @@ def test_nan_weights_load_with_a_warning_naming_the_file_and_tensor(stages, tmp_
     assert any(f"{decoder / 'model.safetensors'} holds NaN or infinite values in 1 tensor(s) ({name})" in m
                for m in messages), messages
     assert json.loads((decoder / "config.json").read_text())["stage"] == "decoder"
+
+
+def _damage(path):
+    """One byte of a tensor changed: the file is still valid safetensors of the same size."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_weights_file_in_a_saved_pipeline_or_stage_is_named_not_loaded(pipe, stages, tmp_path):
+    saved = pipe.save_pretrained(tmp_path / "pipeline")
+    weights = saved / "decoder" / "model.safetensors"
+    _damage(weights)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"cannot load {saved / 'decoder'}, it is damaged: {weights} is changed since it was written (its sha256 differs). Use "
+            f"an intact copy instead: an earlier checkpoint of its run (write its name into the run's "
+            f"checkpoints/latest), or save the pipeline again from its stages")):
+        UnCLIPPipeline.from_pretrained(saved, device="cpu")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights} is 100 bytes where")):
+        load_stage(saved / "decoder")
+    (saved / "decoder" / MANIFEST).unlink()  # as saved before manifests existed: loaded as it is
+    with pytest.raises(CheckpointError, match=re.escape(f"weights file {weights} is damaged or not safetensors")):
+        load_stage(saved / "decoder")
+    _damage(stages["prior"] / "model.safetensors")  # a source stage damaged after it was loaded: not copied
+    try:
+        with pytest.raises(CheckpointError, match=re.escape(f"cannot copy {stages['prior']} into a saved pipeline, it is damaged: "
+                                                            f"{stages['prior'] / 'model.safetensors'} is changed")):
+            pipe.save_pretrained(tmp_path / "copy")
+    finally:
+        _damage(stages["prior"] / "model.safetensors")  # undone: the byte flipped back
+    assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize("text", ["{", '{"files": []}', "[]"])
+def test_a_damaged_manifest_names_itself_and_the_way_out_and_deleting_it_loads_the_stage(pipe, tmp_path, text):
+    saved = pipe.save_pretrained(tmp_path / "pipeline")
+    manifest = saved / "decoder" / MANIFEST
+    manifest.write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(f"{manifest} is damaged (") + r".*" + re.escape(
+            f"so the checkpoint cannot be verified; delete {manifest} to load its files unverified (as from a "
+            "checkpoint saved before manifests existed), or use an earlier checkpoint")):
+        UnCLIPPipeline.from_pretrained(saved, device="cpu")
+    manifest.unlink()
+    assert UnCLIPPipeline.from_pretrained(saved, device="cpu").sources["decoder"] == saved / "decoder"

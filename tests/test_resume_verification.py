@@ -74,3 +74,19 @@ def test_a_damaged_manifest_is_an_error_naming_it(tmp_path):
     (checkpoint / MANIFEST).write_text("{")
     with pytest.raises(CheckpointError, match=rf"{checkpoint / MANIFEST} is damaged .* cannot be verified"):
         make_trainer(tmp_path, max_steps=8, resume=True).fit()
+
+
+def test_a_damaged_manifest_names_the_ways_out_and_deleting_it_resumes_unverified(tmp_path, capsys):
+    checkpoint = _trained(tmp_path)
+    manifest = checkpoint / MANIFEST
+    manifest.write_text('{"files": [')
+    with pytest.raises(CheckpointError) as refused:
+        make_trainer(tmp_path, max_steps=8, resume=True).fit()
+    assert str(refused.value).startswith(f"cannot resume from {checkpoint}: {manifest} is damaged (JSONDecodeError: ")
+    assert str(refused.value).endswith(
+        f"so the checkpoint cannot be verified; delete {manifest} to load its files unverified (as from a checkpoint "
+        f"saved before manifests existed), or use an earlier checkpoint; write an earlier checkpoint's name into "
+        f"{tmp_path / 'checkpoints' / 'latest'}, or start over with trainer.overwrite=true")
+    manifest.unlink()
+    assert make_trainer(tmp_path, max_steps=8, resume=True).fit().step == 8
+    assert f"warning: {checkpoint} has no {MANIFEST}" in capsys.readouterr().out

@@ -5,8 +5,9 @@ A stage checkpoint is a directory holding
 * ``model.safetensors``: the trained weights; ``ema.safetensors``: their EMA (optional);
 * ``config.json``: ``{"format", "stage", "model": <config that rebuilds the model>, ...}``;
 * ``space.json``: the EmbeddingSpace the stage lives in;
-* during training also ``trainer/`` (accelerate's state) and ``trainer.json`` for exact resume, and
-  ``manifest.json``: every file's size and sha256, checked before a resume loads anything.
+* ``manifest.json``: every file's size and sha256, checked before a resume reads them, and the weights before
+  :func:`load_stage` reads them (a checkpoint saved before manifests existed loads unverified);
+* during training also ``trainer/`` (accelerate's state) and ``trainer.json`` for exact resume.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so a
 crash mid-save leaves the previous checkpoint intact. Loading reads JSON and safetensors only and builds
@@ -22,7 +23,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save_model
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"  # in a training checkpoint: where the run stood (step, data stream, EMA)
-MANIFEST = "manifest.json"  # in a training checkpoint: {"files": {relative path: {"size", "sha256"}}}
+MANIFEST = "manifest.json"  # in a checkpoint: {"files": {relative path: {"size", "sha256"}}}
 
 
 @dataclass
@@ -102,6 +103,7 @@ def save_stage(
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_stage_files(tmp, model, stage=stage, space=space, ema_model=ema_model, extra=extra)
+    write_manifest(tmp)
     commit_directory(tmp, final)
     return final
 
@@ -118,9 +120,9 @@ def write_manifest(directory: Path) -> None:
     write_json_atomic(directory / MANIFEST, {"format": 1, "files": files})
 
 
-def manifest_problems(directory: Path) -> dict[str, str] | None:
-    """The files of ``directory`` that differ from its manifest, by relative path: what is wrong with each
-    ({} if none); None if the checkpoint has no manifest (written before they existed)."""
+def manifest_problems(directory: Path, only: Sequence[str] | None = None) -> dict[str, str] | None:
+    """The files of ``directory`` (those named in ``only``, if given) that differ from its manifest, by relative
+    path: what is wrong with each ({} if none); None if the checkpoint has no manifest (saved before they existed)."""
     manifest_file = directory / MANIFEST
     if not manifest_file.exists():
         return None
@@ -128,10 +130,15 @@ def manifest_problems(directory: Path) -> dict[str, str] | None:
         files = json.loads(manifest_file.read_text())["files"]
         expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{manifest_file} is damaged ({type(err).__name__}: {err}), so the checkpoint "
-                              "cannot be verified") from err
+        raise CheckpointError(
+            f"{manifest_file} is damaged ({type(err).__name__}: {err}), so the checkpoint cannot be verified; "
+            f"delete {manifest_file} to load its files unverified (as from a checkpoint saved before manifests "
+            "existed), or use an earlier checkpoint"
+        ) from err
     problems = {}
     for name, (size, digest) in expected.items():
+        if only is not None and name not in only:
+            continue
         path = directory / name
         if not path.is_file():
             problems[name] = "missing"
@@ -193,6 +200,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def verify_stage_files(directory: Path, files: Sequence[str], doing: str = "load {}") -> None:
+    """Refuse a stage whose ``files`` differ from its manifest (where it has one), naming each and the way out;
+    ``doing`` says what was refused (``cannot load {directory}``)."""
+    problems = manifest_problems(directory, files)
+    if problems:
+        details = "; ".join(f"{directory / name} is {problem}" for name, problem in problems.items())
+        raise CheckpointError(
+            f"cannot {doing.format(directory)}, it is damaged: {details}. Use an intact copy instead: an earlier checkpoint of its run "
+            f"(write its name into the run's {CHECKPOINTS}/{LATEST}), or save the pipeline again from its stages"
+        )
+
+
 def read_stage_config(path: str | Path) -> tuple[Path, dict, EmbeddingSpace | None]:
     directory = resolve_checkpoint(path)
     try:
@@ -217,8 +236,14 @@ def load_stage(
     use_ema: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> LoadedStage:
-    """Rebuild a stage's model from its checkpoint (EMA weights when present and ``use_ema``)."""
-    directory, config, space = read_stage_config(path)
+    """Rebuild a stage's model from its checkpoint (EMA weights when present and ``use_ema``), its files checked
+    against its manifest first where it has one."""
+    directory = resolve_checkpoint(path)
+    weights = ["ema.safetensors"] if use_ema else []  # a missing EMA file its manifest lists is an error too
+    if not (use_ema and (directory / "ema.safetensors").is_file()):
+        weights.append("model.safetensors")
+    verify_stage_files(directory, weights)  # its JSON files are checked as they are read
+    directory, config, space = read_stage_config(directory)
     if stage is not None and config["stage"] != stage:
         raise CheckpointError(f"{directory} is a {config['stage']!r} checkpoint, expected a {stage!r} one")
     try:

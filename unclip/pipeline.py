@@ -31,7 +31,9 @@ from unclip.checkpoint import (
     commit_directory,
     load_stage,
     resolve_checkpoint,
+    verify_stage_files,
     write_json_atomic,
+    write_manifest,
 )
 from unclip.decoder.inpainting import fill_colour, keep_at
 from unclip.decoder.upsampler import resize
@@ -55,6 +57,7 @@ from unclip.pipeline_inputs import (
 from unclip.weights import CheckpointError
 
 PIPELINE_FILE = "pipeline.json"
+STAGE_FILES = ("model.safetensors", "ema.safetensors", "config.json", "space.json")  # what a saved pipeline copies
 # RePaint's resampling passes a step when inpainting with a plain decoder (an inpainting decoder needs none).
 DEFAULT_JUMPS = 3
 
@@ -295,9 +298,11 @@ class UnCLIPPipeline:
             source = resolve_checkpoint(source)
             target = target_root / name
             target.mkdir()
-            for file in ("model.safetensors", "ema.safetensors", "config.json", "space.json"):
-                if (source / file).is_file():
-                    shutil.copy2(source / file, target / file)
+            files = [f for f in STAGE_FILES if (source / f).is_file()]
+            for file in files:
+                shutil.copy2(source / file, target / file)
+            verify_stage_files(source, files, "copy {} into a saved pipeline")  # the copies are checked against the source's manifest, if any
+            write_manifest(target)
             if name.startswith("upsampler"):
                 stages["upsamplers"].append(name)
             else:

@@ -357,13 +357,17 @@ class Trainer:
     def _verify_checkpoint(self, path: Path) -> None:
         """Refuse a checkpoint whose files differ from its manifest (damaged random states only unless
         ``trainer.allow_inexact_resume``); one written before manifests resumes unverified, with a warning."""
-        problems = manifest_problems(path)
+        latest = self.checkpoint_root / LATEST
+        try:
+            problems = manifest_problems(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"cannot resume from {path}: {err}; write an earlier checkpoint's name into {latest}, "
+                                  "or start over with trainer.overwrite=true") from err
         if problems is None:
             self.accelerator.print(f"warning: {path} has no {MANIFEST} (written by an older version), so its files "
                                    "cannot be verified; resuming from them as they are")
             own = f"trainer/random_states_{self.accelerator.process_index}.pkl"
             problems = {} if (path / own).is_file() else {own: "missing"}
-        latest = self.checkpoint_root / LATEST
         damaged = [f"{path / name} is {problem}" for name, problem in problems.items() if not RANDOM_STATES.match(name)]
         if damaged:
             raise CheckpointError(f"cannot resume from {path}: {'; '.join(damaged)}. Write an earlier checkpoint's "
