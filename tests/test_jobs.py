@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 from PIL import Image
 from stages import save_micro_pipeline
@@ -91,3 +92,26 @@ def test_sample_job_edits_images_in_every_mode(tmp_path):
     assert len(images) == 2 and made_by == [{"prompt": None}] * 2
     images, _ = job.sample(pipe, {**config, "mode": "variations", "negative_prompt": "red"}, [])
     assert len(images) == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["mode=bogus"], "ValueError: mode must be one of ('generate', 'variations', 'img2img', 'inpaint', 'mix'), got "
+                     "mode='bogus'"),
+    (["num_images_per_prompt=0"], "ValueError: num_images_per_prompt must be a whole number >= 1, got 0"),
+    (["prompts_file=/no/such/prompts.txt"], "FileNotFoundError: prompts_file=/no/such/prompts.txt does not exist; "
+                                            "give a text file with one prompt a line"),
+    (["mode=inpaint", "image=/no/such/scene.png"], "FileNotFoundError: image=/no/such/scene.png does not exist; "
+                                                   "give an image file"),
+    (["mode=img2img", "image={red}", "prompts=[]"], "ValueError: mode=img2img needs prompts: prompts='[a red circle]' "
+                                                    "or prompts_file=<one prompt a line>"),
+    ([], "CheckpointError: pipeline /no/such/pipeline does not exist; give a directory saved by "
+         "UnCLIPPipeline.save_pretrained (train/demo.py saves outputs/demo/pipeline), or the stages' checkpoints"),
+])
+def test_a_sample_request_that_cannot_work_is_refused_before_the_pipeline_loads_naming_the_setting(tmp_path, overrides,
+                                                                                                    message):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    overrides = [o.format(red=tmp_path / "red.png") for o in overrides]
+    proc = subprocess.run([sys.executable, "train/sample.py", f"hydra.run.dir={tmp_path / 'out'}",
+                           "pipeline.path=/no/such/pipeline", *overrides], cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]

@@ -22,6 +22,7 @@ from PIL import Image
 from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
+from unclip.pipeline_inputs import check_count
 from unclip.run_lock import LOCK_FILE, hold_directory
 
 MODES = ("generate", "variations", "img2img", "inpaint", "mix")
@@ -40,11 +41,36 @@ def _mix_items(config: dict) -> list:
     return [(Image.open(item) if Path(str(item)).is_file() else str(item), float(weight)) for item, weight in config["mix"]]
 
 
+def read_prompts(config: dict) -> list[str]:
+    """``prompts`` and the lines of ``prompts_file``."""
+    prompts = list(config["prompts"] or [])
+    if config["prompts_file"]:
+        file = Path(config["prompts_file"])
+        if not file.exists() or file.is_dir():  # a named pipe is fine
+            raise FileNotFoundError(f"prompts_file={file} does not exist; give a text file with one prompt a line")
+        prompts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def check_request(config: dict, prompts: list[str]) -> None:
+    """What the mode needs, checked before the pipeline is loaded: its input files and prompts, a count."""
+    mode = config["mode"]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    check_count("num_images_per_prompt", config["num_images_per_prompt"])
+    needs = {"variations": ["image"], "img2img": ["image"], "inpaint": ["image", "mask"]}.get(mode, [])
+    for key in needs:
+        if not config[key]:
+            raise ValueError(f"mode={mode} needs {key}=<an image file>")
+        if not Path(config[key]).is_file():
+            raise FileNotFoundError(f"{key}={config[key]} does not exist; give an image file")
+    if mode in ("generate", "img2img") and not prompts:
+        raise ValueError(f"mode={mode} needs prompts: prompts='[a red circle]' or prompts_file=<one prompt a line>")
+
+
 def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list, list[dict]]:
     """The images of ``config['mode']`` and, per image, what made it (prompt or None)."""
     mode, n = config["mode"], config["num_images_per_prompt"]
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     common = {"seed": config["seed"]}
     negative = {"negative_prompt": config["negative_prompt"]}
     if mode == "mix":
@@ -121,10 +147,8 @@ def main(job: Job) -> None:
     config, run_dir = job.config, job.run_dir
     with hold_directory(run_dir, "train/sample.py"):
         refuse_earlier_output(run_dir, config["overwrite"])
-        prompts = list(config["prompts"] or [])
-        if config["prompts_file"]:
-            lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
-            prompts += [line.strip() for line in lines if line.strip()]
+        prompts = read_prompts(config)
+        check_request(config, prompts)
         pipe = UnCLIPPipeline.from_config(config["pipeline"])
         images, made_by = sample(pipe, config, prompts)
         remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were

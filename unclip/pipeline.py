@@ -130,8 +130,12 @@ class Negative:
 def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
     """A saved pipeline's ``pipeline.json``: its stages (each directory present) and generation settings."""
     manifest_file = path / PIPELINE_FILE
+    saved_by = "give a directory saved by UnCLIPPipeline.save_pretrained (train/demo.py saves outputs/demo/pipeline)"
+    if not path.exists():
+        raise CheckpointError(f"pipeline {path} does not exist; {saved_by}, or the stages' checkpoints")
     if not manifest_file.is_file():
-        raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing")
+        raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing; {saved_by}, or the "
+                              "stages' checkpoints")
     try:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
