@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -82,3 +83,10 @@ def test_the_latest_pointer_is_written_atomically_and_read_in_one_place(micro_cl
     write_latest(checkpoints, "step-00000007")
     with pytest.raises(CheckpointError, match=r"latest points at .*step-00000007, which is not a complete checkpoint"):
         load_stage(run)
+
+
+def test_a_checkpoint_that_does_not_exist_says_what_to_give_instead(tmp_path):
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint {tmp_path / 'outputs/clip/default'} does not exist; give a stage checkpoint, or the run "
+            "directory of a trained stage (train that stage first, e.g. python train/clip.py)")):
+        load_stage(tmp_path / "outputs/clip/default")

@@ -187,7 +187,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A stage checkpoint directory from itself, a run directory or a ``checkpoints/`` directory."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; give a stage checkpoint, or the run directory of a "
+                              "trained stage (train that stage first, e.g. python train/clip.py)")
     if (path / "config.json").is_file():
         return path
     for candidate in (path, path / CHECKPOINTS):

@@ -147,9 +147,10 @@ def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
     stages = manifest["stages"]
     for name in ("clip", "prior", "decoder"):
         if not isinstance(stages.get(name), str):
-            raise CheckpointError(f"{manifest_file} lists no {name} stage")
+            raise CheckpointError(f"{manifest_file} lists no {name} stage; save the pipeline again")
         if not (path / stages[name]).exists():
-            raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]})")
+            raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]}); save the "
+                                  "pipeline again")
     settings = manifest.get("settings", {})
     unknown = sorted(set(settings) - set(vars(GenerationSettings()))) if isinstance(settings, dict) else settings
     if unknown:
