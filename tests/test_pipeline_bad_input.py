@@ -32,6 +32,10 @@ def pipe(stages):
 @pytest.mark.parametrize("call,error,message", [
     (lambda p: p.generate(None), TypeError, "prompts must be a string or a list of strings, got None"),
     (lambda p: p.generate(5), TypeError, "prompts must be a string or a list of strings, got 5"),
+    (lambda p: p.generate("a", negative_prompt=5), TypeError,
+     "negative_prompt must be a string or a list of strings, got 5"),
+    (lambda p: p.variations(RED, negative_prompt=""), ValueError,
+     "every prompt must be a non-empty string, got '' (negative_prompt)"),
     (lambda p: p.generate("a", 1.5), ValueError, "num_images_per_prompt must be a whole number >= 1, got 1.5"),
     (lambda p: p.generate("a", 0), ValueError, "num_images_per_prompt must be a whole number >= 1, got 0"),
     (lambda p: p.generate("a", rerank=0), ValueError, "rerank must be a whole number >= 1, got 0"),

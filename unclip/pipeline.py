@@ -369,7 +369,7 @@ class UnCLIPPipeline:
         embedding from the prior, drawn from a stream of its own so that the other draws do not move."""
         if prompt is None and image_embed is None:
             return None
-        text = self.clip.encode_text(check_prompts(prompt)) if prompt is not None else None
+        text = self.clip.encode_text(check_prompts(prompt, "negative_prompt")) if prompt is not None else None
         if image_embed is not None:
             embed = unit_embeds(image_embed, count, self.clip.space.dim, self.device, "negative_image_embed")
         else:

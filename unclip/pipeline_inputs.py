@@ -18,17 +18,18 @@ from unclip.images import from_pil
 OUTPUTS = ("pil", "tensor")
 
 
-def check_prompts(prompts: Sequence[str] | str) -> list[str]:
+def check_prompts(prompts: Sequence[str] | str, name: str = "prompts") -> list[str]:
+    """One prompt or a list of them, each a non-empty string; ``name``: the argument, for the errors."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.80}")
+        raise TypeError(f"{name} must be a string or a list of strings, got {prompts!r:.80}")
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("the prompt list is empty; give at least one prompt")
+        raise ValueError(f"the prompt list is empty; give at least one prompt ({name})")
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
+            raise ValueError(f"every prompt must be a non-empty string, got {prompt!r} ({name})")
     return prompts
 
 
