@@ -90,3 +90,17 @@ def test_a_checkpoint_that_does_not_exist_says_what_to_give_instead(tmp_path):
             f"checkpoint {tmp_path / 'outputs/clip/default'} does not exist; give a stage checkpoint, or the run "
             "directory of a trained stage (train that stage first, e.g. python train/clip.py)")):
         load_stage(tmp_path / "outputs/clip/default")
+
+
+def test_a_run_directory_whose_latest_names_a_missing_checkpoint_says_the_way_out(micro_clip, tmp_path):
+    from unclip.checkpoint import save_run_checkpoint
+
+    save_run_checkpoint(tmp_path / "run", micro_clip, stage="clip", space=micro_clip.space)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    latest.write_text("step-00000099")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{latest} points at {latest.parent / 'step-00000099'}, which is not a complete checkpoint; write the name "
+            "of a complete checkpoint (a step-* directory beside it) into it, or give a checkpoint directory itself")):
+        load_stage(tmp_path / "run")
+    latest.write_text("step-00000000")
+    assert load_stage(tmp_path / "run").path == latest.parent / "step-00000000"

@@ -192,7 +192,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "config.json").is_file():
         return path
     for candidate in (path, path / CHECKPOINTS):
-        target = read_latest(candidate)
+        try:
+            target = read_latest(candidate)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; write the name of a complete checkpoint (a step-* directory beside it) "
+                                  "into it, or give a checkpoint directory itself") from err
         if target is not None:
             return target
     raise CheckpointError(
