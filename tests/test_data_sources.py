@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 
@@ -462,3 +463,18 @@ def test_clip_job_trains_through_dirty_data_and_reports_the_counts(tmp_path, dir
         assert issues["missing_caption"] == 1 and "files left out: missing_caption 1" in proc.stdout
     epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"epoch"' in line]
     assert epochs and "epoch" in proc.stdout + proc.stderr and "data issues" in proc.stdout + proc.stderr
+
+
+def test_val_shards_whose_images_are_all_corrupt_name_the_shards_and_the_way_out(tmp_path):
+    from unclip.data.collate import first_items
+
+    corrupt = [(f"bad{i}", "png", b"not a png", b"a caption", None) for i in range(3)]
+    shards = write_shards(tmp_path / "val", corrupt, 1)
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"no readable sample in the shards of rank 0 worker 0 in epoch 0 (first shards {shards}; problems "
+            "{'corrupt_image': 3}); replace their unreadable samples, or give other shards")):
+        first_items(WebDatasetSource(shards, image_size=SIZE), 4)
+    with pytest.raises(ValueError, match=re.escape(
+            "no items to evaluate on in []: it is empty, or none of its items could be read (corrupt images, missing "
+            "or empty captions); give it readable images with captions")):
+        first_items([], 4)

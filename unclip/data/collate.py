@@ -32,5 +32,8 @@ def first_items(dataset, n: int) -> dict:
     else:
         items = [dataset[i] for i in range(min(n, len(dataset)))]
     if not items:
-        raise ValueError(f"no items to evaluate on in {dataset!r}")
+        shards = getattr(dataset, "shards", None)
+        named = f" (shards {', '.join(map(str, shards[:3]))}{', ...' if len(shards) > 3 else ''})" if shards else ""
+        raise ValueError(f"no items to evaluate on in {dataset!r}{named}: it is empty, or none of its items could be "
+                         "read (corrupt images, missing or empty captions); give it readable images with captions")
     return collate_dicts(items)

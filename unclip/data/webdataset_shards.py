@@ -166,7 +166,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if held is None:
             raise RuntimeError(
                 f"no readable sample in the shards of rank {self.rank} worker {worker} in epoch {epoch} "
-                f"(first shards {shards}; problems {dict(pending)})"
+                f"(first shards {shards}; problems {dict(pending)}); replace their unreadable samples, or give "
+                "other shards"
             )
         add_issues(held["issues"], pending)
         yield held
