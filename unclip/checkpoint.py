@@ -241,14 +241,9 @@ def load_stage(
     use_ema: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> LoadedStage:
-    """Rebuild a stage's model from its checkpoint (EMA weights when present and ``use_ema``), its files checked
-    against its manifest first where it has one."""
-    directory = resolve_checkpoint(path)
-    weights = ["ema.safetensors"] if use_ema else []  # a missing EMA file its manifest lists is an error too
-    if not (use_ema and (directory / "ema.safetensors").is_file()):
-        weights.append("model.safetensors")
-    verify_stage_files(directory, weights)  # its JSON files are checked as they are read
-    directory, config, space = read_stage_config(directory)
+    """Rebuild a stage's model from its checkpoint (EMA weights when present and ``use_ema``); weights that differ
+    from the stage's manifest (where it has one) are refused, naming the file."""
+    directory, config, space = read_stage_config(path)
     if stage is not None and config["stage"] != stage:
         raise CheckpointError(f"{directory} is a {config['stage']!r} checkpoint, expected a {stage!r} one")
     try:
@@ -258,8 +253,23 @@ def load_stage(
     weights = directory / "ema.safetensors"
     if not (use_ema and weights.is_file()):
         weights = directory / "model.safetensors"
-    state = load_weights_file(weights)
+    try:  # a missing EMA file its manifest lists is an error too
+        verify_stage_files(directory, ["ema.safetensors"] * use_ema + [weights.name])
+        damaged = None
+    except CheckpointError as err:
+        damaged = err
+    try:
+        state = load_weights_file(weights)
+        _load_state(model, state, weights, directory)
+    except CheckpointError as err:  # what does not load or fit, and why (the manifest's finding) if it knows
+        raise CheckpointError(f"{err}. {damaged}" if damaged else str(err)) from err
+    if damaged is not None:
+        raise damaged
     _warn_non_finite(state, weights)
+    return LoadedStage(model=model.to(map_location), config=config, space=space, path=directory)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, directory: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # tensors of the wrong shape
@@ -271,7 +281,6 @@ def load_stage(
             f"{weights} does not fit the model in {directory}/config.json: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    return LoadedStage(model=model.to(map_location), config=config, space=space, path=directory)
 
 
 def _warn_non_finite(state: dict[str, torch.Tensor], weights: Path) -> None:
