@@ -11,7 +11,7 @@ import torch
 
 from unclip.data.collate import first_items
 from unclip.data.embeddings import EmbeddingShards
-from unclip.eval.decoder import evaluate_decoder
+from unclip.eval.decoder import evaluate_decoder, psnr
 from unclip.eval.prior import evaluate_prior
 
 
@@ -72,6 +72,16 @@ class DataEvaluator:
     def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
                          fidelity: bool = True) -> dict:
         raise NotImplementedError
+
+    def reconstruction_metrics(self, reconstruct, items: dict[str, int]) -> dict:
+        """An image tokenizer's round trip (``reconstruct``: images [B, 3, S, S] -> images, e.g. a dVAE's encode
+        then decode) on the first ``items[split]`` items of each split named there: ``psnr_<split>``."""
+        metrics = {}
+        for split, n in items.items():
+            if split in self.splits and n > 0:
+                images = self.items(split, n)["image"]
+                metrics[f"psnr_{split}"] = psnr(reconstruct(images), images)
+        return metrics
 
     def prompt_metrics(self, images, prompts: list[str], prefix: str = "grid/") -> dict:
         """What the evaluator can say about images made from any prompts (one per image); nothing by default."""
