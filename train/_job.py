@@ -2,7 +2,8 @@
 
 It also registers the structured configs, so that their dataclasses state every default once:
 ``trainer/schema`` (``unclip.training.TrainerConfig``, named by conf/trainer/default.yaml) and
-``generation/defaults`` (``unclip.pipeline.GenerationSettings``). A value of the wrong type
+``generation/defaults`` (``unclip.pipeline.GenerationSettings``) and ``dalle_generation/defaults``
+(``unclip.dalle_pipeline.DalleSettings``). A value of the wrong type
 (``trainer.lr=abc``, ``trainer.max_steps=2.5``) or an unknown key is then an error naming the setting.
 """
 
@@ -16,12 +17,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from unclip.dalle_pipeline import DalleSettings
 from unclip.jobs import Job, start_job
 from unclip.pipeline import GenerationSettings
 from unclip.training import TrainerConfig
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerConfig)
 ConfigStore.instance().store(group="generation", name="defaults", node=GenerationSettings)
+ConfigStore.instance().store(group="dalle_generation", name="defaults", node=DalleSettings)
 
 
 def hydra_job(config_name: str) -> Callable[[Callable[[Job], None]], Callable[[], None]]:

@@ -22,6 +22,7 @@ from PIL import Image
 from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import pipeline_from_config
 from unclip.run_lock import LOCK_FILE, hold_directory
 
 MODES = ("generate", "variations", "img2img", "inpaint", "mix")
@@ -45,6 +46,8 @@ def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list
     mode, n = config["mode"], config["num_images_per_prompt"]
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "generate" and not isinstance(pipe, UnCLIPPipeline):
+        raise ValueError(f"mode={mode} needs an unCLIP pipeline; {type(pipe).__name__} only generates (mode=generate)")
     common = {"seed": config["seed"]}
     negative = {"negative_prompt": config["negative_prompt"]}
     if mode == "mix":
@@ -125,7 +128,7 @@ def main(job: Job) -> None:
         if config["prompts_file"]:
             lines = Path(config["prompts_file"]).read_text(encoding="utf-8").splitlines()
             prompts += [line.strip() for line in lines if line.strip()]
-        pipe = UnCLIPPipeline.from_config(config["pipeline"])
+        pipe = pipeline_from_config(config["pipeline"])
         images, made_by = sample(pipe, config, prompts)
         remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were
         write_samples(run_dir, pipe, images, made_by, config)
