@@ -147,3 +147,20 @@ def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(stage
         assert largest < ATOL and relative < REL, f"weights differ by up to {largest:.2e} ({relative:.2e} of the update)"
     if stage == "dvae":
         assert int(model_1["schedule_step"]) == int(model_2["schedule_step"]) == PARALLEL_STEPS
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_jobs_take_pipeline_dalle(tmp_path):
+    stages = save_dalle_stages(tmp_path / "stages")
+    pipeline = ["pipeline=dalle", *(f"pipeline.{name}={path}" for name, path in stages.items())]
+    _run(["train/sample.py", *pipeline, "prompts=[a red circle,a blue square]", "num_images_per_prompt=2", "rerank=2",
+          "pipeline.settings.top_k=8"], tmp_path / "sample")
+    records = [json.loads(line) for line in (tmp_path / "sample" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert records[0]["settings"]["top_k"] == 8 and (tmp_path / "sample" / "grid.png").is_file()
+
+    out = _run(["train/evaluate.py", *pipeline, "data.image_size=16",
+                "eval_items={val:4,heldout:2,pair:2,edits:0,fidelity:{val:12,heldout:6,pair:8}}"], tmp_path / "evaluate")
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/pair/all"} <= set(metrics)
+    assert "balanced prompt set, text to image" in (tmp_path / "evaluate" / "fidelity.txt").read_text()
