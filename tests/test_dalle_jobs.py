@@ -164,3 +164,19 @@ def test_sample_and_evaluate_jobs_take_pipeline_dalle(tmp_path):
     metrics = json.loads(out.strip().splitlines()[-1])
     assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/pair/all"} <= set(metrics)
     assert "balanced prompt set, text to image" in (tmp_path / "evaluate" / "fidelity.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_demo_trains_dalle_end_to_end_and_judges_it(tmp_path):
+    out = tmp_path / "demo"
+    _run(["train/demo.py", "generator=dalle", "preset=quick", "steps.clip=2", "steps.dvae=2", "steps.dalle=2",
+          "images_per_prompt=1", f"out={out}"], out)
+    assert json.loads((out / "pipeline" / "pipeline.json").read_text())["generator"] == "dalle"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["generator"] == "dalle"
+    assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/heldout/all", "fidelity/pair/all", "grid/n",
+            "dvae/recon_all_val", "dalle/val_image_loss", "clip/zero_shot_top1_val"} <= set(metrics)
+    assert not any(key.startswith(("passthrough_", "fidelity_variations/", "prior/")) for key in metrics)
+    assert "balanced prompt set, text to image" in (out / "fidelity.txt").read_text()
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert (out / "grid.png").is_file() and len(list((out / "images").iterdir())) == len(prompts)

@@ -65,7 +65,7 @@ def main(job: Job) -> None:
     captions = first_items(data["train"], config["vocabulary_items"])["caption"]
     model = build_transformer(config["dalle"], clip, dvae, captions)
     val = data["evaluator"].items("val", evaluation["val_items"])
-    sampling = DalleSettings(**config["sampling"]).sampling()  # the pipeline's generation settings
+    sampling = DalleSettings(**config["dalle_generation"]).sampling()  # the pipeline's generation settings
 
     def sample_images(m, prompts: list[str]) -> torch.Tensor:
         generator = torch.Generator(device=next(m.parameters()).device).manual_seed(0)

@@ -9,13 +9,15 @@ from _job import hydra_job
 
 from unclip.config import build
 from unclip.data.collate import first_items
+from unclip.decoder.upsampler import resize
 from unclip.images import save_grid, to_pil
 from unclip.jobs import Job
 
 
 def dvae_loss(model, batch):
-    """Reconstruction + KL at the point of the schedules the model's ``schedule_step`` has reached."""
-    return model.training_loss(batch["image"], gumbel=batch.get("gumbel"))
+    """Reconstruction + KL at the point of the schedules the model's ``schedule_step`` has reached (images resized
+    to the model's size, as ``decoder.image_size`` does for the decoder)."""
+    return model.training_loss(resize(batch["image"], model.image_size), gumbel=batch.get("gumbel"))
 
 
 def advance_schedule(model) -> None:
@@ -24,8 +26,8 @@ def advance_schedule(model) -> None:
 
 
 def round_trip(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Images -> tokens -> images, on the model's device, returned on the CPU."""
-    device = next(model.parameters()).device
+    """Images -> tokens -> images at the model's size, on the model's device, returned on the CPU."""
+    device, images = next(model.parameters()).device, resize(images, model.image_size)
     return torch.cat([model.decode(model.encode(images[i:i + batch_size].to(device))).cpu()
                       for i in range(0, len(images), batch_size)])
 
@@ -40,12 +42,14 @@ def main(job: Job) -> None:
     previewed = first_items(data["val"], 8)["image"]
 
     def evaluate(m) -> dict:
-        codes = m.encode(data["evaluator"].items("val", items["val"])["image"].to(next(m.parameters()).device))
-        return {**data["evaluator"].reconstruction_metrics(lambda images: round_trip(m, images), items),
+        codes = m.encode(resize(data["evaluator"].items("val", items["val"])["image"], m.image_size).to(
+            next(m.parameters()).device))
+        return {**data["evaluator"].reconstruction_metrics(lambda images: round_trip(m, images), items, m.image_size),
                 "codes_used_val": float(codes.unique().numel())}
 
     def preview(m, out_dir: Path, step: int) -> None:  # originals above their reconstructions
-        save_grid(to_pil(previewed) + to_pil(round_trip(m, previewed)), out_dir / f"dvae-{step:08d}.png", columns=8)
+        originals = resize(previewed, m.image_size)
+        save_grid(to_pil(originals) + to_pil(round_trip(m, previewed)), out_dir / f"dvae-{step:08d}.png", columns=8)
 
     job.train(model, dvae_loss, data["train"], stage="dvae", space_fn=lambda _: None, evaluate_fn=evaluate,
               preview_fn=preview, after_step_fn=advance_schedule)

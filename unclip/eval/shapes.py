@@ -7,6 +7,7 @@ from functools import cached_property
 import torch
 
 from unclip.configurable import register
+from unclip.decoder.upsampler import resize
 from unclip.eval.clip_shapes import ShapesClipEvaluator
 from unclip.eval.decoder import psnr
 from unclip.eval.evaluator import DataEvaluator
@@ -103,7 +104,7 @@ class ShapesEvaluator(DataEvaluator):
             metrics.update({f"{prefix}{key}": value for key, value in edited.items()})
         return metrics
 
-    def reconstruction_metrics(self, reconstruct, items: dict[str, int]) -> dict:
+    def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
         """PSNR, and the judge on every attribute of every object, named in the caption or not:
         ``recon_<attribute>_<split>`` (colour, shape, size, position; pairs: objects, relation) and
         ``recon_all_<split>`` (every attribute of the scene right)."""
@@ -113,7 +114,7 @@ class ShapesEvaluator(DataEvaluator):
                 continue
             batch = self.items(split, n)
             images = reconstruct(batch["image"])
-            metrics[f"psnr_{split}"] = psnr(images, batch["image"])
+            metrics[f"psnr_{split}"] = psnr(images, resize(batch["image"], image_size or images.shape[-1]))
             judged = [judge_scene(j, {**meta, "named_size": True, "named_position": True})
                       for j, meta in zip(judge_batch(images), batch["meta"])]
             for attribute in sorted({key for result in judged for key in result}):
