@@ -2,7 +2,8 @@
 
 It also registers the structured configs, so that their dataclasses state every default once:
 ``trainer/schema`` (``unclip.training.TrainerConfig``, named by conf/trainer/default.yaml) and
-``generation/defaults`` (``unclip.pipeline.GenerationSettings``). A value of the wrong type
+``generation/defaults`` (``unclip.pipeline.GenerationSettings``) and ``dalle_generation/defaults``
+(``unclip.dalle_pipeline.DalleSettings``). A value of the wrong type
 (``trainer.lr=abc``, ``trainer.max_steps=2.5``) or an unknown key is then an error naming the setting.
 
 And it makes every job own its run directory before Hydra writes anything there (``.hydra/``, the job's log):
@@ -27,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from unclip.dalle_pipeline import DalleSettings
 from unclip.jobs import Job, start_job
 from unclip.pipeline import GenerationSettings
 from unclip.run_lock import DirectoryInUseError, hold_directory
@@ -59,6 +61,7 @@ class RunDirectoryCallback(Callback):
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerConfig)
 ConfigStore.instance().store(group="generation", name="defaults", node=GenerationSettings)
+ConfigStore.instance().store(group="dalle_generation", name="defaults", node=DalleSettings)
 ConfigStore.instance().store(group="hydra", name="config", provider="hydra", node=HydraConf(
     callbacks={"run_directory": {"_target_": f"{__name__}.RunDirectoryCallback"}}))
 

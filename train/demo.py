@@ -6,6 +6,9 @@ your own captioned images. The data choice and every `data.*` setting reach ever
 evaluator (`data.evaluator`) judges the result and picks the sample prompts. Each stage runs as its own job
 (train/<stage>.py) in `<out>/<stage>/`; a stage that already finished is skipped, an interrupted one
 resumes. The trained pipeline lands in `<out>/pipeline/`, the grid, images and metrics.json in `<out>/`.
+
+`generator=dalle` trains DALL-E 1 the same way (CLIP, the discrete VAE, the transformer; `dalle_presets`) into
+`outputs/demo-dalle/`, and judges its pipeline with the same evaluator.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from _job import choice, forwarded_overrides, hydra_job
 
 from unclip.config import build
+from unclip.dalle_pipeline import DallePipeline
 from unclip.images import save_grid
 from unclip.jobs import Job, finish
 from unclip.pipeline import UnCLIPPipeline
@@ -75,6 +79,14 @@ def stage_overrides(config: dict, preset: dict, out: Path) -> dict[str, tuple[st
     def steps(stage: str) -> list[str]:
         return [] if config["steps"][stage] is None else [f"trainer.max_steps={config['steps'][stage]}"]
 
+    if config["generator"] == "dalle":
+        dalle = config["dalle_presets"][config["preset"]]
+        return {
+            "clip": ("clip", [*images, *preset["clip"], *steps("clip")]),
+            "dvae": ("dvae", [*images, *dalle["dvae"], *steps("dvae")]),
+            "dalle": ("dalle", [*images, *forwarded_overrides("dalle_generation"), clip, f"dvae_checkpoint={out / 'dvae'}",
+                                *dalle["dalle"], *steps("dalle")]),
+        }
     decoder_size, upsampled = image_sizes(config)
     stages = {
         "clip": ("clip", [*images, *preset["clip"], *steps("clip")]),
@@ -108,16 +120,23 @@ def main(job: Job) -> None:
     job.require_data("evaluator")
     evaluator = build(config["data"]["evaluator"], pipeline_items=preset["eval_items"])
     decoder_size, upsampled = image_sizes(config)
-    log.info(f"data={choice('data')} at {config['data']['image_size']} px: the decoder makes "
-             f"{decoder_size}-px images" + (f", the upsampler {upsampled}-px ones" if upsampled else ", no upsampler"))
+    if config["generator"] not in ("unclip", "dalle"):
+        raise ValueError(f"generator must be unclip or dalle, got {config['generator']!r}")
+    if config["generator"] == "unclip":
+        log.info(f"data={choice('data')} at {config['data']['image_size']} px: the decoder makes {decoder_size}-px "
+                 f"images" + (f", the upsampler {upsampled}-px ones" if upsampled else ", no upsampler"))
     plan = stage_overrides(config, preset, out)
     stages = {name: run_stage(name, script, out, overrides, config["force"]) for name, (script, overrides) in plan.items()}
 
     evaluating = time.time()
     log.info("composing the pipeline")
-    pipe = compose(out, "prior", stages, config["generation"])
+    dalle = config["generator"] == "dalle"
+    if dalle:
+        pipe = DallePipeline.from_config({"clip": out / "clip", "dvae": out / "dvae", "transformer": out / "dalle",
+                                          "settings": config["dalle_generation"]})
+    else:
+        pipe = compose(out, "prior", stages, config["generation"])
     pipe.save_pretrained(out / "pipeline")
-    passthrough = compose(out, "prior_passthrough", stages, config["generation"])
     prompts, n = config["prompts"] or evaluator.sample_prompts(), config["images_per_prompt"]
     images = pipe.generate(prompts, n, seed=config["seed"])
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -127,10 +146,12 @@ def main(job: Job) -> None:
     (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
 
     log.info(f"evaluating the pipeline with {type(evaluator).__name__} (and the passthrough prior's)")
-    metrics = {"preset": config["preset"], "experiment": choice("experiment")}
-    metrics.update(evaluator.pipeline_metrics(pipe, seed=config["seed"]))
-    metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False,
-                                              fidelity=False))
+    metrics = {"preset": config["preset"], "experiment": choice("experiment"), "generator": config["generator"]}
+    metrics.update(evaluator.pipeline_metrics(pipe, seed=config["seed"], edits=not dalle))  # edits: unCLIP's
+    if not dalle:
+        passthrough = compose(out, "prior_passthrough", stages, config["generation"])
+        metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False,
+                                                  fidelity=False))
     metrics.update(evaluator.prompt_metrics(images, [prompt for prompt in prompts for _ in range(n)]))
     summary = evaluator.summary(metrics)
     if summary:

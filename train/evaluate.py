@@ -9,14 +9,16 @@ from _job import hydra_job
 from unclip.config import build
 from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import pipeline_from_config
 
 
 @hydra_job("train_evaluate")
 def main(job: Job) -> None:
     job.require_data("evaluator")
-    pipe = UnCLIPPipeline.from_config(job.config["pipeline"])
+    pipe = pipeline_from_config(job.config["pipeline"])
     evaluator = build(job.config["data"]["evaluator"], pipeline_items=job.config["eval_items"])
-    metrics = evaluator.pipeline_metrics(pipe, seed=job.config["seed"])
+    # the edits (variations, interpolation, text diffs) need image embeddings: unCLIP only
+    metrics = evaluator.pipeline_metrics(pipe, seed=job.config["seed"], edits=isinstance(pipe, UnCLIPPipeline))
     summary = evaluator.summary(metrics)
     if summary:
         (job.run_dir / "fidelity.txt").write_text(summary + "\n")

@@ -23,6 +23,7 @@ from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipeline import UnCLIPPipeline
 from unclip.pipeline_inputs import check_count
+from unclip.pipelines import pipeline_from_config
 from unclip.run_lock import LOCK_FILE, hold_directory
 
 MODES = ("generate", "variations", "img2img", "inpaint", "mix")
@@ -71,6 +72,8 @@ def check_request(config: dict, prompts: list[str]) -> None:
 def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list, list[dict]]:
     """The images of ``config['mode']`` and, per image, what made it (prompt or None)."""
     mode, n = config["mode"], config["num_images_per_prompt"]
+    if mode != "generate" and not isinstance(pipe, UnCLIPPipeline):
+        raise ValueError(f"mode={mode} needs an unCLIP pipeline; {type(pipe).__name__} only generates (mode=generate)")
     common = {"seed": config["seed"]}
     negative = {"negative_prompt": config["negative_prompt"]}
     if mode == "mix":
@@ -149,7 +152,7 @@ def main(job: Job) -> None:
         refuse_earlier_output(run_dir, config["overwrite"])
         prompts = read_prompts(config)
         check_request(config, prompts)
-        pipe = UnCLIPPipeline.from_config(config["pipeline"])
+        pipe = pipeline_from_config(config["pipeline"])
         images, made_by = sample(pipe, config, prompts)
         remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were
         write_samples(run_dir, pipe, images, made_by, config)

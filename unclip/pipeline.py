@@ -127,8 +127,13 @@ class Negative:
     image_embed: torch.Tensor | None = None
 
 
-def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
-    """A saved pipeline's ``pipeline.json``: its stages (each directory present) and generation settings."""
+# Which class loads a saved pipeline, by pipeline.json's "generator" (absent: unclip).
+LOADERS = {"unclip": "unclip.pipeline.UnCLIPPipeline", "dalle": "unclip.dalle_pipeline.DallePipeline"}
+
+
+def read_pipeline_file(path: Path, generator: str, stage_names: Sequence[str], settings_class) -> tuple[dict, object]:
+    """A saved ``generator`` pipeline's ``pipeline.json``: its stages (``stage_names`` each present) and its
+    settings as ``settings_class``."""
     manifest_file = path / PIPELINE_FILE
     saved_by = "give a directory saved by UnCLIPPipeline.save_pretrained (train/demo.py saves outputs/demo/pipeline)"
     if not path.exists():
@@ -140,23 +145,32 @@ def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{manifest_file} is damaged, not JSON ({err}); save the pipeline again") from err
-    known = {"format", "stages", "settings"}
+    known = {"format", "stages", "settings", "generator"}
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) or set(manifest) - known:
         raise CheckpointError(f"{manifest_file} is not a pipeline file: expected an object with 'stages' (and "
                               f"'format', 'settings'), got {json.dumps(manifest)[:200]}; save the pipeline again")
+    saved = manifest.get("generator", "unclip")
+    if saved != generator:
+        raise CheckpointError(f"{path} is a saved {saved!r} pipeline, not a {generator!r} one: load it with "
+                              f"{LOADERS.get(saved, saved)}.from_pretrained (jobs: pipeline={saved})")
     stages = manifest["stages"]
-    for name in ("clip", "prior", "decoder"):
+    for name in stage_names:
         if not isinstance(stages.get(name), str):
             raise CheckpointError(f"{manifest_file} lists no {name} stage; save the pipeline again")
         if not (path / stages[name]).exists():
             raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]}); save the "
                                   "pipeline again")
     settings = manifest.get("settings", {})
-    unknown = sorted(set(settings) - set(vars(GenerationSettings()))) if isinstance(settings, dict) else settings
+    unknown = sorted(set(settings) - set(vars(settings_class()))) if isinstance(settings, dict) else settings
     if unknown:
         raise CheckpointError(f"{manifest_file} has unknown settings {unknown}; known: "
-                              f"{sorted(vars(GenerationSettings()))}")
-    return stages, GenerationSettings(**settings)
+                              f"{sorted(vars(settings_class()))}")
+    return stages, settings_class(**settings)
+
+
+def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
+    """A saved unCLIP pipeline's ``pipeline.json``: its stages (each directory present) and generation settings."""
+    return read_pipeline_file(path, "unclip", ("clip", "prior", "decoder"), GenerationSettings)
 
 
 def _check_replaceable(directory: Path) -> None:
@@ -168,6 +182,57 @@ def _check_replaceable(directory: Path) -> None:
             f"cannot save the pipeline to {directory}: it is not empty and not a saved pipeline (no {PIPELINE_FILE}), "
             "and saving would replace everything in it; choose a new or empty directory, or move its files away"
         )
+
+
+def save_pipeline(directory: str | Path, sources: dict, settings: dict, generator: str = "unclip") -> Path:
+    """Copy every stage of ``sources`` (stage name -> checkpoint; ``upsampler_<i>`` names listed as upsamplers)
+    into one directory with a pipeline.json. The directory must be new, empty or a saved pipeline; a saved
+    pipeline is replaced only once the new one is complete (written to a temporary sibling, then swapped in), so
+    a failed save leaves it as it was."""
+    directory = Path(directory)
+    if not sources:
+        raise ValueError("save_pretrained needs a pipeline built by from_pretrained (stage checkpoints to copy)")
+    _check_replaceable(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_stages(tmp, sources, settings, generator)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+    commit_directory(tmp, directory)
+    return directory
+
+
+def _write_stages(target_root: Path, sources: dict, settings: dict, generator: str) -> None:
+    stages: dict = {"upsamplers": []} if generator == "unclip" else {}
+    for name, source in sources.items():
+        source = resolve_checkpoint(source)
+        target = target_root / name
+        target.mkdir()
+        files = [f for f in STAGE_FILES if (source / f).is_file()]
+        for file in files:
+            shutil.copy2(source / file, target / file)
+        verify_stage_files(source, files, "copy {} into a saved pipeline")  # the copies are checked against the source's manifest, if any
+        write_manifest(target)
+        if name.startswith("upsampler"):
+            stages["upsamplers"].append(name)
+        else:
+            stages[name] = name
+    manifest = {"format": 1, "stages": stages, "settings": settings}
+    write_json_atomic(target_root / PIPELINE_FILE, manifest if generator == "unclip" else
+                      {**manifest, "generator": generator})
+
+
+def best_of(clip, images: torch.Tensor, text_embeds: torch.Tensor, rerank: int) -> torch.Tensor:
+    """CLIP re-ranking: of every ``rerank`` consecutive images [B * rerank, 3, H, W], the one whose CLIP image
+    embedding is most similar to its caption's embedding (``text_embeds`` [B * rerank, D], one row per image)."""
+    scores = (clip.encode_image(images) * text_embeds.float()).sum(-1).view(-1, rerank)
+    best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
+    return images[best]
 
 
 @dataclass
@@ -280,40 +345,7 @@ class UnCLIPPipeline:
         """Copy every stage (weights, config, space) into one directory with a pipeline.json. The directory must
         be new, empty or a saved pipeline; a saved pipeline is replaced only once the new one is complete (written
         to a temporary sibling, then swapped in), so a failed save leaves it as it was."""
-        directory = Path(directory)
-        if not self.sources:
-            raise ValueError("save_pretrained needs a pipeline built by from_pretrained (stage checkpoints to copy)")
-        _check_replaceable(directory)
-        tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            self._write_stages(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
-        commit_directory(tmp, directory)
-        return directory
-
-    def _write_stages(self, target_root: Path) -> None:
-        stages: dict = {"upsamplers": []}
-        for name, source in self.sources.items():
-            source = resolve_checkpoint(source)
-            target = target_root / name
-            target.mkdir()
-            files = [f for f in STAGE_FILES if (source / f).is_file()]
-            for file in files:
-                shutil.copy2(source / file, target / file)
-            verify_stage_files(source, files, "copy {} into a saved pipeline")  # the copies are checked against the source's manifest, if any
-            write_manifest(target)
-            if name.startswith("upsampler"):
-                stages["upsamplers"].append(name)
-            else:
-                stages[name] = name
-        write_json_atomic(target_root / PIPELINE_FILE, {"format": 1, "stages": stages,
-                                                        "settings": vars(self.settings)})
+        return save_pipeline(directory, self.sources, vars(self.settings))
 
     # -- the shared steps ----------------------------------------------------------------------
     def _generator(self, seed: int) -> torch.Generator:
@@ -422,10 +454,7 @@ class UnCLIPPipeline:
         return self._upsample(self._decode(image_embed, text, config, generator, **decode), config, generator)
 
     def _best_of(self, images: torch.Tensor, text: TextCondition, rerank: int) -> torch.Tensor:
-        """Of every ``rerank`` consecutive images, the one the CLIP finds most similar to its caption."""
-        scores = (self.clip.encode_image(images) * text.embed.float()).sum(-1).view(-1, rerank)
-        best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
-        return images[best]
+        return best_of(self.clip, images, text.embed, rerank)
 
     # -- text to image, image embeddings to images ------------------------------------------------
     @torch.no_grad()

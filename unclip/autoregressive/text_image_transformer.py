@@ -22,6 +22,7 @@ from unclip.autoregressive.sampling import check_sampling, draw, guided_logits
 from unclip.autoregressive.transformer import CausalTransformer, KVCache
 from unclip.autoregressive.vocabulary import PAD, TextVocabulary
 from unclip.configurable import configurable
+from unclip.training.batch_statistics import global_sum, world_size
 
 CLIP_END_OF_TEXT = 49407
 
@@ -131,11 +132,12 @@ class TextImageTransformer(nn.Module):
         text_ids = torch.where(drop[:, None], self._null_text(len(drop), text_ids.device), text_ids)
         text_logits, image_logits = self.logits(text_ids, image_ids)
         image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image_ids.flatten())
-        kept = ~drop
-        if kept.any():
-            text_loss = F.cross_entropy(text_logits[kept].flatten(0, 1).float(), text_ids[kept, 1:].flatten())
-        else:
-            text_loss = text_logits.sum() * 0.0  # keeps the graph for data-parallel training
+        # The kept captions' mean of their tokens' mean cross-entropy (a dropped caption has no text loss), over the
+        # whole data-parallel batch: each process's sum over the global count, times the processes DDP averages over.
+        per_token = F.cross_entropy(text_logits.flatten(0, 1).float(), text_ids[:, 1:].flatten(), reduction="none")
+        kept = (~drop).float()
+        kept_sum = (per_token.view(len(drop), -1).mean(dim=1) * kept).sum()
+        text_loss = kept_sum * world_size() / global_sum(kept.sum()).clamp_min(1)
         loss = self.text_loss_weight * text_loss + (1 - self.text_loss_weight) * image_loss
         return {"loss": loss, "text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 

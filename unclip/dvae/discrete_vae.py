@@ -28,6 +28,7 @@ from torch import nn
 
 from unclip.configurable import configurable
 from unclip.dvae.schedules import gumbel_temperature, kl_weight
+from unclip.training.batch_statistics import global_mean
 
 RECONSTRUCTION_LOSSES = ("mse", "l1")
 
@@ -206,7 +207,8 @@ class DiscreteVAE(nn.Module):
             recon = F.l1_loss(reconstructed, images.float())
         log_q = F.log_softmax(logits, dim=1)
         kl = (log_q.exp() * log_q).sum(dim=1).mean() + math.log(self.codebook_size)
-        usage = log_q.exp().mean(dim=(0, 2, 3))  # the batch's aggregate token distribution [K]
+        # the aggregate token distribution of the whole (data-parallel) batch [K]
+        usage = global_mean(log_q.exp().mean(dim=(0, 2, 3)))
         usage_kl = (usage * usage.clamp_min(1e-12).log()).sum() + math.log(self.codebook_size)
         return {
             "loss": recon + beta * kl + self.usage_kl_weight * usage_kl,

@@ -11,7 +11,8 @@ import torch
 
 from unclip.data.collate import first_items
 from unclip.data.embeddings import EmbeddingShards
-from unclip.eval.decoder import evaluate_decoder
+from unclip.decoder.upsampler import resize
+from unclip.eval.decoder import evaluate_decoder, psnr
 from unclip.eval.prior import evaluate_prior
 
 
@@ -72,6 +73,17 @@ class DataEvaluator:
     def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
                          fidelity: bool = True) -> dict:
         raise NotImplementedError
+
+    def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
+        """An image tokenizer's round trip (``reconstruct``: images [B, 3, S, S] -> images, e.g. a dVAE's encode
+        then decode) on the first ``items[split]`` items of each split named there: ``psnr_<split>`` (against the
+        images resized to ``image_size``, the reconstructions' size, if given)."""
+        metrics = {}
+        for split, n in items.items():
+            if split in self.splits and n > 0:
+                images = self.items(split, n)["image"]
+                metrics[f"psnr_{split}"] = psnr(reconstruct(images), resize(images, image_size or images.shape[-1]))
+        return metrics
 
     def prompt_metrics(self, images, prompts: list[str], prefix: str = "grid/") -> dict:
         """What the evaluator can say about images made from any prompts (one per image); nothing by default."""

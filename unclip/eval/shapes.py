@@ -7,7 +7,9 @@ from functools import cached_property
 import torch
 
 from unclip.configurable import register
+from unclip.decoder.upsampler import resize
 from unclip.eval.clip_shapes import ShapesClipEvaluator
+from unclip.eval.decoder import psnr
 from unclip.eval.evaluator import DataEvaluator
 from unclip.eval.judge import judge_batch, score
 from unclip.eval.pipeline import evaluate_edits, evaluate_on_shapes, shapes_prompt_sets
@@ -15,6 +17,7 @@ from unclip.eval.prompt_set import (
     balanced_scenes,
     format_table,
     judge_prompts,
+    judge_scene,
     text_to_image_fidelity,
     variations_fidelity,
 )
@@ -99,6 +102,24 @@ class ShapesEvaluator(DataEvaluator):
         if edits and k and "val" in sets:
             edited = evaluate_edits(pipe, sets["val"]["images"][:k], sets["val"]["metas"][:k], seed=seed)
             metrics.update({f"{prefix}{key}": value for key, value in edited.items()})
+        return metrics
+
+    def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
+        """PSNR, and the judge on every attribute of every object, named in the caption or not:
+        ``recon_<attribute>_<split>`` (colour, shape, size, position; pairs: objects, relation) and
+        ``recon_all_<split>`` (every attribute of the scene right)."""
+        metrics = {}
+        for split, n in items.items():
+            if split not in self.splits or n < 1:
+                continue
+            batch = self.items(split, n)
+            images = reconstruct(batch["image"])
+            metrics[f"psnr_{split}"] = psnr(images, resize(batch["image"], image_size or images.shape[-1]))
+            judged = [judge_scene(j, {**meta, "named_size": True, "named_position": True})
+                      for j, meta in zip(judge_batch(images), batch["meta"])]
+            for attribute in sorted({key for result in judged for key in result}):
+                values = [result[attribute] for result in judged if attribute in result]
+                metrics[f"recon_{attribute}_{split}"] = sum(values) / len(values)
         return metrics
 
     def prompt_metrics(self, images, prompts: list[str], prefix: str = "grid/") -> dict:
