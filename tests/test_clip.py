@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,30 @@ def test_retrieval_recall_and_zero_shot():
     labels = torch.arange(20) % 4
     classes = torch.stack([embeds[labels == k].mean(0) for k in range(4)])
     assert zero_shot_top1(embeds, classes, labels) > 0.5
+
+
+def test_default_clip_codes_patch_positions_with_fixed_sin_cos(tmp_path):
+    """conf/clip/tiny_vit.yaml (the demo's CLIP): the patch positions are MAE's 2-D sin-cos codes, which training
+    leaves as they are and a saved stage brings back."""
+    from omegaconf import OmegaConf
+    from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+    from unclip.checkpoint import load_stage, save_stage
+    from unclip.config import build
+
+    conf = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "clip" / "tiny_vit.yaml"))
+    clip = build(conf)
+    positions = clip.model.visual.positional_embedding
+    grid = clip.space.image_size // conf["model_cfg"]["vision_cfg"]["patch_size"]
+    expected = torch.from_numpy(get_2d_sincos_pos_embed(positions.shape[1], grid, cls_token=True)).float()
+    torch.testing.assert_close(positions.detach(), expected)
+    images, captions = torch.rand(4, 3, 64, 64) * 2 - 1, ["a red circle", "a blue square", "a cyan diamond", "a tiny dot"]
+    optimizer = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=1e-2)
+    ContrastiveLoss()(clip, {"image": images, "caption": captions})["loss"].backward()
+    optimizer.step()
+    torch.testing.assert_close(positions.detach(), expected)
+    save_stage(tmp_path / "clip", clip, stage="clip", space=clip.space)
+    loaded = load_stage(tmp_path / "clip", stage="clip").model
+    torch.testing.assert_close(loaded.model.visual.positional_embedding.detach(), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), clip.encode_image(images))
