@@ -55,8 +55,9 @@ PY
   rm -f "$keep"
   touch "$stamp"
 fi
-# The venv may be shared by several clones: point the editable install at this one (seconds).
-if [ "$("$py" -c 'import unclip, os; print(os.path.dirname(os.path.dirname(unclip.__file__)))' 2>/dev/null)" != "$root" ]; then
+# The venv may be shared by several clones: point the editable install at this one (seconds). Asked from /, so
+# that a clone in the current directory cannot answer for the installed one (the jobs import the installed one).
+if [ "$(cd / && "$py" -c 'import unclip, os; print(os.path.dirname(os.path.dirname(unclip.__file__)))' 2>/dev/null)" != "$root" ]; then
   "$py" -m pip install -q --no-deps -e "$root" >&2
 fi
 # Best effort, never fatal: data=emoji renders the Noto Color Emoji font. Installed with apt-get when it
