@@ -117,3 +117,67 @@ def test_prompts_outside_the_vocabulary_generate_and_are_reported_not_counted():
     metrics = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)}).prompt_metrics(images, prompts)
     assert metrics["grid/out_of_vocabulary"] == ["a violet hexagon"]
     assert metrics["grid/n"] == 1 and "grid/position=top" in metrics  # the other prompt, judged
+
+
+class _AttributeClip:
+    """A stand-in CLIP that embeds what a shapes image shows (judged from its pixels) and what a caption says, as
+    counts of (colour, shape, position) triples: ``bound=False`` forgets which shape went with which colour (and
+    place), but not which colour is where."""
+
+    def __init__(self, bound: bool):
+        from unclip.data.shapes import COLOURS, POSITIONS, SHAPES
+
+        self.bound = bound
+        self.index = {key: i for i, key in enumerate((c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS)}
+
+    def _embed(self, triples):
+        vector = torch.zeros(len(self.index))
+        if not self.bound:  # every colour with every shape of the scene
+            triples = [(c, s, p) for c, _, p in triples for _, s, _ in triples]
+        for triple in triples:
+            vector[self.index[triple]] += 1
+        return vector
+
+    def encode_image(self, images):
+        from unclip.eval.judge import judge_batch
+
+        return torch.stack([self._embed([(o.colour, o.shape, o.position) for o in j.objects]) for j in judge_batch(images)])
+
+    def encode_text(self, captions):
+        from unclip.data.shapes import pair_position, parse_caption
+
+        rows = []
+        for caption in captions:
+            meta = parse_caption(caption)
+            places = pair_position(meta["relation"])
+            rows.append(self._embed([(o["colour"], o["shape"], p) for o, p in zip(meta["objects"], places)]))
+        return SimpleNamespace(embed=torch.stack(rows))
+
+
+def test_clip_binding_counts_a_pair_right_only_when_its_caption_beats_every_swapped_twin():
+    from unclip.eval.clip_shapes import binding_captions, binding_metrics
+    from unclip.eval.prompt_set import balanced_scenes
+
+    scenes = balanced_scenes({"pair": 8})["pair"]
+    caption, colours, shapes, order = binding_captions(scenes[0], seed=0)
+    (a, b), relation = scenes[0].objects, scenes[0].meta["relation"]
+    assert (a.colour, a.shape, b.colour, b.shape) == tuple(
+        v for o in parse(caption)["objects"] for v in (o["colour"], o["shape"]))
+    assert [(o["colour"], o["shape"]) for o in parse(colours)["objects"]] == [(b.colour, a.shape), (a.colour, b.shape)]
+    assert [(o["colour"], o["shape"]) for o in parse(shapes)["objects"]] == [(a.colour, b.shape), (b.colour, a.shape)]
+    assert [(o["colour"], o["shape"]) for o in parse(order)["objects"]] == [(b.colour, b.shape), (a.colour, a.shape)]
+    assert parse(order)["relation"] == relation  # the same words, the objects named the other way round
+
+    bound = binding_metrics(_AttributeClip(bound=True), scenes, 64)
+    assert bound["pair_binding"] == 1.0 and bound["pair_binding_beats_order_reversed"] == 1.0
+    unbound = binding_metrics(_AttributeClip(bound=False), scenes, 64)
+    assert unbound["pair_binding_beats_shapes_swapped"] == 0.0  # a tie with the twin is not a win
+    assert unbound["pair_binding_beats_colours_swapped"] == unbound["pair_binding_beats_order_reversed"] == 1.0
+    one_shape = [s for s in scenes if s.objects[0].shape == s.objects[1].shape]  # no shapes-swapped twin to lose to
+    assert 0 < len(one_shape) < len(scenes) and unbound["pair_binding"] == len(one_shape) / len(scenes)
+
+
+def parse(caption):
+    from unclip.data.shapes import parse_caption
+
+    return parse_caption(caption)

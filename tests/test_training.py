@@ -179,7 +179,8 @@ def test_clip_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     out = _run_clip(tmp_path / "straight")
     metrics = json.loads(out.strip().splitlines()[-1])  # the last line is metrics.json
     assert metrics == json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    assert {"zero_shot_top1_val", "zero_shot_top1_heldout", "image_to_text_R@1_val", "text_to_image_R@1_val"} <= set(metrics)
+    assert {"zero_shot_top1_val", "zero_shot_top1_heldout", "image_to_text_R@1_val", "text_to_image_R@1_val",
+            "pair_binding", "pair_binding_beats_order_reversed"} <= set(metrics)
 
     proc = _run_clip(tmp_path / "killed", wait=False)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
