@@ -1,7 +1,7 @@
 """Sampling latency of the DALL-E transformer with and without its key/value cache.
 
-    python bench/autoregressive.py                  # width 256, depth 4, 20 text + 64 image tokens, batch 8
-    python bench/autoregressive.py --image-length 256 --guidance 3
+    python bench/autoregressive.py                  # the DALL-E demo's: width 128, depth 4, 24 text + 256 image tokens, batch 8
+    python bench/autoregressive.py --image-length 64 --guidance 3
     python bench/autoregressive.py --quick          # tiny counts: checks that it runs, numbers mean nothing
 
 Both paths draw the same tokens for the same seed (the script checks it); the cached one feeds the
@@ -26,11 +26,11 @@ END = 49407
 def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--text-length", type=int, default=20)
-    p.add_argument("--image-length", type=int, default=64, help="image tokens (8x8 dVAE grid: 64)")
+    p.add_argument("--text-length", type=int, default=24)
+    p.add_argument("--image-length", type=int, default=256, help="image tokens (16x16 dVAE grid: 256)")
     p.add_argument("--image-vocab", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="captions sampled at once")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: off)")

@@ -46,6 +46,13 @@ def test_rerank_keeps_the_candidate_the_clip_prefers(pipe):
     embeds = pipe.clip.encode_text(PROMPTS).embed.repeat_interleave(2 * k, 0)
     assert chosen.shape == (4, 3, 16, 16)
     torch.testing.assert_close(chosen, best_of(pipe.clip, candidates, embeds, k), atol=0, rtol=0)
+    plain = pipe.generate(PROMPTS, 2, seed=0, output="tensor")
+    pipe.settings.rerank = k  # the pipeline's own setting (the DALL-E demo saves rerank=4) does the same
+    try:
+        assert torch.equal(pipe.generate(PROMPTS, 2, seed=0, output="tensor"), chosen)
+        assert torch.equal(pipe.generate(PROMPTS, 2, seed=0, rerank=1, output="tensor"), plain)  # the call wins
+    finally:
+        pipe.settings.rerank = 1
 
 
 def test_complete_keeps_the_top_rows_of_the_images_tokens(pipe, monkeypatch):
@@ -92,6 +99,7 @@ def test_a_transformer_refuses_a_dvae_of_another_codebook_or_grid(stages, tmp_pa
     (lambda p: p.generate(PROMPTS, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (lambda p: p.generate(PROMPTS, 0), "num_images_per_prompt must be a whole number >= 1, got 0"),
     (lambda p: p.generate(PROMPTS, rerank=0), "rerank must be a whole number >= 1, got 0"),
+    (lambda p: p.generate(PROMPTS, rerank=2.5), "rerank must be a whole number >= 1, got 2.5"),
     (lambda p: p.generate(PROMPTS, negative_prompt="red"), "takes no negative_prompt"),
     (lambda p: p.generate(PROMPTS, stepz=3), r"unknown generation settings \['stepz'\]"),
     (lambda p: p.complete(torch.zeros(1, 3, 16, 16), "a red circle", rows=4), "rows must be a whole number from 1 to 3"),

@@ -82,7 +82,8 @@ def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list
         images = pipe.variations(_open(config["image"], "image"), n, strength=config["strength"], **negative, **common)
         return images, [{"prompt": None}] * n
     if mode == "generate":
-        images = pipe.generate(prompts, n, rerank=config["rerank"], **negative, **common)
+        rerank = {} if config["rerank"] is None else {"rerank": config["rerank"]}  # null: the pipeline's own
+        images = pipe.generate(prompts, n, **rerank, **negative, **common)
     elif mode == "img2img":
         image = _open(config["image"], "image")
         images = [i for p in prompts for i in pipe.img2img(image, p, config["strength"], n=n, **negative, **common)]
@@ -141,7 +142,7 @@ def write_samples(run_dir: Path, pipe: UnCLIPPipeline, images: list, made_by: li
             name = f"{i:04d}.png"
             image.save(image_dir / name)
             record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
-                      "rerank": config["rerank"], **inputs, "settings": vars(pipe.settings)}
+                      "rerank": config["rerank"] or getattr(pipe.settings, "rerank", 1), **inputs, "settings": vars(pipe.settings)}
             log.write(json.dumps(record) + "\n")
 
 

@@ -35,10 +35,12 @@ class DalleSettings:
     top_k: int | None = None  # None: every token of the codebook
     top_p: float | None = None  # None: no nucleus filter
     guidance_scale: float | None = None  # classifier-free guidance on the logits; None: off (1: the same)
+    rerank: int = 1  # DALL-E's CLIP re-ranking: candidates drawn per image, the CLIP's favourite kept (1: none)
     max_batch: int = 64  # images made at once: generate() makes more in chunks of this many (candidates count)
 
     def check(self, vocab_size: int) -> None:
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, vocab_size=vocab_size)
+        check_count("rerank", self.rerank)
         check_count("max_batch", self.max_batch)
         if self.guidance_scale is not None and not (isinstance(self.guidance_scale, (int, float))
                                                     and self.guidance_scale >= 0):
@@ -174,16 +176,17 @@ class DallePipeline:
     # -- text to image ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, *, seed: int = 0,
-                 rerank: int = 1, negative_prompt: str | None = None, output: str = "pil", **settings):
+                 rerank: int | None = None, negative_prompt: str | None = None, output: str = "pil", **settings):
         """Text -> images: ``num_images_per_prompt`` per prompt, in prompt order, made ``settings.max_batch`` at a
         time (the first chunk's images are those of a request for only them). ``rerank=k`` draws k candidates per
-        image and keeps the one the CLIP finds most similar to the prompt."""
+        image and keeps the one the CLIP finds most similar to the prompt (None: the settings' ``rerank``)."""
         if negative_prompt is not None:
             raise ValueError("the DALL-E pipeline takes no negative_prompt (its guidance's other branch is the "
                              "null caption); leave it out")
         prompts, output = check_prompts(prompts), check_output(output)
-        per_prompt = check_count("num_images_per_prompt", num_images_per_prompt) * check_count("rerank", rerank)
-        config, generator = self._settings(settings), self._generator(seed)
+        config, generator = self._settings(settings if rerank is None else {**settings, "rerank": rerank}), self._generator(seed)
+        rerank = config.rerank
+        per_prompt = check_count("num_images_per_prompt", num_images_per_prompt) * rerank
         tokens = self.clip.tokenize(prompts)
         embeds = self.clip.encode_text(prompts).embed if rerank > 1 else None
         rows, chunk = len(prompts) * per_prompt, max(1, config.max_batch // rerank) * rerank
