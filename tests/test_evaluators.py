@@ -155,7 +155,7 @@ class _AttributeClip:
 
 
 def test_clip_binding_counts_a_pair_right_only_when_its_caption_beats_every_swapped_twin():
-    from unclip.eval.clip_shapes import binding_captions, binding_metrics
+    from unclip.eval.clip_shapes import binding_captions, binding_inputs, binding_metrics
     from unclip.eval.prompt_set import balanced_scenes
 
     scenes = balanced_scenes({"pair": 8})["pair"]
@@ -168,9 +168,9 @@ def test_clip_binding_counts_a_pair_right_only_when_its_caption_beats_every_swap
     assert [(o["colour"], o["shape"]) for o in parse(order)["objects"]] == [(b.colour, b.shape), (a.colour, a.shape)]
     assert parse(order)["relation"] == relation  # the same words, the objects named the other way round
 
-    bound = binding_metrics(_AttributeClip(bound=True), scenes, 64)
+    bound = binding_metrics(_AttributeClip(bound=True), *binding_inputs(scenes, 64))
     assert bound["pair_binding"] == 1.0 and bound["pair_binding_beats_order_reversed"] == 1.0
-    unbound = binding_metrics(_AttributeClip(bound=False), scenes, 64)
+    unbound = binding_metrics(_AttributeClip(bound=False), *binding_inputs(scenes, 64))
     assert unbound["pair_binding_beats_shapes_swapped"] == 0.0  # a tie with the twin is not a win
     assert unbound["pair_binding_beats_colours_swapped"] == unbound["pair_binding_beats_order_reversed"] == 1.0
     one_shape = [s for s in scenes if s.objects[0].shape == s.objects[1].shape]  # no shapes-swapped twin to lose to

@@ -32,14 +32,19 @@ def binding_captions(scene, seed: int) -> list[str]:
             caption(swapped(a, shape=b.shape), swapped(b, shape=a.shape)), caption(b, a)]
 
 
-def binding_metrics(encoder, scenes, image_size: int, prefix: str = "pair_binding") -> dict:
-    """How often each pair scene's image scores its own caption above a twin's (``<prefix>_beats_<twin>``) and
-    above all three (``<prefix>``; chance 25%). Twins that equal the caption (two objects of one shape: "shapes
-    swapped" says the same) are left out of that scene's comparison."""
-    captions = [binding_captions(scene, i) for i, scene in enumerate(scenes)]
-    image_embeds = F.normalize(embed_images(encoder, from_pil([s.render(image_size) for s in scenes])).float(), dim=-1)
+def binding_inputs(scenes, image_size: int) -> tuple[torch.Tensor, list[list[str]]]:
+    """The pair scenes' rendered images [N, 3, S, S] and, per scene, its caption and three twins
+    (:func:`binding_captions`): what :func:`binding_metrics` scores, made once."""
+    return from_pil([s.render(image_size) for s in scenes]), [binding_captions(s, i) for i, s in enumerate(scenes)]
+
+
+def binding_metrics(encoder, images: torch.Tensor, captions: list[list[str]], prefix: str = "pair_binding") -> dict:
+    """How often each pair scene's image (``images``, from :func:`binding_inputs`) scores its own caption above a
+    twin's (``<prefix>_beats_<twin>``) and above all three (``<prefix>``; chance 25%). Twins that equal the caption
+    (two objects of one shape: "shapes swapped" says the same) are left out of that scene's comparison."""
+    image_embeds = F.normalize(embed_images(encoder, images).float(), dim=-1)
     text_embeds = F.normalize(embed_texts(encoder, [c for four in captions for c in four]).float(), dim=-1)
-    scores = torch.einsum("nd,nkd->nk", image_embeds, text_embeds.view(len(scenes), 4, -1))
+    scores = torch.einsum("nd,nkd->nk", image_embeds, text_embeds.view(len(captions), 4, -1))
     differs = torch.tensor([[c != four[0] for c in four[1:]] for four in captions])
     beats = scores[:, :1] > scores[:, 1:]
     metrics = {prefix: (beats | ~differs).all(dim=1).float().mean().item()}
@@ -70,10 +75,8 @@ class ShapesClipEvaluator:
                 for m in batch["meta"]
             ]
             self.splits[name] = (batch["image"], batch["caption"], torch.tensor(labels))
-        self.image_size = next(iter(self.splits.values()))[0].shape[-1] if self.splits else 64
-        self.binding_scenes = []
-        if binding_scenes:
-            self.binding_scenes = balanced_scenes({"pair": binding_scenes})["pair"]
+        image_size = next(iter(self.splits.values()))[0].shape[-1] if self.splits else 64
+        self.binding = binding_inputs(balanced_scenes({"pair": binding_scenes})["pair"], image_size) if binding_scenes else None
 
     def __call__(self, encoder) -> dict:
         class_embeds = embed_texts(encoder, [prompt for _, _, prompt in self.classes])
@@ -85,6 +88,6 @@ class ShapesClipEvaluator:
                 metrics[f"zero_shot_top1_{name}"] = zero_shot_top1(image_embeds[single], class_embeds, labels[single])
             recall = retrieval_recall(image_embeds, embed_texts(encoder, captions))
             metrics.update({f"{key}_{name}": value for key, value in recall.items()})
-        if self.binding_scenes:
-            metrics.update(binding_metrics(encoder, self.binding_scenes, self.image_size))
+        if self.binding is not None:
+            metrics.update(binding_metrics(encoder, *self.binding))
         return metrics
