@@ -72,12 +72,14 @@ class GenerationSettings:
     decoder_eta: float = 0.0
     upsampler_steps: int = 25
     upsampler_aug_level: float = 0.05
+    rerank: int = 1  # CLIP re-ranking: generate draws this many candidates (prior and decoder) per image and keeps the
+                     # one the CLIP finds most similar to the prompt, ranked at the decoder's size (only it upsampled)
     cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
     max_batch: int = 64  # images a stage makes at once: every call makes more in chunks of this many
 
     def check(self) -> None:
         self.cuda_graphs = check_cuda_graphs(self.cuda_graphs)
-        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates", "max_batch"):
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates", "rerank", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -464,21 +466,26 @@ class UnCLIPPipeline:
         num_images_per_prompt: int = 1,
         *,
         seed: int = 0,
-        rerank: int = 1,
+        rerank: int | None = None,
         negative_prompt: str | None = None,
         negative_image_embed: torch.Tensor | None = None,
         output: str = "pil",
         **settings,
     ):
         """Text -> images: ``num_images_per_prompt`` per prompt, in prompt order, made ``settings.max_batch`` at a
-        time (a larger request runs in chunks; its first chunk's images are those of a request for only them). ``rerank=k`` draws k candidates
-        per image and keeps the one the CLIP finds most similar to the prompt. ``negative_prompt`` (and/or
-        ``negative_image_embed``) is what guidance steers away from: the prior's (when ``prior_guidance != 1``)
-        and the decoder's unconditional branch."""
+        time (a larger request runs in chunks; its first chunk's images are those of a request for only them).
+        ``rerank=k`` (None: the settings' ``rerank``) draws k candidates per image, prior and decoder, and keeps the
+        one the CLIP finds most similar to the prompt; candidates are ranked at the decoder's size, so only the kept
+        ones are upsampled. ``negative_prompt`` (and/or ``negative_image_embed``) is what guidance steers away from:
+        the prior's (when ``prior_guidance != 1``) and the decoder's unconditional branch."""
         prompts = check_prompts(prompts)
-        per_prompt = check_count("num_images_per_prompt", num_images_per_prompt) * check_count("rerank", rerank)
-        rows = len(prompts) * per_prompt  # candidates
+        count = check_count("num_images_per_prompt", num_images_per_prompt)
+        if rerank is not None:
+            settings = {**settings, "rerank": check_count("rerank", rerank)}
         with self._session(seed, settings, output) as (config, generator):
+            rerank = config.rerank
+            per_prompt = count * rerank
+            rows = len(prompts) * per_prompt  # candidates
             if negative_image_embed is not None:  # checked once for every row
                 unit_embeds(negative_image_embed, rows, self.clip.space.dim, self.device, "negative_image_embed")
             prompt_text = self.clip.encode_text(prompts)
@@ -490,8 +497,10 @@ class UnCLIPPipeline:
                 negative = self._negative(negative_prompt, _rows(negative_image_embed, start, len(index), rows),
                                           len(index), config, seed)
                 image_embed = self._prior(text, config, generator, negative)
-                images = self._render(image_embed, text, config, generator, negative=negative).float()
-                parts.append(self._output(self._best_of(images, text, rerank) if rerank > 1 else images, output))
+                images = self._decode(image_embed, text, config, generator, negative=negative).float()
+                if rerank > 1:
+                    images = self._best_of(images, text, rerank)
+                parts.append(self._output(self._upsample(images, config, generator), output))
         return torch.cat(parts) if output == "tensor" else [image for part in parts for image in part]
 
     @torch.no_grad()
