@@ -56,6 +56,10 @@ def test_demo_config_composes_with_every_preset(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = OmegaConf.to_container(compose(config_name="demo", overrides=[f"experiment={experiment}"]), resolve=True)
     assert cfg["preset"] == "auto" and {"full", "quick", "gpu"} <= set(cfg["presets"])  # auto: gpu or full
+    from unclip.pipeline import GenerationSettings
+    settings = GenerationSettings(**cfg["generation"])  # conf/generation/reranked.yaml: settings the pipeline takes
+    settings.check()
+    assert settings.rerank > 1  # the demo's pipeline keeps the CLIP's favourite of several candidates
     for name, preset in cfg["presets"].items():
         assert set(preset) - {"with_upsampler"} == {"clip", "embed", "prior", "decoder", "upsampler", "eval_items"}, name
     evaluator = {"shapes": "unclip.eval.shapes.ShapesEvaluator", "emoji": "unclip.eval.captions.CaptionsEvaluator"}
