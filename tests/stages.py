@@ -1,14 +1,20 @@
-"""Tiny real stages for tests: a micro CLIP, prior, decoder and upsampler saved as checkpoints."""
+"""Tiny real stages for tests: a micro CLIP, prior, decoder and upsampler saved as checkpoints, and the tiny
+training runs that the data-parallel tests compare (``fit_tiny``, ``on_each_process``, ``final_weights``)."""
 
 from __future__ import annotations
 
+import json
+
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from conftest import MICRO_CLIP
+from safetensors.torch import load_file
 
 from unclip.checkpoint import save_stage
 from unclip.clip import OpenClipEncoder
 from unclip.decoder import Decoder, Upsampler
 from unclip.prior import DiffusionPrior
+from unclip.training import Trainer, TrainerConfig
 
 TINY_UNET = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8], "head_channels": 16}
 
@@ -57,3 +63,32 @@ def save_lively_pipeline(root, seed: int = 0):
         "decoder": save_stage(root / "decoder", decoder, stage="decoder", space=space),
         "upsamplers": [save_stage(root / "upsampler", upsampler, stage="upsampler", space=None)],
     }
+
+
+def fit_tiny(model, loss_fn, dataset, run_dir, *, stage: str, steps: int, batch_size: int, lr: float,
+             collate_fn=None, after_step_fn=None) -> None:
+    """Train ``model`` for ``steps`` steps with the real Trainer: full precision, seed 0, an EMA of beta 0.5
+    from the first step, no checkpoints but the final one."""
+    config = TrainerConfig(
+        max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=1, mixed_precision="no", ema_beta=0.5,
+        ema_update_after_step=0, checkpoint_every=0, log_every=1, progress=False, seed=0,
+    )
+    Trainer(model, loss_fn, dataset, config, run_dir, stage=stage, space_fn=lambda m: None, collate_fn=collate_fn,
+            after_step_fn=after_step_fn).fit()
+
+
+def on_each_process(fn, *args) -> None:
+    """``fn(*args)`` in every process that ``accelerate.debug_launcher`` forks: pass this (and a module-level
+    ``fn``) to debug_launcher, as ``debug_launcher(on_each_process, args=(fn, *args), num_processes=2)``."""
+    # A fork inherits accelerate's singletons from the test process (set there by earlier one-process runs).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(1)
+    fn(*args)
+
+
+def final_weights(run_dir, steps: int):
+    """(model weights, EMA weights, number of processes) of a run's checkpoint at ``steps``."""
+    checkpoint = run_dir / "checkpoints" / f"step-{steps:08d}"
+    processes = json.loads((checkpoint / "trainer.json").read_text())["num_processes"]
+    return load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "ema.safetensors"), processes

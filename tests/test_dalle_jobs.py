@@ -12,14 +12,13 @@ import time
 import pytest
 import torch
 from accelerate import debug_launcher
-from accelerate.state import AcceleratorState, GradientState
 from conftest import ROOT
 from dalle_stages import TINY_DVAE, dalle_stages, save_dalle_stages
 from safetensors.torch import load_file
+from stages import final_weights, fit_tiny, on_each_process
 from test_distributed import ATOL, REL, differences
 
 from unclip.data.shapes import ShapesDataset
-from unclip.training import Trainer, TrainerConfig
 
 STEPS = 24
 COMMON = ["data.image_size=16", "data.pair_fraction=0.5", "data.val.length=16", "data.heldout.length=8",
@@ -113,32 +112,16 @@ def build_stage(stage: str):
 
 def train(stage: str, run_dir: str, batch_size: int) -> None:
     model, loss_fn, after_step_fn = build_stage(stage)
-    config = TrainerConfig(max_steps=PARALLEL_STEPS, batch_size=batch_size, lr=1e-3, warmup_steps=1,
-                           mixed_precision="no", ema_beta=0.5, ema_update_after_step=0, checkpoint_every=0,
-                           log_every=1, progress=False, seed=0)
-    Trainer(model, loss_fn, ShapesWithDraws(), config, run_dir, stage=stage, space_fn=lambda m: None,
-            after_step_fn=after_step_fn).fit()
-
-
-def train_on_each_process(stage: str, run_dir: str, batch_size: int) -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fork inherits the test process's singletons
-    GradientState._reset_state()
-    torch.set_num_threads(1)
-    train(stage, run_dir, batch_size)
-
-
-def _final(run_dir):
-    checkpoint = run_dir / "checkpoints" / f"step-{PARALLEL_STEPS:08d}"
-    processes = json.loads((checkpoint / "trainer.json").read_text())["num_processes"]
-    return load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "ema.safetensors"), processes
+    fit_tiny(model, loss_fn, ShapesWithDraws(), run_dir, stage=stage, steps=PARALLEL_STEPS, batch_size=batch_size,
+             lr=1e-3, after_step_fn=after_step_fn)
 
 
 @pytest.mark.parametrize("stage", ["dvae", "dalle"])
 def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(stage, tmp_path):
     train(stage, str(tmp_path / "one"), 2 * BATCH)
-    debug_launcher(train_on_each_process, args=(stage, str(tmp_path / "two"), BATCH), num_processes=2)
-    model_1, ema_1, _ = _final(tmp_path / "one")
-    model_2, ema_2, processes = _final(tmp_path / "two")
+    debug_launcher(on_each_process, args=(train, stage, str(tmp_path / "two"), BATCH), num_processes=2)
+    model_1, ema_1, _ = final_weights(tmp_path / "one", PARALLEL_STEPS)
+    model_2, ema_2, processes = final_weights(tmp_path / "two", PARALLEL_STEPS)
     assert processes == 2
     initial = {k: v for k, v in build_stage(stage)[0].state_dict().items() if k in model_1}
     floats = lambda weights: {k: v for k, v in weights.items() if v.is_floating_point()}  # noqa: E731

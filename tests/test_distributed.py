@@ -22,16 +22,12 @@ without gathered negatives misses them by 10x and 100x or more.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from accelerate import debug_launcher
-from accelerate.state import AcceleratorState, GradientState
 from conftest import MICRO_CLIP
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file
-from stages import TINY_UNET
+from stages import TINY_UNET, final_weights, fit_tiny, on_each_process
 
 from unclip.clip import ContrastiveLoss, OpenClipEncoder, clamp_logit_scale
 from unclip.data.collate import collate_dicts
@@ -144,27 +140,8 @@ def build_stage(name: str):
 
 def train(name: str, run_dir: str, batch_size: int) -> None:
     model, loss_fn, dataset, collate_fn, after_step_fn = build_stage(name)
-    config = TrainerConfig(
-        max_steps=STEPS, batch_size=batch_size, lr=LR, warmup_steps=1, mixed_precision="no", ema_beta=0.5,
-        ema_update_after_step=0, checkpoint_every=0, log_every=1, progress=False, seed=0,
-    )
-    Trainer(model, loss_fn, dataset, config, run_dir, stage=name, space_fn=lambda m: None, collate_fn=collate_fn,
-            after_step_fn=after_step_fn).fit()
-
-
-def train_on_each_process(name: str, run_dir: str, batch_size: int) -> None:
-    """Runs in every process that debug_launcher forks."""
-    # A fork inherits accelerate's singletons from the test process (set there by earlier one-process runs).
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(1)
-    train(name, run_dir, batch_size)
-
-
-def final_weights(run_dir):
-    checkpoint = run_dir / "checkpoints" / f"step-{STEPS:08d}"
-    processes = json.loads((checkpoint / "trainer.json").read_text())["num_processes"]
-    return load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "ema.safetensors"), processes
+    fit_tiny(model, loss_fn, dataset, run_dir, stage=name, steps=STEPS, batch_size=batch_size, lr=LR,
+             collate_fn=collate_fn, after_step_fn=after_step_fn)
 
 
 def _compared(weights: dict) -> torch.Tensor:
@@ -196,7 +173,7 @@ def one_process_runs(tmp_path_factory):
     def get(name):
         if name not in runs:
             train(name, str(root / name), 2 * BATCH)
-            runs[name] = final_weights(root / name)
+            runs[name] = final_weights(root / name, STEPS)
         return runs[name]
 
     return get
@@ -204,8 +181,8 @@ def one_process_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["clip", "prior", "decoder"])
 def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(name, tmp_path, one_process_runs):
-    debug_launcher(train_on_each_process, args=(name, str(tmp_path), BATCH), num_processes=2)
-    model_2, ema_2, processes = final_weights(tmp_path)
+    debug_launcher(on_each_process, args=(train, name, str(tmp_path), BATCH), num_processes=2)
+    model_2, ema_2, processes = final_weights(tmp_path, STEPS)
     model_1, ema_1, _ = one_process_runs(name)
     assert processes == 2
     initial = build_stage(name)[0].state_dict()
@@ -217,8 +194,8 @@ def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(name,
 
 def test_clip_without_gathered_negatives_trains_different_weights(tmp_path, one_process_runs):
     """The test above can fail: contrasting each process's slice on its own is a different objective."""
-    debug_launcher(train_on_each_process, args=("clip_without_gather", str(tmp_path), BATCH), num_processes=2)
-    model_2, _, processes = final_weights(tmp_path)
+    debug_launcher(on_each_process, args=(train, "clip_without_gather", str(tmp_path), BATCH), num_processes=2)
+    model_2, _, processes = final_weights(tmp_path, STEPS)
     model_1, _, _ = one_process_runs("clip")
     assert processes == 2
     largest, relative = differences(model_1, model_2, build_stage("clip")[0].state_dict())
@@ -237,7 +214,7 @@ class LoggedEmbeddings(RandomEmbeddings):
 
 def test_a_two_process_checkpoint_resumes_on_one_process_where_the_stream_stopped(tmp_path, capsys):
     """Resuming with another number of processes continues the data stream at the global position reached."""
-    debug_launcher(train_on_each_process, args=("prior", str(tmp_path), BATCH), num_processes=2)
+    debug_launcher(on_each_process, args=(train, "prior", str(tmp_path), BATCH), num_processes=2)
     model, _, dataset, collate_fn, _ = build_stage("prior")
     config = TrainerConfig(max_steps=STEPS + 2, batch_size=BATCH, lr=LR, mixed_precision="no", checkpoint_every=0,
                            progress=False, resume=True)

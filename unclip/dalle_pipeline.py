@@ -21,7 +21,7 @@ import torch
 from unclip.autoregressive import check_sampling
 from unclip.checkpoint import load_stage, read_stage_config
 from unclip.images import to_pil
-from unclip.pipeline import best_of, read_pipeline_file, save_pipeline
+from unclip.pipeline import best_of, pipeline_from_spec, read_pipeline_file, save_pipeline
 from unclip.pipeline_inputs import check_count, check_output, check_prompts, check_seed, images_in, prompts_for
 
 STAGES = ("clip", "dvae", "transformer")
@@ -141,13 +141,7 @@ class DallePipeline:
     def from_config(cls, spec: dict, **kwargs) -> "DallePipeline":
         """From a ``conf/pipeline/dalle.yaml`` node: ``path`` (a saved pipeline) or ``clip``/``dvae``/``transformer``
         stage checkpoints, and ``settings`` (DalleSettings overrides)."""
-        if spec.get("path"):
-            pipe = cls.from_pretrained(spec["path"], **kwargs)
-        else:
-            pipe = cls.from_pretrained(clip=spec.get("clip"), dvae=spec.get("dvae"),
-                                       transformer=spec.get("transformer"), **kwargs)
-        pipe.settings = pipe._settings(spec.get("settings") or {})
-        return pipe
+        return pipeline_from_spec(cls, spec, {name: spec.get(name) for name in STAGES}, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """As ``UnCLIPPipeline.save_pretrained``: a new, empty or saved-pipeline directory, replaced whole."""

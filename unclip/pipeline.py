@@ -170,6 +170,14 @@ def read_pipeline_file(path: Path, generator: str, stage_names: Sequence[str], s
     return stages, settings_class(**settings)
 
 
+def pipeline_from_spec(cls, spec: dict, stages: dict, **kwargs):
+    """Each pipeline class's ``from_config``: ``cls.from_pretrained`` of ``spec["path"]`` (a saved pipeline) or else
+    of ``stages`` (its stage checkpoints, by from_pretrained's names), with ``spec["settings"]`` over its settings."""
+    pipe = cls.from_pretrained(spec["path"], **kwargs) if spec.get("path") else cls.from_pretrained(**stages, **kwargs)
+    pipe.settings = pipe._settings(spec.get("settings") or {})
+    return pipe
+
+
 def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
     """A saved unCLIP pipeline's ``pipeline.json``: its stages (each directory present) and generation settings."""
     return read_pipeline_file(path, "unclip", ("clip", "prior", "decoder"), GenerationSettings)
@@ -333,15 +341,9 @@ class UnCLIPPipeline:
     def from_config(cls, spec: dict, **kwargs) -> "UnCLIPPipeline":
         """From a ``conf/pipeline/`` node: ``path`` (a saved pipeline) or ``clip``/``prior``/``decoder``/``upsamplers``
         stage checkpoints, and ``settings`` (GenerationSettings overrides)."""
-        if spec.get("path"):
-            pipe = cls.from_pretrained(spec["path"], **kwargs)
-        else:
-            pipe = cls.from_pretrained(
-                clip=spec.get("clip"), prior=spec.get("prior"), decoder=spec.get("decoder"),
-                upsamplers=spec.get("upsamplers") or [], **kwargs,
-            )
-        pipe.settings = pipe._settings(spec.get("settings") or {})
-        return pipe
+        stages = {"clip": spec.get("clip"), "prior": spec.get("prior"), "decoder": spec.get("decoder"),
+                  "upsamplers": spec.get("upsamplers") or []}
+        return pipeline_from_spec(cls, spec, stages, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Copy every stage (weights, config, space) into one directory with a pipeline.json. The directory must
