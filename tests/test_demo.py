@@ -57,6 +57,14 @@ def test_demo_trains_every_stage_on_a_folder_and_samples_its_captions(tmp_path):
             "prior/retrieval_caption_val"} <= set(metrics)
     assert "colour_acc" not in " ".join(metrics)  # nothing judged as `shapes`
     assert "composing the pipeline" in (out / "demo.log").read_text()
+    # The demo's generation settings (conf/generation/reranked.yaml, then the command line's) reach its stages'
+    # evaluations and are saved with its pipeline, so the pipeline samples as the demo measured it.
+    settings = json.loads((out / "pipeline" / "pipeline.json").read_text())["settings"]
+    assert settings["rerank"] == 4 and settings["decoder_steps"] == 2
+    for stage in ("prior", "decoder", "upsampler"):
+        generation = OmegaConf.load(out / stage / ".hydra" / "config.yaml").generation
+        assert {key: generation[key] for key in ("rerank", "prior_steps", "decoder_steps")} == {
+            key: settings[key] for key in ("rerank", "prior_steps", "decoder_steps")}, stage
 
     # Again: every stage is skipped, and `minutes` still counts their training.
     again = json.loads(_run("train/demo.py", "data=folder", f"data.root={folder}", "data.val_fraction=0.3",
