@@ -31,17 +31,6 @@ def micro_stages(seed: int = 0):
     return clip, prior, decoder, upsampler
 
 
-def save_micro_pipeline(root, seed: int = 0):
-    clip, prior, decoder, upsampler = micro_stages(seed)
-    space = clip.space
-    return {
-        "clip": save_stage(root / "clip", clip, stage="clip", space=space),
-        "prior": save_stage(root / "prior", prior, stage="prior", space=space),
-        "decoder": save_stage(root / "decoder", decoder, stage="decoder", space=space),
-        "upsamplers": [save_stage(root / "upsampler", upsampler, stage="upsampler", space=None)],
-    }
-
-
 @torch.no_grad()
 def enliven(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
     """Fill every all-zero parameter (the zero-initialised output layers) with small random values, so that a
@@ -53,9 +42,11 @@ def enliven(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch
     return model
 
 
-def save_lively_pipeline(root, seed: int = 0):
-    """``save_micro_pipeline`` with every stage enlivened (see ``enliven``)."""
-    clip, prior, decoder, upsampler = (enliven(m, seed + i) for i, m in enumerate(micro_stages(seed)))
+def save_micro_pipeline(root, seed: int = 0, *, lively: bool = False):
+    """The micro stages saved under ``root`` as a pipeline spec's paths; ``lively``: every stage enlivened (see
+    ``enliven``)."""
+    stages = micro_stages(seed)
+    clip, prior, decoder, upsampler = (enliven(m, seed + i) for i, m in enumerate(stages)) if lively else stages
     space = clip.space
     return {
         "clip": save_stage(root / "clip", clip, stage="clip", space=space),
@@ -63,6 +54,11 @@ def save_lively_pipeline(root, seed: int = 0):
         "decoder": save_stage(root / "decoder", decoder, stage="decoder", space=space),
         "upsamplers": [save_stage(root / "upsampler", upsampler, stage="upsampler", space=None)],
     }
+
+
+def save_lively_pipeline(root, seed: int = 0):
+    """``save_micro_pipeline`` with every stage enlivened."""
+    return save_micro_pipeline(root, seed, lively=True)
 
 
 def fit_tiny(model, loss_fn, dataset, run_dir, *, stage: str, steps: int, batch_size: int, lr: float,
