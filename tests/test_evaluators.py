@@ -92,6 +92,11 @@ def test_pipeline_metrics_and_sample_prompts_follow_the_data(tmp_path):
     summary = balanced.summary(metrics)
     assert "text to image" in summary and "decoded true embeddings" in summary and "val position:" in summary
     assert not any(k.startswith("fidelity") for k in balanced.pipeline_metrics(pipe, seed=0, fidelity=False))
+    fewer_decoded = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)},
+                                    pipeline_items={"fidelity": {"val": 6}, "fidelity_variations": {"val": 3, "pair": 2}})
+    metrics = fewer_decoded.pipeline_metrics(pipe, seed=0)
+    assert metrics["fidelity/val/n"] == 6 and "fidelity/pair/n" not in metrics
+    assert metrics["fidelity_variations/val/n"] == 3 and metrics["fidelity_variations/pair/n"] == 2
     assert shapes.sample_prompts() == list(SAMPLE_PROMPTS)
     captions = CaptionsEvaluator({"val": TemplateCaptions()}, pipeline_items={"val": 4, "heldout": 3})
     assert set(captions.pipeline_metrics(pipe, seed=0)) == {
@@ -101,10 +106,12 @@ def test_pipeline_metrics_and_sample_prompts_follow_the_data(tmp_path):
 
 def test_the_pipeline_evaluation_names_what_it_has_when_asked_for_what_it_has_not():
     val = {"val": ShapesDataset(split="val", length=4)}
-    with pytest.raises(ValueError, match=r"\['val', 'heldout', 'pair', 'edits', 'fidelity'\], not \['train'\]"):
+    with pytest.raises(ValueError, match=r"\['val', 'heldout', 'pair', 'edits', 'fidelity', 'fidelity_variations'\], not \['train'\]"):
         ShapesEvaluator(val, pipeline_items={"train": 4})
     with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair'\], not \['test'\]"):
         ShapesEvaluator(val, pipeline_items={"fidelity": {"test": 4}})
+    with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair'\], not \['test'\]"):
+        ShapesEvaluator(val, pipeline_items={"fidelity_variations": {"test": 4}})
 
 
 def test_prompts_outside_the_vocabulary_generate_and_are_reported_not_counted():

@@ -35,9 +35,10 @@ SAMPLE_PROMPTS = (
     "a red circle to the left of a blue square",
     "a green triangle above a yellow circle",
 )
-# What pipeline_items may name: the caption-like prompt sets (val, heldout, pair), the edits' images and the
-# balanced prompt set's scenes per split (fidelity: {val, heldout, pair}; unclip.eval.prompt_set).
-PIPELINE_ITEMS = ("val", "heldout", "pair", "edits", "fidelity")
+# What pipeline_items may name: the caption-like prompt sets (val, heldout, pair), the edits' images, the
+# balanced prompt set's scenes per split (fidelity: {val, heldout, pair}; unclip.eval.prompt_set) and, where they
+# should differ, those whose true image embeddings are decoded (fidelity_variations; default: fidelity's).
+PIPELINE_ITEMS = ("val", "heldout", "pair", "edits", "fidelity", "fidelity_variations")
 DEFAULT_PIPELINE_ITEMS = {"val": 64, "heldout": 32, "pair": 32, "edits": 8,
                           "fidelity": {"val": 120, "heldout": 48, "pair": 48}}
 
@@ -56,8 +57,9 @@ class ShapesEvaluator(DataEvaluator):
         unknown = sorted(set(pipeline_items) - set(PIPELINE_ITEMS))
         if unknown:
             raise ValueError(f"shapes evaluates the pipeline on {list(PIPELINE_ITEMS)}, not {unknown}")
-        if pipeline_items.get("fidelity"):
-            balanced_scenes(dict(pipeline_items["fidelity"]))  # a split it does not have is an error now, not later
+        for key in ("fidelity", "fidelity_variations"):
+            if pipeline_items.get(key):
+                balanced_scenes(dict(pipeline_items[key]))  # a split it does not have is an error now, not later
         super().__init__(splits, pipeline_items, clip_items)
         self.prompts = list(prompts or SAMPLE_PROMPTS)
 
@@ -88,8 +90,9 @@ class ShapesEvaluator(DataEvaluator):
                          fidelity: bool = True) -> dict:
         """Text-to-image accuracy on the prompt sets; (``fidelity``) the balanced prompt set per attribute value,
         text to image (``fidelity/<split>/...``) and (with ``edits``) decoded from the true image embeddings
-        (``fidelity_variations/<split>/...``); then (``edits``; they do not use the prior) variations,
-        interpolation and text diffs of ``pipeline_items["edits"]`` val images."""
+        (``fidelity_variations/<split>/...``, on ``pipeline_items["fidelity_variations"]`` scenes where given); then
+        (``edits``; they do not use the prior) variations, interpolation and text diffs of ``pipeline_items["edits"]``
+        val images."""
         sets = self._prompt_sets
         metrics = evaluate_on_shapes(pipe, sets, seed=seed, prefix=prefix)
         counts = self.pipeline_items.get("fidelity")
@@ -97,7 +100,9 @@ class ShapesEvaluator(DataEvaluator):
             scenes = balanced_scenes(dict(counts), seed=seed)
             metrics.update(text_to_image_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity/"))
             if edits:
-                metrics.update(variations_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity_variations/"))
+                decoded = self.pipeline_items.get("fidelity_variations")
+                decoded = balanced_scenes(dict(decoded), seed=seed) if decoded else scenes
+                metrics.update(variations_fidelity(pipe, decoded, seed=seed, prefix=f"{prefix}fidelity_variations/"))
         k = self.pipeline_items.get("edits", 0)
         if edits and k and "val" in sets:
             edited = evaluate_edits(pipe, sets["val"]["images"][:k], sets["val"]["metas"][:k], seed=seed)
