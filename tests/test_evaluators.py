@@ -97,6 +97,9 @@ def test_pipeline_metrics_and_sample_prompts_follow_the_data(tmp_path):
     metrics = fewer_decoded.pipeline_metrics(pipe, seed=0)
     assert metrics["fidelity/val/n"] == 6 and "fidelity/pair/n" not in metrics
     assert metrics["fidelity_variations/val/n"] == 3 and metrics["fidelity_variations/pair/n"] == 2
+    only_decoded = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)},
+                                   pipeline_items={"fidelity_variations": {"val": 2}}).pipeline_metrics(pipe, seed=0)
+    assert only_decoded["fidelity_variations/val/n"] == 2 and not any(k.startswith("fidelity/") for k in only_decoded)
     assert shapes.sample_prompts() == list(SAMPLE_PROMPTS)
     captions = CaptionsEvaluator({"val": TemplateCaptions()}, pipeline_items={"val": 4, "heldout": 3})
     assert set(captions.pipeline_metrics(pipe, seed=0)) == {

@@ -95,14 +95,14 @@ class ShapesEvaluator(DataEvaluator):
         val images."""
         sets = self._prompt_sets
         metrics = evaluate_on_shapes(pipe, sets, seed=seed, prefix=prefix)
-        counts = self.pipeline_items.get("fidelity")
-        if fidelity and counts:
-            scenes = balanced_scenes(dict(counts), seed=seed)
+        prompted = self.pipeline_items.get("fidelity")
+        decoded = self.pipeline_items.get("fidelity_variations") or prompted
+        if fidelity and prompted:
+            scenes = balanced_scenes(dict(prompted), seed=seed)
             metrics.update(text_to_image_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity/"))
-            if edits:
-                decoded = self.pipeline_items.get("fidelity_variations")
-                decoded = balanced_scenes(dict(decoded), seed=seed) if decoded else scenes
-                metrics.update(variations_fidelity(pipe, decoded, seed=seed, prefix=f"{prefix}fidelity_variations/"))
+        if fidelity and edits and decoded:
+            scenes = balanced_scenes(dict(decoded), seed=seed)
+            metrics.update(variations_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity_variations/"))
         k = self.pipeline_items.get("edits", 0)
         if edits and k and "val" in sets:
             edited = evaluate_edits(pipe, sets["val"]["images"][:k], sets["val"]["metas"][:k], seed=seed)
