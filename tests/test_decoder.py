@@ -3,8 +3,8 @@ import torch
 from stages import TINY_UNET, micro_stages
 
 from unclip.decoder import Decoder, Upsampler
-from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import psnr
+from unclip.images import resize
 
 
 def test_decoder_trains_and_samples_in_range():

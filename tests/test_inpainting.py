@@ -11,11 +11,11 @@ from unclip.data.shapes import ShapesDataset
 from unclip.decoder.inpainting import (
     DEFAULT_MASK_MIX,
     inpainting_decoder_from,
-    keep_at,
     object_box,
     random_keep_masks,
 )
 from unclip.diffusion import Inpainting
+from unclip.masks import keep_at
 
 
 @pytest.fixture(scope="module")

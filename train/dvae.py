@@ -9,8 +9,7 @@ from _job import hydra_job
 
 from unclip.config import build
 from unclip.data.collate import first_items
-from unclip.decoder.upsampler import resize
-from unclip.images import save_grid, to_pil
+from unclip.images import resize, save_grid, to_pil
 from unclip.jobs import Job
 
 

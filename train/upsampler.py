@@ -9,9 +9,8 @@ from _job import hydra_job
 
 from unclip.config import build
 from unclip.data.collate import first_items
-from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import psnr
-from unclip.images import save_grid, to_pil
+from unclip.images import resize, save_grid, to_pil
 from unclip.jobs import Job
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -97,3 +98,11 @@ def save_grid(images: Sequence[Image.Image], path: str | Path, columns: int | No
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, columns).save(path)
     return path
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of [-1, 1] images (antialiased when shrinking), clamped back to [-1, 1]."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=size < images.shape[-1], align_corners=False)
+    return out.clamp(-1, 1)

@@ -35,12 +35,11 @@ from unclip.checkpoint import (
     write_json_atomic,
     write_manifest,
 )
-from unclip.decoder.inpainting import fill_colour, keep_at
-from unclip.decoder.upsampler import resize
 from unclip.diffusion import Inpainting, strength_skip
 from unclip.diffusion.graphs import check_cuda_graphs
 from unclip.embedding import EmbeddingSpace, TextCondition
-from unclip.images import to_pil
+from unclip.images import resize, to_pil
+from unclip.masks import fill_colour, keep_at
 from unclip.pipeline_inputs import (
     check_amounts,
     check_count,

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unclip.decoder.upsampler import resize
-from unclip.images import from_pil
+from unclip.images import from_pil, resize
 
 OUTPUTS = ("pil", "tensor")
 

@@ -102,17 +102,6 @@ def random_keep_masks(batch: int, size: int, metas: Sequence[Mapping] | None = N
     return 1 - torch.stack(fills)[:, None]
 
 
-def keep_at(keep: torch.Tensor, size: int) -> torch.Tensor:
-    """A keep mask [B, 1, s, s] at another side ``size``. Shrinking keeps a pixel only where every pixel it covers
-    is kept (the fill grows to cover any partly filled pixel, so that the low-resolution stage paints all that the
-    next stage must fill); growing repeats pixels (nearest)."""
-    if keep.shape[-1] == size:
-        return keep
-    if size < keep.shape[-1]:
-        return 1 - F.adaptive_max_pool2d(1 - keep.float(), size)
-    return F.interpolate(keep.float(), size=(size, size), mode="nearest")
-
-
 def inpainting_decoder_from(decoder, mask_mix: Mapping[str, float] | None = None) -> "torch.nn.Module":
     """An inpainting decoder (``inpaint=True``: the masked image and the mask as 4 more input channels) with every
     weight of ``decoder`` and the new input channels' weights zero: it starts as exactly ``decoder``, whatever the
@@ -129,15 +118,6 @@ def inpainting_decoder_from(decoder, mask_mix: Mapping[str, float] | None = None
     state["unet.input_conv.weight"] = wide
     model.load_state_dict(state)
     return model.to(next(decoder.parameters()).device)
-
-
-def fill_colour(image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per image, the median colour [B, 3, 1, 1] of its kept pixels (white where nothing is kept)."""
-    colours = []
-    for one, kept in zip(image, keep):
-        pixels = one.flatten(1)[:, kept.flatten() > 0.5]
-        colours.append(pixels.median(dim=1).values if pixels.shape[1] else torch.ones(3, device=image.device))
-    return torch.stack(colours)[:, :, None, None]
 
 
 def decoder_to_fine_tune(path, *, inpaint: bool, mask_mix: Mapping[str, float] | None = None, space=None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unclip.configurable import configurable
@@ -15,14 +14,7 @@ from unclip.decoder.unet import (
     with_resolved_upsample_width,
 )
 from unclip.diffusion import GaussianDiffusion, Inpainting, sample_ddim, sample_repaint
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resize of [-1, 1] images (antialiased when shrinking), clamped back to [-1, 1]."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=size < images.shape[-1], align_corners=False)
-    return out.clamp(-1, 1)
+from unclip.images import resize
 
 
 @configurable

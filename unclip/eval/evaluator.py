@@ -11,9 +11,9 @@ import torch
 
 from unclip.data.collate import first_items
 from unclip.data.embeddings import EmbeddingShards
-from unclip.decoder.upsampler import resize
 from unclip.eval.decoder import evaluate_decoder, psnr
 from unclip.eval.prior import evaluate_prior
+from unclip.images import resize
 
 
 class DataEvaluator:

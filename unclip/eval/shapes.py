@@ -7,7 +7,6 @@ from functools import cached_property
 import torch
 
 from unclip.configurable import register
-from unclip.decoder.upsampler import resize
 from unclip.eval.clip_shapes import ShapesClipEvaluator
 from unclip.eval.decoder import psnr
 from unclip.eval.evaluator import DataEvaluator
@@ -21,6 +20,7 @@ from unclip.eval.prompt_set import (
     text_to_image_fidelity,
     variations_fidelity,
 )
+from unclip.images import resize
 
 # The demo's sample grid: training compositions, held-out ones (purple triangle, orange circle, ...), pair scenes.
 SAMPLE_PROMPTS = (
