@@ -77,9 +77,9 @@ def build(args) -> Decoder:
     """The benchmark decoder; the same sizes as conf/decoder/unet_64.yaml."""
     torch.manual_seed(args.seed)  # the same init (and the same timesteps and noise) in every precision
     unet = dict(base_channels=args.base_channels, channel_mult=args.channel_mult, num_res_blocks=args.res_blocks,
-                attention_resolutions=args.attention, head_channels=64, dropout=0.0, num_image_tokens=4)
+                attention_resolutions=args.attention, head_channels=64, dropout=0.0)
     return Decoder(image_size=args.image_size, image_embed_dim=args.embed_dim, text_length=args.text_length,
-                   unet=unet, caption="transformer" if args.caption else "none", caption_width=256,
+                   unet=unet, num_image_tokens=4, caption="transformer" if args.caption else "none", caption_width=256,
                    caption_layers=2, caption_heads=4).to(args.device)
 
 

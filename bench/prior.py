@@ -102,7 +102,7 @@ def synthetic_batches(args):
 def build(args) -> DiffusionPrior:
     torch.manual_seed(args.seed)  # the same init (and the same timesteps and noise) in every precision
     model = DiffusionPrior(embed_dim=args.embed_dim, token_dim=args.token_dim, text_length=args.text_length,
-                           width=args.width, depth=args.depth, heads=args.heads).to(args.device)
+                           net=dict(width=args.width, depth=args.depth, heads=args.heads)).to(args.device)
     model.fit_normalisation(synthetic_batches(args)(-1, 1024)["image_embed"])
     return model
 
