@@ -194,6 +194,7 @@ class UNet(nn.Module):
     def __init__(
         self,
         *,
+        conditions: dict[str, Condition] | None = None,
         image_size: int = 64,
         in_channels: int = 3,
         out_channels: int = 3,
@@ -205,7 +206,6 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         upsample_width: str = DEFAULT_UPSAMPLE_WIDTH,
-        conditions: dict[str, Condition] | None = None,
     ):
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)

@@ -42,12 +42,12 @@ class DiffusionPrior(nn.Module):
         embed_dim: int,
         token_dim: int,
         text_length: int,
-        net: dict | None = None,
         num_steps: int = 1000,
         schedule: str = "cosine",
         objective: str = "x0",
         loss_weighting: str = "none",
         cond_drop_prob: float = 0.2,
+        net: dict | None = None,
     ):
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
