@@ -94,6 +94,7 @@ def test_the_image_embedding_settings_stand_beside_unet_and_a_checkpoint_saved_w
     (path / "config.json").write_text(json.dumps(saved))  # as a decoder saved when it stood in unet:
     loaded = load_stage(path, stage="decoder").model
     assert loaded.config == decoder.config
-    with pytest.raises(ValueError, match=r"unet.num_image_tokens now stand beside unet: in the decoder's config "
-                                         r"\(e.g. decoder.num_image_tokens=...\)"):
+    with pytest.raises(ValueError, match=r"unet: no longer takes num_image_tokens: the image-embedding conditioning's "
+                                         r"settings stand beside unet: in the decoder's config \(e.g. "
+                                         r"decoder.num_image_tokens=...\)"):
         Decoder(image_size=16, image_embed_dim=32, text_length=16, unet={**TINY_UNET, "num_image_tokens": 2})

@@ -97,8 +97,8 @@ class Decoder(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         moved = sorted(set(unet or {}) & set(IMAGE_EMBED_SETTINGS))
         if moved:
-            raise ValueError(f"{', '.join(f'unet.{name}' for name in moved)} now stand beside unet: in the decoder's "
-                             f"config (e.g. decoder.{moved[0]}=...), as settings of its image-embedding conditioning")
+            raise ValueError(f"unet: no longer takes {', '.join(moved)}: the image-embedding conditioning's settings "
+                             f"stand beside unet: in the decoder's config (e.g. decoder.{moved[0]}=...)")
         unet = with_resolved_upsample_width(unet)
         self.caption = caption
         self.caption_encoder = _caption_encoder(caption, vocab_size, text_length, token_dim, caption_width,
