@@ -56,7 +56,7 @@ def test_demo_config_composes_with_every_preset(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = OmegaConf.to_container(compose(config_name="demo", overrides=[f"experiment={experiment}"]), resolve=True)
     assert cfg["preset"] == "auto" and {"full", "quick", "gpu"} <= set(cfg["presets"])  # auto: gpu or full
-    from unclip.pipeline import GenerationSettings
+    from unclip.pipelines import GenerationSettings
     settings = GenerationSettings(**cfg["generation"])  # conf/generation/reranked.yaml: settings the pipeline takes
     settings.check()
     assert settings.rerank > 1  # the demo's pipeline keeps the CLIP's favourite of several candidates
@@ -87,7 +87,7 @@ def test_command_line_overrides_reach_the_trainer():
 def test_trainer_and_generation_defaults_come_from_their_dataclasses():
     from dataclasses import asdict
 
-    from unclip.pipeline import GenerationSettings
+    from unclip.pipelines import GenerationSettings
     from unclip.training import TrainerConfig
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):

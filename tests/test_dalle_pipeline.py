@@ -8,9 +8,8 @@ from dalle_stages import TINY_DVAE, dalle_stages, save_dalle_stages, tiny_transf
 from PIL import Image
 
 from unclip.checkpoint import save_stage
-from unclip.dalle_pipeline import DallePipeline
 from unclip.dvae import DiscreteVAE
-from unclip.pipeline import UnCLIPPipeline, best_of
+from unclip.pipelines import DallePipeline, UnCLIPPipeline, best_of
 from unclip.weights import CheckpointError
 
 PROMPTS = ["a red circle", "a small blue square on the left"]

@@ -10,7 +10,7 @@ from unclip.clip.evaluation import embed_images, embed_texts, retrieval_recall
 from unclip.data.shapes import ShapesDataset
 from unclip.eval.captions import CaptionsEvaluator
 from unclip.eval.shapes import SAMPLE_PROMPTS, ShapesEvaluator
-from unclip.pipeline import GenerationSettings, UnCLIPPipeline
+from unclip.pipelines import GenerationSettings, UnCLIPPipeline
 
 COLOURS = ("red", "green", "blue")
 

@@ -7,7 +7,7 @@ from PIL import Image
 from stages import micro_stages, save_lively_pipeline, save_micro_pipeline
 
 from unclip.checkpoint import save_stage
-from unclip.pipeline import UnCLIPPipeline, best_of, slerp
+from unclip.pipelines import UnCLIPPipeline, best_of, slerp
 from unclip.weights import CheckpointError
 
 FAST = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)

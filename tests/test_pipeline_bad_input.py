@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from stages import save_micro_pipeline
 
 from unclip.checkpoint import MANIFEST, load_stage, write_manifest
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 from unclip.weights import CheckpointError
 
 FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
