@@ -425,15 +425,6 @@ class Pipeline:
         return self._joined(parts, output)
 
 
-def check_names(values: dict[str, object], kinds: dict[str, tuple], what: str) -> None:
-    """Each ``values[name]`` of the types ``kinds[name]`` (bools are not numbers): a TypeError naming it."""
-    for name, allowed in kinds.items():
-        value = values[name]
-        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-            raise TypeError(f"{what} {name} must be {names}, got {value!r:.60} ({type(value).__name__})")
-
-
 def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, max_batch: int) -> torch.Tensor:
     """``fn`` of ``rows`` (a tensor), ``max_batch`` rows at a time, concatenated."""
     return torch.cat([fn(rows[i:i + max_batch]) for i in range(0, len(rows), max_batch)])

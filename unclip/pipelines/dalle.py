@@ -58,17 +58,17 @@ class DalleSettings:
 
 
 _NUMBER, _NONE = (int, float), type(None)
-_TYPES = {"temperature": _NUMBER, "top_k": (int, _NONE), "top_p": (*_NUMBER, _NONE),
-          "guidance_scale": (*_NUMBER, _NONE), "rerank": (int,), "max_batch": (int,)}
+# Each setting's types, and how an error names them.
+_TYPES = {"temperature": (_NUMBER, "a number"), "top_k": ((int, _NONE), "a whole number or None"),
+          "top_p": ((*_NUMBER, _NONE), "a number or None"), "guidance_scale": ((*_NUMBER, _NONE), "a number or None"),
+          "rerank": ((int,), "a whole number"), "max_batch": ((int,), "a whole number")}
 
 
 def _check_types(settings: DalleSettings) -> None:
     """A setting of the wrong type (``temperature="hot"``, ``top_k=2.5``) named here, not deep in the sampler."""
-    for name, allowed in _TYPES.items():
+    for name, (allowed, kinds) in _TYPES.items():
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, allowed):
-            kinds = " or ".join("None" if t is _NONE else "a whole number" if t is int else "a number"
-                                for t in dict.fromkeys(allowed if allowed != _NUMBER else (float,)))
             raise TypeError(f"the DALL-E setting {name} must be {kinds}, got {value!r:.60} ({type(value).__name__})")
 
 
