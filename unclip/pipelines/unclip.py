@@ -435,10 +435,11 @@ class UnCLIPPipeline(Pipeline):
         with self._session(seed, settings, output) as (config, generator):
             embeds = [self._embedding_of(item, config, generator) for item, _ in items]
             mixed = sum(weight * embed for (_, weight), embed in zip(items, embeds))
-            if not bool(torch.isfinite(mixed).all()):
+            norm = float(mixed.norm())
+            if not math.isfinite(norm) or not bool(torch.isfinite(mixed).all()):  # it would decode a black image
                 raise ValueError(f"the weighted sum of the embeddings overflows (weights {[w for _, w in items]}); "
                                  "give smaller weights (only their ratios matter)")
-            if float(mixed.norm()) < 1e-6:
+            if norm < 1e-6:
                 raise ValueError("the weighted embeddings cancel out (their sum is zero); change the weights")
             images = self._render(F.normalize(mixed, dim=-1).repeat(n, 1), None, config, generator, eta=eta)
         return self._output(images, output)
