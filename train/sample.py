@@ -140,7 +140,7 @@ def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dic
             name = f"{i:04d}.png"
             image.save(image_dir / name)
             record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
-                      "rerank": config["rerank"] or getattr(pipe.settings, "rerank", 1), **inputs, "settings": vars(pipe.settings)}
+                      "rerank": config["rerank"] or pipe.settings.rerank, **inputs, "settings": vars(pipe.settings)}
             log.write(json.dumps(record) + "\n")
 
 
