@@ -30,7 +30,12 @@ from unclip.weights import CheckpointError
 PIPELINE_FILE = "pipeline.json"
 STAGE_FILES = ("model.safetensors", "ema.safetensors", "config.json", "space.json")  # what a saved pipeline copies
 PIPELINE_KEYS = {"format", "stages", "settings", "generator"}
-SAVED_BY = "give a directory saved by a pipeline's save_pretrained (train/demo.py saves outputs/demo/pipeline)"
+
+
+def saved_by(cls=None) -> str:
+    """Where a saved pipeline comes from, for the errors of a path that is none."""
+    name = f"{cls.__name__}.save_pretrained" if cls else "a pipeline's save_pretrained"
+    return f"give a directory saved by {name} (train/demo.py saves outputs/{getattr(cls, 'demo_dir', 'demo')}/pipeline)"
 
 
 def generator_class(name: str | None):
@@ -73,9 +78,9 @@ def read_pipeline_file(path: Path, cls) -> tuple[dict, object]:
     recover_interrupted_save(path)
     manifest_file = path / PIPELINE_FILE
     if not path.exists():
-        raise CheckpointError(f"pipeline {path} does not exist; {SAVED_BY}, or the stages' checkpoints")
+        raise CheckpointError(f"pipeline {path} does not exist; {saved_by(cls)}, or the stages' checkpoints")
     if not manifest_file.is_file():
-        raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing; {SAVED_BY}, or the "
+        raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing; {saved_by(cls)}, or the "
                               "stages' checkpoints")
     manifest = parse_pipeline_file(manifest_file)
     other = generator_class(manifest.get("generator"))
@@ -240,7 +245,7 @@ def pipeline_directory_generator(path: str | Path) -> str:
     path = Path(path)
     recover_interrupted_save(path)
     if not (path / PIPELINE_FILE).is_file():
-        raise CheckpointError(f"{path} is not a saved pipeline ({PIPELINE_FILE} is missing); {SAVED_BY}")
+        raise CheckpointError(f"{path} is not a saved pipeline ({PIPELINE_FILE} is missing); {saved_by()}")
     return generator_class(parse_pipeline_file(path / PIPELINE_FILE).get("generator")).generator
 
 
