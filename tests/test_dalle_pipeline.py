@@ -183,3 +183,17 @@ def test_settings_of_the_wrong_type_and_empty_prompts_are_refused_naming_them(pi
     monkeypatch.setattr(pipe.transformer, "sample", lambda *a, **k: pytest.fail("sampled for a bad request"))
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         call(pipe)
+
+
+def test_the_dalle_pipeline_imports_nothing_from_the_unclip_one():
+    """Both stand on unclip.pipelines.base; neither module reaches into the other."""
+    import ast
+
+    from conftest import ROOT
+
+    for module, other in (("dalle", "unclip"), ("unclip", "dalle")):
+        tree = ast.parse((ROOT / "unclip" / "pipelines" / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name for name in imported if name.startswith(f"unclip.pipelines.{other}")
+                    or name == "unclip.pipelines"}, module
