@@ -203,7 +203,7 @@ def _files(root):
 
 
 @pytest.mark.parametrize("case", ["any-text", "empty", "symlink", "valid-beside-files", "extra-file-in-a-stage",
-                                  "another-generator"])
+                                  "a-stage-linked-to-the-users-data", "another-generator"])
 def test_save_pretrained_replaces_only_a_saved_pipeline_and_keeps_a_users_directory(pipe, tmp_path, case):
     """A project with a file named pipeline.json (any content, empty, a symlink to a real one, or a real one beside
     the user's files) is not a saved pipeline: the save is refused naming what would be lost, and nothing moves."""
@@ -215,7 +215,8 @@ def test_save_pretrained_replaces_only_a_saved_pipeline_and_keeps_a_users_direct
     (mine / "data" / "results.csv").write_text("1,2,3")
     offending = {"any-text": r"pipeline.json \(.*is damaged, not JSON", "empty": r"pipeline.json \(.*is damaged",
                  "symlink": r"pipeline.json \(not a regular file\)", "valid-beside-files": "data, thesis.tex",
-                 "extra-file-in-a-stage": "clip/notes.txt", "another-generator": r"generator must be one of"}[case]
+                 "extra-file-in-a-stage": "clip/notes.txt", "a-stage-linked-to-the-users-data": r"prior \(a symbolic link\)",
+                 "another-generator": r"generator must be one of"}[case]
     if case == "any-text":
         (mine / "pipeline.json").write_text("my pipeline notes")
     elif case == "empty":
@@ -229,15 +230,22 @@ def test_save_pretrained_replaces_only_a_saved_pipeline_and_keeps_a_users_direct
 
         for entry in saved.iterdir():
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, mine / entry.name)
-        if case == "extra-file-in-a-stage":
+        if case != "valid-beside-files":
             shutil.rmtree(mine / "data"), (mine / "thesis.tex").unlink()
+        if case == "extra-file-in-a-stage":
             (mine / "clip" / "notes.txt").write_text("mine")
+        if case == "a-stage-linked-to-the-users-data":
+            shutil.rmtree(mine / "prior")
+            (mine / "prior").symlink_to(tmp_path / "results", target_is_directory=True)
+            (tmp_path / "results").mkdir()
+            (tmp_path / "results" / "table.csv").write_text("1,2")
     before = _files(mine)
     with pytest.raises(FileExistsError, match=rf"cannot save the pipeline to {mine}: saving replaces a saved pipeline "
                                               rf"whole, and it holds what a saved pipeline does not: .*{offending}"):
         pipe.save_pretrained(mine)
     assert _files(mine) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "saved"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "results") == ["mine", "saved"]  # no temporary
+    assert not (tmp_path / "results").exists() or (tmp_path / "results" / "table.csv").read_text() == "1,2"
     (tmp_path / "link").symlink_to(saved)
     with pytest.raises(FileExistsError, match=rf"cannot save the pipeline to {tmp_path / 'link'}: it is a symbolic link"):
         pipe.save_pretrained(tmp_path / "link")

@@ -119,9 +119,10 @@ def _unexpected_entries(directory: Path) -> list[str]:
         if entry.name == PIPELINE_FILE:
             continue
         if entry.name not in stages or entry.is_symlink() or not entry.is_dir():
-            unexpected.append(entry.name)
+            unexpected.append(entry.name + (" (a symbolic link)" if entry.is_symlink() else ""))
             continue
-        unexpected += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
+        unexpected += [f"{entry.name}/{f.name}" + (" (a symbolic link)" if f.is_symlink() else "")
+                       for f in sorted(entry.iterdir())
                        if f.name not in (*STAGE_FILES, MANIFEST) or f.is_symlink() or not f.is_file()]
     return unexpected
 
