@@ -431,6 +431,10 @@ def test_a_file_name_that_is_not_utf8_is_read_and_named_readably(tmp_path):
     assert f"all 1 images of split 'all' in image folder '{bad}' are unusable: caf\\xe9.png (corrupt_image: " \
            f"{bad}/caf\\xe9.png: " in str(info.value)
     str(info.value).encode("utf-8")  # printable: no lone surrogate
+    (bad / f"{latin1}.png").rename(bad / "\x1b[31mred\nline.png")  # a terminal escape and a newline
+    (bad / f"{latin1}.txt").rename(bad / "\x1b[31mred\nline.txt")
+    with pytest.raises(RuntimeError, match=r"are unusable: \\x1b\[31mred\\x0aline\.png \(corrupt_image"):
+        ImageFolderDataset(bad, image_size=SIZE, split="all")
 
 
 def test_any_run_of_unreadable_files_is_skipped_and_counted_never_fatal(tmp_path):
@@ -442,7 +446,12 @@ def test_any_run_of_unreadable_files_is_skipped_and_counted_never_fatal(tmp_path
     _captioned_images(root, 3, prefix="c")
     data = ImageFolderDataset(root, image_size=SIZE, split="all")
     assert len(data) == 206
+    reads = Counter()
+    read = data._read
+    data._read = lambda position: reads.update([position]) or read(position)
     items = [data[i] for i in range(len(data))]  # an epoch, in order
+    assert [reads[p] for p in range(3, 203)] == [1] * 200  # each bad file read once, then jumped over
+    assert reads[203] == 201 and sum(reads.values()) == 406  # c000 for its own index and for each bad one
     assert total_issues(items) == {"corrupt_image": 200}
     assert {item["meta"]["file"] for item in items[3:203]} == {"c000.png"}  # the next good one
     assert [item["meta"]["file"] for item in items[-3:]] == ["c000.png", "c001.png", "c002.png"]

@@ -52,9 +52,11 @@ class BadItem(Exception):
 
 
 def readable_name(name: str | os.PathLike) -> str:
-    """A file name as printable text: bytes of it that are not UTF-8 (which Python keeps as lone surrogates, and
-    which no log or JSON file can hold) written as ``\\xNN``."""
-    return os.fspath(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name as printable text on one line: bytes of it that are not UTF-8 (which Python keeps as lone
+    surrogates, and which no log or JSON file can hold) and control characters (a newline, a terminal's escape
+    sequences) written as ``\\xNN``."""
+    text = os.fspath(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch for ch in text)
 
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:

@@ -108,6 +108,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._entries = entries
         self.files: list[str] = [readable_name(file) for file, _ in entries]
         self._bad: dict[int, BadItem] = {}  # positions found unusable (per process): read once, then skipped
+        self._good_after: dict[int, int] = {}  # bad position -> the good one found after it (a run jumped at once)
         self[0]  # a split with no usable image is an error now, not when first read
 
     def __len__(self) -> int:
@@ -126,8 +127,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for an ImageFolderDataset of length {n}")
         index %= n
         issues: dict[str, int] = {}
-        for attempt in range(n):
-            position = (index + attempt) % n
+        position, travelled, skipped = index, 0, []
+        while travelled < n:
             bad = self._bad.get(position)
             if bad is None:
                 try:
@@ -135,10 +136,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 except BadItem as err:
                     bad = self._bad[position] = err
                 else:
-                    item["issues"] = item["issues"] if attempt == 0 else issues
+                    self._good_after.update(dict.fromkeys(skipped, position))
+                    item["issues"] = item["issues"] if position == index else issues
                     return item
-            if attempt == 0:
+            if position == index:
                 issues = {bad.reason: 1}
+            skipped.append(position)
+            step = (self._good_after.get(position, position + 1) - position) % n or n  # past a known bad run
+            position, travelled = (position + step) % n, travelled + step
         raise RuntimeError(self._unusable())
 
     def _unusable(self) -> str:
