@@ -90,6 +90,11 @@ def test_embed_run_again_into_its_directory_reports_and_keeps_only_the_new_items
     again = _embed(run, clip, "splits.train=8", "splits.val=8", "splits.heldout=8")
     assert (again["items_train"], again["items_val"], again["items_heldout"]) == (8, 8, 8)
     assert len(EmbeddingShards(run / "train")) == 8 and len(EmbeddingShards(run / "val")) == 8  # what the prior reads
+    # a re-run that fails once started leaves neither old shards nor a metrics.json saying the stage is done
+    proc = subprocess.run([sys.executable, "train/embed.py", f"hydra.run.dir={run}", f"clip_checkpoint={clip}",
+                           "data.image_size=32", "batch_size=0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "batch_size" in proc.stderr
+    assert not (run / "metrics.json").exists() and not (run / "train").exists() and not (run / "val").exists()
     # a data set without a heldout split: the old heldout shards (of other data) go too
     folder = tmp_path / "images"
     folder.mkdir()

@@ -49,14 +49,16 @@ def _check_only_shards(folder: Path) -> None:
             "shards replaces the folder and would delete them: move them, or write the shards elsewhere")
 
 
-def remove_embedding_shards(folder: str | Path) -> bool:
-    """Delete a folder of embedding shards (refused if it holds anything else); whether there was one."""
-    folder = Path(folder)
-    _check_only_shards(folder)
-    if not folder.exists():
-        return False
-    shutil.rmtree(folder)
-    return True
+def remove_embedding_shards(*folders: str | Path) -> list[Path]:
+    """Delete folders of embedding shards, each checked first (none deleted if one holds anything else); those
+    that were there."""
+    paths = [Path(folder) for folder in folders]
+    for folder in paths:
+        _check_only_shards(folder)
+    removed = [folder for folder in paths if folder.exists()]
+    for folder in removed:
+        shutil.rmtree(folder)
+    return removed
 
 
 @torch.no_grad()
