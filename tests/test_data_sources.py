@@ -312,6 +312,153 @@ def test_a_val_split_whose_images_are_all_corrupt_is_refused_before_training_nam
     assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()  # no step trained
 
 
+def _captioned_images(root, n: int, prefix: str = "img") -> list[str]:
+    """``n`` distinct good images with a caption file each; their names."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"{prefix}{i:03d}.png"
+        Image.new("RGB", (24, 24), (i % 256, (7 * i) % 256, 90)).save(root / name)
+        (root / f"{prefix}{i:03d}.txt").write_text(f"picture {prefix} {i}")
+        names.append(name)
+    return names
+
+
+def _build_within(seconds: float, **kwargs):
+    """An ImageFolderDataset built in a thread: a walk that hangs (a FIFO opened, a link loop) fails the test."""
+    import threading
+
+    result = {}
+
+    def build_it():
+        try:
+            result["data"] = ImageFolderDataset(image_size=SIZE, **kwargs)
+        except Exception as err:  # re-raised below, in the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=build_it, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"building ImageFolderDataset({kwargs}) hangs"
+    if "error" in result:
+        raise result["error"]
+    return result["data"]
+
+
+def test_symlink_loops_add_nothing_and_copies_of_an_image_share_one_split(tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    names = _captioned_images(root, 12)
+    os.symlink(root, root / "loop")  # one loop turned 12 images into 492, the same image in train and val
+    (root / "sub").mkdir()
+    os.symlink(root, root / "sub" / "back")  # a second loop (two of them hung)
+    os.symlink(root / "sub", root / "sub_again")  # a second link to a folder: walked once
+    data = _build_within(60, root=root, split="all")
+    assert data.files == names and data.index_issues == {"repeated_folder": 3}
+
+    # copies under other names (a hard link, a copy, a link to the file), each with a caption of its own
+    os.link(root / names[0], root / "hard.png")
+    (root / "copy.png").write_bytes((root / names[1]).read_bytes())
+    os.symlink(root / names[2], root / "link.png")
+    for name in ("hard", "copy", "link"):
+        (root / f"{name}.txt").write_text(f"another caption, {name}")
+    data = ImageFolderDataset(root, image_size=SIZE, split="all")
+    assert len(data) == 15 and data.index_issues == {"repeated_folder": 3}
+    for fraction in (0.2, 0.5, 0.8):
+        train = ImageFolderDataset(root, image_size=SIZE, split="train", val_fraction=fraction)
+        val = ImageFolderDataset(root, image_size=SIZE, split="val", val_fraction=fraction)
+        assert len(train) + len(val) == 15
+        train_bytes = {(root / file).read_bytes() for file in train.files}
+        assert not train_bytes & {(root / file).read_bytes() for file in val.files}, fraction
+
+
+def test_fifos_sockets_devices_and_broken_links_named_like_images_are_left_out_unopened(tmp_path):
+    import os
+    import socket
+
+    root = tmp_path / "data"
+    names = _captioned_images(root, 4)
+    os.mkfifo(root / "x.png")  # opened for reading, it waited for a writer forever
+    os.mkfifo(root / "x2.txt")
+    (root / "x2.png").write_bytes((root / names[0]).read_bytes())
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "s.png"))
+    os.symlink("/dev/zero", root / "zero.png")
+    os.symlink(root / "gone.png", root / "broken.png")
+    for name in ("x", "s", "zero", "broken"):
+        (root / f"{name}.txt").write_text("a caption")
+    data = _build_within(60, root=root, split="all")
+    server.close()
+    assert data.files == names
+    assert data.index_issues == {"not_a_file": 4, "unreadable_file": 1, "missing_caption": 1}
+
+    # a file swapped for a FIFO after indexing is skipped when read, not waited on
+    (root / names[1]).unlink()
+    os.mkfifo(root / names[1])
+    item = data[1]
+    assert item["issues"] == {"not_a_file": 1} and item["meta"]["file"] == names[2]
+    only_fifos = tmp_path / "only_fifos"
+    only_fifos.mkdir()
+    os.mkfifo(only_fifos / "a.png")
+    with pytest.raises(ValueError, match=r"only_fifos' holds no image files \(extensions PIL opens\); left out: "
+                                         r"\{'not_a_file': 1\}"):
+        _build_within(60, root=only_fifos)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named_readably(tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    _captioned_images(root, 3)
+    latin1 = os.fsdecode(b"caf\xe9")  # "café" written in latin-1: crashed naming no file
+    Image.new("RGB", (24, 24), BLUE).save(root / f"{latin1}.png")
+    (root / f"{latin1}.txt").write_text("a blue square")
+    data = ImageFolderDataset(root, image_size=SIZE, split="all")
+    assert data.files[0] == "caf\\xe9.png"
+    item = data[0]
+    assert item["caption"] == "a blue square" and rgb(item) == BLUE and item["meta"]["file"] == "caf\\xe9.png"
+    json.dumps(item["meta"], ensure_ascii=False).encode("utf-8")  # loggable
+    ImageFolderDataset(root, image_size=SIZE, split="train", val_fraction=0.5)
+    ImageFolderDataset(root, image_size=SIZE, split="val", val_fraction=0.5)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / f"{latin1}.png").write_bytes(b"not a png")
+    (bad / f"{latin1}.txt").write_text("a caption")
+    with pytest.raises(RuntimeError) as info:
+        ImageFolderDataset(bad, image_size=SIZE, split="all")
+    assert f"all 1 images of split 'all' in image folder '{bad}' are unusable: caf\\xe9.png (corrupt_image: " \
+           f"{bad}/caf\\xe9.png: " in str(info.value)
+    str(info.value).encode("utf-8")  # printable: no lone surrogate
+    (bad / f"{latin1}.png").rename(bad / "\x1b[31mred\nline.png")  # a terminal escape and a newline
+    (bad / f"{latin1}.txt").rename(bad / "\x1b[31mred\nline.txt")
+    with pytest.raises(RuntimeError, match=r"are unusable: \\x1b\[31mred\\x0aline\.png \(corrupt_image"):
+        ImageFolderDataset(bad, image_size=SIZE, split="all")
+
+
+def test_any_run_of_unreadable_files_is_skipped_and_counted_never_fatal(tmp_path):
+    root = tmp_path / "data"
+    _captioned_images(root, 3, prefix="a")
+    for i in range(200):  # 32 in a row crashed training at whatever step reached them
+        (root / f"b{i:03d}.png").write_bytes(b"not a png %d" % i)
+        (root / f"b{i:03d}.txt").write_text(f"broken {i}")
+    _captioned_images(root, 3, prefix="c")
+    data = ImageFolderDataset(root, image_size=SIZE, split="all")
+    assert len(data) == 206
+    reads = Counter()
+    read = data._read
+    data._read = lambda position: reads.update([position]) or read(position)
+    items = [data[i] for i in range(len(data))]  # an epoch, in order
+    assert [reads[p] for p in range(3, 203)] == [1] * 200  # each bad file read once, then jumped over
+    assert reads[203] == 201 and sum(reads.values()) == 406  # c000 for its own index and for each bad one
+    assert total_issues(items) == {"corrupt_image": 200}
+    assert {item["meta"]["file"] for item in items[3:203]} == {"c000.png"}  # the next good one
+    assert [item["meta"]["file"] for item in items[-3:]] == ["c000.png", "c001.png", "c002.png"]
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, num_workers=2, collate_fn=collate_dicts)
+    assert sum(len(batch["caption"]) for batch in loader) == 206
+
+
 # ----------------------------------------------------------------------------------------------------
 # webdataset shards
 

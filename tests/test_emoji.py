@@ -168,6 +168,28 @@ def test_a_missing_font_says_how_to_install_it(tmp_path, monkeypatch):
     assert find_font() == tmp_path / "sub" / "NotoColorEmoji.ttf"
 
 
+def test_a_config_naming_a_missing_emoji_cache_dir_is_refused_creating_nothing(micro_clip, tmp_path):
+    import json
+
+    from unclip.checkpoint import CheckpointError, load_stage, save_stage
+
+    deep = tmp_path / "anywhere" / "deep" / "cache"
+    message = (f"emoji cache_dir '{deep}' is not an existing folder; create it, or leave cache_dir unset to cache in "
+               "$UNCLIP_EMOJI_CACHE or ~/.cache/unclip/emoji")
+    with pytest.raises(FileNotFoundError) as info:
+        build({"_target_": "unclip.data.emoji.EmojiDataset", "split": "val", "image_size": SIZE,
+               "cache_dir": str(deep)})
+    assert str(info.value) == message
+    # a stage's config.json edited to name the data set: loading it made the folders wherever it said
+    stage = save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space)
+    config = json.loads((stage / "config.json").read_text())
+    config["model"] = {"_target_": "unclip.data.emoji.EmojiDataset", "cache_dir": str(deep)}
+    (stage / "config.json").write_text(json.dumps(config))
+    with pytest.raises((FileNotFoundError, CheckpointError)):
+        load_stage(stage)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip"]
+
+
 def test_an_unsupported_sequence_or_missing_glyph_is_not_kept():
     assert emoji_data.draws_one_glyph("🍎")
     assert not emoji_data.draws_one_glyph("🍎🍐")  # two glyphs

@@ -1,4 +1,10 @@
-"""Encode a data set with a trained CLIP into embedding shards: `python train/embed.py clip_checkpoint=...`."""
+"""Encode a data set with a trained CLIP into embedding shards: `python train/embed.py clip_checkpoint=...`.
+
+A re-run into the same directory replaces the shards of every split named in ``splits`` (a split the data set
+lacks loses its old shards too): the prior never trains on old shards mixed with new ones. The old shards are
+deleted (with the old metrics.json) once the CLIP and the data are loaded, before the first new one is written, so
+a run killed midway leaves fewer splits and no metrics.json, never stale shards; there is nothing to resume: run it
+again (the demo does, finding no metrics.json)."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from _job import hydra_job
 from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.data.collate import collate_dicts, is_streaming
-from unclip.data.embeddings import EmbeddingShards, write_embedding_shards
+from unclip.data.embeddings import EmbeddingShards, remove_embedding_shards, write_embedding_shards
 from unclip.jobs import Job
 
 
@@ -38,6 +44,12 @@ def main(job: Job) -> None:
     encoder = load_stage(config["clip_checkpoint"], stage="clip").model.to(device).eval()
     data = build(config["data"])
     metrics = {"space": encoder.space.fingerprint}
+    # all splits at once: a run stopped midway must not leave other splits' old shards, nor the old metrics.json
+    # (the demo would take the stage as done)
+    old = remove_embedding_shards(*(job.run_dir / split for split in config["splits"]))
+    (job.run_dir / "metrics.json").unlink(missing_ok=True)
+    for folder in old:
+        print(f"embed: removed the old shards of {folder} (this run replaces them)", flush=True)
     for split, length in config["splits"].items():
         if split not in data:
             print(f"embed: this data set has no split {split!r}; skipped", flush=True)

@@ -9,11 +9,13 @@ cannot be used raises ``BadItem(reason)``; the reasons are the ``*_REASONS`` bel
 from __future__ import annotations
 
 import io
+import os
+import stat
 import unicodedata
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import ftfy
 import numpy as np
@@ -28,8 +30,8 @@ MIN_SIZE = 16  # pixels: images whose shorter side is smaller are refused ("imag
 # ("image_too_large") without being decoded. PIL's own decompression-bomb limit applies as well.
 MAX_PIXELS = 2**25
 MAX_CAPTION_CHARS = 1000
-IMAGE_REASONS = ("unreadable_file", "corrupt_image", "truncated_image", "image_too_small", "image_too_large",
-                 "unsupported_mode")
+IMAGE_REASONS = ("unreadable_file", "not_a_file", "corrupt_image", "truncated_image", "image_too_small",
+                 "image_too_large", "unsupported_mode")
 CAPTION_REASONS = ("missing_caption", "empty_caption")
 
 # Fix broken encodings only: curly quotes, ligatures and full-width characters are left as written.
@@ -47,6 +49,37 @@ class BadItem(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+def readable_name(name: str | os.PathLike) -> str:
+    """A file name as printable text on one line: bytes of it that are not UTF-8 (which Python keeps as lone
+    surrogates, and which no log or JSON file can hold) and control characters (a newline, a terminal's escape
+    sequences) written as ``\\xNN``."""
+    text = os.fspath(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(f"\\x{ord(ch):02x}" if unicodedata.category(ch) == "Cc" else ch for ch in text)
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (links followed), else BadItem.
+
+    A FIFO, socket or device is refused ("not_a_file") without being opened: opening a FIFO for reading waits
+    for a writer forever. The open itself does not block either, should the file be swapped for a FIFO
+    between the check and the open.
+    """
+    name = readable_name(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadItem("not_a_file", f"{name} is not a regular file (a FIFO, socket, device or folder)")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise BadItem("unreadable_file", f"{name}: {err.strerror or err}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadItem("not_a_file", f"{name} is not a regular file (a FIFO, socket, device or folder)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def add_issues(total: dict[str, int], more: Mapping[str, int]) -> dict[str, int]:
@@ -71,11 +104,9 @@ def load_image(source: str | Path | bytes, image_size: int, *, max_pixels: int =
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    try:
-        stream = io.BytesIO(source) if name == "<bytes>" else open(source, "rb")
-    except OSError as err:
-        raise BadItem("unreadable_file", f"{name}: {err}") from None
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    name = "<bytes>" if is_bytes else readable_name(source)
+    stream = io.BytesIO(source) if is_bytes else open_regular(source)
     issues: Counter[str] = Counter()
     with stream, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here

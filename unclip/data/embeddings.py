@@ -7,11 +7,17 @@ A shard is one safetensors file holding, for N items of a data set encoded by on
 * ``tokens`` [N, T] (int32);
 
 and as metadata the EmbeddingSpace (JSON), the captions and the items' metadata (JSON lists).
+
+A folder of shards is written whole: :func:`write_embedding_shards` writes into a hidden folder beside it and
+swaps it in at the end, so a re-run replaces every old shard (never mixes old and new ones) and an interrupted
+run leaves the old shards as they were. A folder holding anything but shards is refused, not replaced.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -26,6 +32,33 @@ from unclip.weights import CheckpointError
 
 FORMAT = "unclip-embeddings/1"
 TENSORS = ("image_embed", "text_embed", "token_embeds", "mask", "tokens")
+SHARD_NAME = re.compile(r"\.?shard-\d{5}\.safetensors(\.tmp)?")  # a shard, or one being written
+
+
+def _check_only_shards(folder: Path) -> None:
+    """FileExistsError unless ``folder`` is absent or a real folder holding embedding shards only."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FileExistsError(f"{folder} is not a folder of embedding shards (a file or a link); embedding shards "
+                              "are written to a folder of their own: move it, or write them elsewhere")
+    if not folder.is_dir():
+        return
+    foreign = sorted(path.name for path in folder.iterdir() if not SHARD_NAME.fullmatch(path.name))
+    if foreign:
+        raise FileExistsError(
+            f"{folder} holds {len(foreign)} files that are not embedding shards ({', '.join(foreign[:5])}); writing "
+            "shards replaces the folder and would delete them: move them, or write the shards elsewhere")
+
+
+def remove_embedding_shards(*folders: str | Path) -> list[Path]:
+    """Delete folders of embedding shards, each checked first (none deleted if one holds anything else); those
+    that were there."""
+    paths = [Path(folder) for folder in folders]
+    for folder in paths:
+        _check_only_shards(folder)
+    removed = [folder for folder in paths if folder.exists()]
+    for folder in removed:
+        shutil.rmtree(folder)
+    return removed
 
 
 @torch.no_grad()
@@ -40,9 +73,17 @@ def write_embedding_shards(
     progress: bool = True,
     desc: str = "embed",
 ) -> list[Path]:
-    """Encode every item of ``dataset`` (dicts with "image", "caption", "meta") into shards."""
+    """Encode every item of ``dataset`` (dicts with "image", "caption", "meta") into shards in ``out_dir``.
+
+    ``out_dir`` ends up holding this call's shards and nothing else: they are written to a hidden folder
+    beside it, which replaces ``out_dir`` when all are written (see module). Returns the shards' paths.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_only_shards(out)
+    staging, old = out.with_name(f".{out.name}.writing"), out.with_name(f".{out.name}.old")
+    for leftover in (staging, old):  # left by a run killed before its swap
+        remove_embedding_shards(leftover)
+    staging.mkdir(parents=True)
     space = encoder.space
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False)
     paths: list[Path] = []
@@ -59,7 +100,7 @@ def write_embedding_shards(
             "captions": json.dumps(pending["caption"]),
             "metas": json.dumps(pending["meta"]),
         }
-        path = out / f"shard-{len(paths):05d}.safetensors"
+        path = staging / f"shard-{len(paths):05d}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
@@ -79,7 +120,11 @@ def write_embedding_shards(
         if len(pending["caption"]) >= shard_size:
             flush()
     flush()
-    return paths
+    if out.exists():  # the old shards go only once every new one is written
+        out.rename(old)
+    staging.rename(out)
+    remove_embedding_shards(old)
+    return [out / path.name for path in paths]
 
 
 def _shard_files(path: str | Path) -> list[Path]:

@@ -12,9 +12,9 @@ SHA-256 of the package's name of the emoji, so the split is the same on every ma
 Rendering: the font's only bitmap strike (109 pt, 136 x 128 px) drawn on a transparent canvas, laid on
 white, cropped to the glyph's opaque bounding box plus a margin, centred on a white square (aspect
 kept) and resized with Lanczos. All kept emoji are rendered together on first use (about a second per
-thousand at 64 px), kept in memory and cached on disk in ``~/.cache/unclip/emoji/`` (``cache_dir`` or
-``$UNCLIP_EMOJI_CACHE`` override), keyed on the font file's size and mtime, the ``emoji`` package
-version and the image size.
+thousand at 64 px), kept in memory and cached on disk in ``~/.cache/unclip/emoji/`` (``cache_dir``, which
+must exist, or ``$UNCLIP_EMOJI_CACHE`` override), keyed on the font file's size and mtime, the ``emoji``
+package version and the image size.
 """
 
 from __future__ import annotations
@@ -267,8 +267,15 @@ def render_emoji(emoji: str, image_size: int = 64, font_path: str | os.PathLike 
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """The cache folder: ``cache_dir`` if given (it must exist: a config, which may come from anywhere, never
+    creates folders), else ``$UNCLIP_EMOJI_CACHE`` or ``~/.cache/unclip/emoji`` (created when first written)."""
     if cache_dir not in (None, ""):
-        return Path(cache_dir).expanduser()
+        folder = Path(cache_dir).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"emoji cache_dir {str(folder)!r} is not an existing folder; create it, or leave cache_dir unset to "
+                f"cache in ${CACHE_ENV} or ~/.cache/unclip/emoji")
+        return folder
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "unclip" / "emoji"
@@ -401,7 +408,8 @@ class EmojiDataset(torch.utils.data.Dataset):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         self.split, self.image_size, self.aliases, self.limit = split, check_image_size(image_size), aliases, limit
-        self.font_path, self.cache_dir = str(find_font(font_path)), str(_cache_dir(cache_dir))
+        self.cache_dir = str(_cache_dir(cache_dir))
+        self.font_path = str(find_font(font_path))
         everything = list_emoji("all", self.font_path, self.cache_dir)
         rows = [i for i, e in enumerate(everything) if split == "all" or e.split == split]
         if limit is not None and limit < len(rows):
