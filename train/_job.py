@@ -15,7 +15,6 @@ failure inside Hydra's logging setup or a rewritten ``.hydra/`` of another run.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,37 +25,80 @@ from hydra.conf import HydraConf
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from unclip.dalle_pipeline import DalleSettings
+from unclip.files import replace_link, write_atomic
 from unclip.jobs import Job, start_job
 from unclip.pipeline import GenerationSettings
-from unclip.run_lock import DirectoryInUseError, hold_directory
+from unclip.run_lock import DirectoryInUseError, run_directory
 from unclip.training import TrainerConfig
 
 
 class RunDirectoryCallback(Callback):
-    """Before Hydra creates the run directory and writes into it: fix its name (a ``${now:...}`` in it is read
-    once), try it for writing and hold it (the main process of a multi-process launch) until the run ends."""
+    """Before Hydra creates a job's directory and writes into it: fix its name (a ``${now:...}`` in it is read
+    once), try it for writing and hold it (``unclip.run_lock.run_directory``) until the run ends.
+
+    A single run is held in ``on_run_start``. A multirun (``-m``) holds its sweep directory in
+    ``on_multirun_start`` and each job's directory in ``on_job_start``, which Hydra calls only after writing a
+    job's ``.hydra/``: so a multirun's jobs leave ``.hydra/`` to this callback, which writes it once the job holds
+    its directory (a refused job must not rewrite a live run's ``.hydra/``)."""
 
     def __init__(self) -> None:
         self._held = ExitStack()
+        self._job = ExitStack()
+        self._multirun = False
+        self._output_subdir: str | None = None  # a multirun's .hydra/ name, written here
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         directory = Path(str(config.hydra.run.dir))
         with read_write(config.hydra.run):
             config.hydra.run.dir = str(directory)
-        if int(os.environ.get("RANK", "0")) != 0:  # accelerate's other processes share the main one's directory
-            return
-        try:
-            self._held.enter_context(hold_directory(directory, f"train/{config.hydra.job.name}.py"))
-        except PermissionError as err:  # Hydra turns a callback's exceptions into warnings: end the run here
-            sys.exit(f"Error: {err}; e.g. hydra.run.dir=<a writable directory>")
-        except DirectoryInUseError as err:
-            sys.exit(f"Error: {err} (hydra.run.dir=...)")
+        _hold(self._held, directory, config, "hydra.run.dir")
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._held.close()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _hold(self._held, Path(str(config.hydra.sweep.dir)), config, "hydra.sweep.dir")
+        self._multirun, self._output_subdir = True, config.hydra.output_subdir
+        with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):  # every job's config is
+            config.hydra.overrides.hydra.append("hydra.output_subdir=null")  # composed again with these
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self._multirun:
+            return
+        directory = Path(str(config.hydra.runtime.output_dir))
+        _hold(self._job, directory, config, "hydra.sweep.dir=... hydra.sweep.subdir")
+        if self._output_subdir is not None:
+            task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            for name, node in (("config.yaml", task), ("hydra.yaml", OmegaConf.masked_copy(config, ["hydra"])),
+                               ("overrides.yaml", config.hydra.overrides.task)):
+                write_atomic(directory / self._output_subdir / name, OmegaConf.to_yaml(node))
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._job.close()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._held.close()
+
+
+def _hold(stack: ExitStack, directory: Path, config: DictConfig, setting: str) -> None:
+    """Hold ``directory`` on ``stack`` for this job (the main process of a multi-process launch), and replace any
+    symlink where Hydra writes next (its job log, ``.hydra/``), so that nothing is written through one; a
+    directory that cannot be held ends the run (Hydra turns a callback's exceptions into warnings)."""
+    try:
+        held = stack.enter_context(run_directory(directory, f"train/{config.hydra.job.name}.py"))
+    except PermissionError as err:
+        sys.exit(f"Error: {err}; e.g. {setting}=<a writable directory>")
+    except DirectoryInUseError as err:
+        sys.exit(f"Error: {err} ({setting}=...)")
+    replace_link(held / f"{config.hydra.job.name}.log")
+    subdir = config.hydra.output_subdir
+    if subdir is not None:
+        replace_link(held / str(subdir))
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            replace_link(held / str(subdir) / name)
 
 
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerConfig)
