@@ -9,8 +9,8 @@ a file; a log that grows line by line is opened without following links (:func:`
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 
@@ -18,7 +18,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` by a temporary file renamed over it (a symlink at ``path`` is replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL: a new file
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)  # a new file
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data.encode() if isinstance(data, str) else data)

@@ -162,6 +162,7 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=self.is_main, accelerator=self.accelerator if config.log_with else None)
         self.step = 0
         self.bad_steps = 0
+        self._start_step = 0
         self.last_checkpoint: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
@@ -208,6 +209,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         self._prepare_run_dir()
+        self._start_step = self.step  # after a resume: where this run's steps begin
         if self.config.log_with:
             hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                for k, v in self.config.to_dict().items()}
@@ -240,6 +242,7 @@ class Trainer:
 
     def _finish(self, history: list[dict]) -> TrainResult:
         self._check_finite_weights()  # also after resuming at the last step: a failed run is not scored
+        self._check_not_diverged()
         if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.step):
             self.save_checkpoint()
         self._preview()
@@ -342,6 +345,19 @@ class Trainer:
         acc.wait_for_everyone()
         self.last_checkpoint = final
         return final
+
+    def _check_not_diverged(self) -> None:
+        """A run whose every step after its first was skipped (non-finite) ended diverged, though it stopped
+        short of ``max_bad_steps``: its weights (finite, but e.g. huge after one step at a huge rate) make no
+        model worth evaluating or saving over the last good checkpoint."""
+        trained = self.step - self._start_step
+        if trained and self.bad_steps and self.bad_steps >= min(self.config.max_bad_steps, max(trained - 1, 1)):
+            raise NonFiniteLossError(
+                f"training {self.stage} diverged: the last {self.bad_steps} of the {trained} steps of this run had a "
+                f"non-finite loss or gradient, so nothing was saved or evaluated. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Lower trainer.lr (or set trainer.grad_clip) and start over with "
+                "trainer.overwrite=true, or resume from that checkpoint with trainer.resume=true"
+            )
 
     def _check_finite_weights(self) -> None:
         """Every process holds the same weights, so every one comes to the same verdict (no collective)."""
