@@ -15,6 +15,7 @@ failure inside Hydra's logging setup or a rewritten ``.hydra/`` of another run.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -48,6 +49,7 @@ class RunDirectoryCallback(Callback):
         self._held = ExitStack()
         self._job = ExitStack()
         self._multirun = False
+        self._file_log: dict | None = None  # a multirun's job log handler: opened here
         self._output_subdir: str | None = None  # a multirun's .hydra/ name, written here
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -62,14 +64,26 @@ class RunDirectoryCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _hold(self._held, Path(str(config.hydra.sweep.dir)), config, "hydra.sweep.dir")
         self._multirun, self._output_subdir = True, config.hydra.output_subdir
+        deferred = ["hydra.output_subdir=null"]  # .hydra/ and the job log: written here, once the job holds its dir
+        handlers = OmegaConf.select(config, "hydra.job_logging.root.handlers") or []
+        file_log = OmegaConf.select(config, "hydra.job_logging.handlers.file")
+        if "file" in handlers and file_log is not None:  # Hydra would open it (appending) before on_job_start
+            self._file_log = OmegaConf.to_container(file_log, resolve=False)
+            deferred += ["~hydra.job_logging.handlers.file",
+                         f"hydra.job_logging.root.handlers=[{','.join(h for h in handlers if h != 'file')}]"]
         with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):  # every job's config is
-            config.hydra.overrides.hydra.append("hydra.output_subdir=null")  # composed again with these
+            config.hydra.overrides.hydra.extend(deferred)  # composed again with these
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self._multirun:
             return
         directory = Path(str(config.hydra.runtime.output_dir))
         _hold(self._job, directory, config, "hydra.sweep.dir=... hydra.sweep.subdir")
+        if self._file_log is not None:
+            handler = _job_log_handler(config, self._file_log)
+            logging.getLogger().addHandler(handler)
+            self._job.callback(logging.getLogger().removeHandler, handler)
+            self._job.callback(handler.close)
         if self._output_subdir is not None:
             task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
             for name, node in (("config.yaml", task), ("hydra.yaml", OmegaConf.masked_copy(config, ["hydra"])),
@@ -81,6 +95,19 @@ class RunDirectoryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._held.close()
+
+
+def _job_log_handler(config: DictConfig, file_spec: dict) -> logging.Handler:
+    """The file handler of Hydra's job logging (``<job dir>/<job>.log``), as Hydra would have made it, put back
+    into the job's config (``file_spec``, unresolved: its file name is the job's)."""
+    with read_write(config.hydra), open_dict(config.hydra.job_logging.handlers):
+        config.hydra.job_logging.handlers.file = file_spec
+    spec = OmegaConf.to_container(config.hydra.job_logging, resolve=True)
+    file = spec["handlers"]["file"]
+    formatter = spec.get("formatters", {}).get(file.get("formatter"), {})
+    handler = logging.FileHandler(file["filename"], mode=file.get("mode", "a"), encoding=file.get("encoding"))
+    handler.setFormatter(logging.Formatter(formatter.get("format"), formatter.get("datefmt")))
+    return handler
 
 
 def _hold(stack: ExitStack, directory: Path, config: DictConfig, setting: str) -> None:
