@@ -232,14 +232,14 @@ def verify_stage_files(directory: Path, files: Sequence[str], doing: str = "load
         )
 
 
-STAGE_FILES = ("config.json", "space.json")  # what read_stage_config reads, verified first
+CONFIG_FILES = ("config.json", "space.json")  # what read_stage_config reads, verified first
 
 
 def read_stage_config(path: str | Path) -> tuple[Path, dict, EmbeddingSpace | None]:
     """A stage's directory, config and embedding space, its ``config.json`` and ``space.json`` verified against
     its manifest first (a listed ``space.json`` that is missing is an error, not a stage without a space)."""
     directory = resolve_checkpoint(path)
-    verify_stage_files(directory, STAGE_FILES)
+    verify_stage_files(directory, CONFIG_FILES)
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:

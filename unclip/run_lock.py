@@ -81,15 +81,16 @@ def _open_lock_file(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO
+        if err.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # a symlink; a FIFO; a directory
             raise PermissionError(f"{path} is not a regular file (a symbolic link or other special file); the run's "
                                   f"lock must be its own file: remove {path} and run again") from None
         raise PermissionError(f"cannot write to {path.parent} ({err.strerror}); the run could not save its "
                               "results there: choose a writable directory or fix its permissions") from err
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a hard link would truncate the file it shares
         os.close(fd)
-        raise PermissionError(f"{path} is not a regular file; the run's lock must be its own file: remove {path} "
-                              "and run again")
+        raise PermissionError(f"{path} is not a regular file of its own (a special file, or a hard link to another "
+                              f"file); the run's lock must be its own file: remove {path} and run again")
     return fd
 
 

@@ -79,6 +79,9 @@ class RunLog:
         if not self.enabled:
             return
         replace_link(self.path)  # a symlink planted there is replaced by the run's own log, never written through
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path} is a directory, where the run writes its log: move it away, or "
+                                    "choose another run directory with hydra.run.dir=...")
         if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
