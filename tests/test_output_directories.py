@@ -274,3 +274,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_hydra_writes_no_config_or_log_through_a_symlink_planted_in_the_run_directory(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("my thesis")
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").symlink_to(victim)
+    (run / "sample.log").symlink_to(victim)
+    proc = subprocess.run([sys.executable, "train/sample.py", f"hydra.run.dir={run}", "prompts=[]"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "mode=generate needs prompts" in proc.stderr, proc.stderr[-2000:]
+    assert victim.read_text() == "my thesis"
+    assert "prompts: []" in (run / ".hydra" / "config.yaml").read_text()
+    assert not (run / ".hydra" / "config.yaml").is_symlink() and not (run / "sample.log").is_symlink()
