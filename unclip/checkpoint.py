@@ -40,6 +40,7 @@ LATEST = "latest"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"  # in a training checkpoint: where the run stood (step, data stream, EMA)
 MANIFEST = "manifest.json"  # in a checkpoint: {"files": {relative path: {"size", "sha256"}}}
+STAGE_FILES = ("config.json", "space.json", "model.safetensors", "ema.safetensors")  # what loading a stage may read
 
 
 @dataclass
@@ -124,9 +125,9 @@ def write_manifest(directory: Path) -> None:
 
 def _unlisted(directory: Path, expected: dict, only: Sequence[str] | None) -> dict[str, str]:
     """Files a load would read (``only``, else every file a resume reads) that exist but the manifest lacks."""
-    if only is None:
-        only = [p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*"))
-                if p.is_file() and p.name != MANIFEST and (p.parent == directory or p.is_relative_to(directory / "trainer"))]
+    if only is None:  # a resume reads the stage's files, trainer.json and all of trainer/ (accelerate's state)
+        only = [*STAGE_FILES, TRAINER_STATE, *(p.relative_to(directory).as_posix()
+                                                for p in sorted((directory / "trainer").rglob("*")) if p.is_file())]
     return {name: f"not in {MANIFEST} (added or replaced since it was written)"
             for name in only if name not in expected and (directory / name).is_file()}
 

@@ -96,9 +96,12 @@ class Job:
 
 
 def start_job(config: dict, run_dir: str | Path) -> Job:
-    """A Job for a plain config; a training job (one with ``trainer`` settings) is seeded first, so that the
-    same seed builds the same initial weights."""
+    """A Job for a plain config; a training job (one with ``trainer`` settings) has them checked (an error naming
+    a bad one, before any data is built) and is seeded first, so that the same seed builds the same initial weights."""
     job = Job(run_dir=Path(run_dir), config=config)
     if "trainer" in config:
-        set_seed(config["trainer"]["seed"])
+        from unclip.training.config import TrainerConfig
+
+        trainer = TrainerConfig.from_dict(config["trainer"])  # its values checked before any data is built
+        set_seed(trainer.seed)
     return job
