@@ -8,8 +8,11 @@ It also registers the structured configs, so that their dataclasses state every 
 
 And it makes every job own its run directory before Hydra writes anything there (``.hydra/``, the job's log):
 :class:`RunDirectoryCallback`, added to Hydra's own config, tries the directory for writing and takes its lock
-(``unclip.run_lock``) when the run starts, so that a read-only or busy directory is an error naming it, not a
-failure inside Hydra's logging setup or a rewritten ``.hydra/`` of another run.
+(``unclip.run_lock.run_directory``, the one way a run directory is owned) when the run starts, in a single run
+and in a multirun alike, so that a read-only or busy directory is an error naming it, not a failure inside Hydra's
+logging setup or a rewritten ``.hydra/`` of another run. Only the other processes of a multi-process launch
+(torchrun, ``accelerate launch``) leave it to the main one; a bare ``RANK`` in the environment does not count.
+A symlink where Hydra writes next (``.hydra/``, the job log) is replaced first, never written through.
 """
 
 from __future__ import annotations
