@@ -265,7 +265,7 @@ def test_streaming_source_runs_epoch_after_epoch_with_new_shuffles(tmp_path):
 
 def test_weights_gone_nan_fail_the_run_loudly_keeping_the_last_good_checkpoint(tmp_path):
     from unclip.jobs import Job
-    from unclip.training.trainer import NonFiniteWeightsError
+    from unclip.training import NonFiniteWeightsError
 
     def poison_after_step_6(model):
         steps.append(1)
