@@ -6,5 +6,4 @@ from unclip.training.optim import lr_at
 from unclip.training.trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer, TrainResult
 
 __all__ = ["TrainerConfig", "Trainer", "TrainResult", "NonFiniteLossError", "NonFiniteWeightsError", "DataStream",
-           "StreamBatchSampler",
-           "stream_loader", "lr_at"]
+           "StreamBatchSampler", "stream_loader", "lr_at"]
