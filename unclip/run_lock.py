@@ -37,10 +37,12 @@ class DirectoryInUseError(RuntimeError):
 
 def launched_as_other_process() -> bool:
     """True in a process that a multi-process launcher started with a rank other than 0: those share the main
-    process's run directory and do not hold it. The signal is torchrun's (``accelerate launch`` with several
-    processes goes through it): ``TORCHELASTIC_RUN_ID`` beside ``RANK``; a bare ``RANK`` (set by some SLURM or MPI
-    wrappers around a single process) is not a launch of several processes and does not count."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    process's run directory and do not hold it. The signal is the launcher's own beside ``RANK``: torchrun's
+    ``TORCHELASTIC_RUN_ID`` (``accelerate launch`` with several processes goes through it) or accelerate's DeepSpeed
+    launch (``ACCELERATE_USE_DEEPSPEED``, whose multi-node launcher is not torchrun); a bare ``RANK`` (set by some
+    SLURM or MPI wrappers around a single process) is not a launch of several processes and does not count."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if not launched:
         return False
     try:
         return int(os.environ.get("RANK", "0")) != 0
