@@ -4,7 +4,15 @@ import re
 import pytest
 import torch
 
-from unclip.checkpoint import load_stage, read_latest, save_run_checkpoint, save_stage, write_latest
+from unclip.checkpoint import (
+    MANIFEST,
+    load_stage,
+    read_latest,
+    save_run_checkpoint,
+    save_stage,
+    write_latest,
+    write_manifest,
+)
 from unclip.config import UnsafeConfigError, build
 from unclip.embedding import EmbeddingSpace
 from unclip.weights import CheckpointError
@@ -50,6 +58,9 @@ def test_config_naming_code_outside_the_package_is_refused(micro_clip, tmp_path,
     config = json.loads((path / "config.json").read_text())
     config["model"] = {"_target_": target, "command": "touch pwned"}
     (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json is \d+ bytes where \d+ were written"):
+        load_stage(path)  # the manifest catches the edit
+    write_manifest(path)  # whoever edits config.json can rewrite the manifest too: the class check still refuses
     with pytest.raises(CheckpointError, match="only classes of the unclip package"):
         load_stage(path)
     with pytest.raises(UnsafeConfigError):
@@ -104,3 +115,33 @@ def test_a_run_directory_whose_latest_names_a_missing_checkpoint_says_the_way_ou
         load_stage(tmp_path / "run")
     latest.write_text("step-00000000")
     assert load_stage(tmp_path / "run").path == latest.parent / "step-00000000"
+
+
+def test_the_manifest_covers_the_config_and_space_a_load_reads(micro_clip, tmp_path):
+    """Editing a stage's settings in config.json changed the images silently; deleting space.json skipped the
+    embedding-space check; a manifest listing no files loaded unverified."""
+    path = save_stage(tmp_path / "clip", micro_clip, stage="clip", space=micro_clip.space)
+    original = {name: (path / name).read_bytes() for name in ("config.json", "space.json", MANIFEST)}
+    config = json.loads(original["config.json"])
+    config["model"]["embed_dim"] = config["model"].get("embed_dim", 32)  # same size, other bytes: a quiet edit
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    with pytest.raises(CheckpointError, match=rf"cannot load {path}, it is damaged: {path}/config.json is \d+ bytes "
+                                              r"where \d+ were written \(truncated or replaced\)\. Use an intact copy"):
+        load_stage(path)
+    (path / "config.json").write_bytes(original["config.json"])
+    (path / "space.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"{path}/space.json is missing"):
+        load_stage(path)
+    (path / "space.json").write_bytes(original["space.json"])
+    (path / MANIFEST).write_text(json.dumps({"format": 1, "files": {}}))
+    with pytest.raises(CheckpointError, match=rf"{path}/{MANIFEST} is damaged \(ValueError: it lists no files\)"):
+        load_stage(path)
+    manifest = json.loads(original[MANIFEST])
+    del manifest["files"]["space.json"]  # a space.json the manifest does not list: put there after saving
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"{path}/space.json is not in {MANIFEST} \(added or replaced since"):
+        load_stage(path)
+    (path / MANIFEST).write_bytes(original[MANIFEST])
+    assert load_stage(path).space == micro_clip.space
+    (path / MANIFEST).unlink()  # saved before manifests existed: loads unverified, as before
+    assert load_stage(path).space == micro_clip.space

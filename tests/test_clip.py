@@ -144,3 +144,16 @@ def test_default_clip_codes_patch_positions_with_fixed_sin_cos(tmp_path):
     torch.testing.assert_close(loaded.model.visual.positional_embedding.detach(), expected)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images), clip.encode_image(images))
+
+
+def test_a_nan_clip_retrieves_nothing_instead_of_everything():
+    """A CLIP whose weights went NaN makes NaN similarities; every comparison with NaN is false, so counted naively
+    the true match outranks everything and R@1 = 1.0. Non-finite similarities are misses."""
+    nan = torch.full((6, 8), float("nan"))
+    finite = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    assert set(retrieval_recall(nan, nan).values()) == {0.0}
+    assert set(retrieval_recall(finite, nan).values()) == {0.0}
+    one_bad = finite.clone()
+    one_bad[2] = float("nan")  # one NaN caption: its pair is a miss, and it outranks the others' true matches
+    assert retrieval_recall(finite, one_bad, ks=(1,))["image_to_text_R@1"] == 0.0
+    assert zero_shot_top1(nan, finite[:4], torch.zeros(6, dtype=torch.long)) == 0.0  # argmax would pick class 0

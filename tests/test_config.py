@@ -132,3 +132,34 @@ def test_the_generator_names_are_the_pipeline_registrys():
             assert cfg.out == f"outputs/{cls.demo_dir}", name
         with pytest.raises(Exception, match=r"generator must be one of \['dalle', 'unclip'\], got 'dall-e'"):
             OmegaConf.to_container(compose(config_name="demo", overrides=["generator=dall-e"]), resolve=True)
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("grad_clip", -1.0, r"trainer.grad_clip must be a finite number > 0 .*or 0 or null for no clipping, got -1.0"),
+    ("grad_clip", float("nan"), r"trainer.grad_clip must be a finite number > 0 .*got nan"),
+    ("min_lr_ratio", -5.0, r"trainer.min_lr_ratio must be in \[0, 1\] .*got -5.0"),
+    ("weight_decay", -100.0, r"trainer.weight_decay must be a finite number >= 0, got -100.0"),
+    ("weight_decay", float("nan"), r"trainer.weight_decay must be a finite number >= 0, got nan"),
+    ("lr", float("inf"), r"trainer.lr must be a finite number > 0, got inf"),
+    ("betas", [0.9], r"trainer.betas must be two numbers in \[0, 1\) .*got \[0.9\]"),
+    ("betas", [0.9, 1.5], r"trainer.betas must be two numbers in \[0, 1\) .*got \[0.9, 1.5\]"),
+    ("ema_update_every", 0, r"trainer.ema_update_every must be >= 1, got 0"),
+    ("ema_update_after_step", -1, r"trainer.ema_update_after_step must be >= 0, got -1"),
+    ("seed", -1, r"trainer.seed must be in \[0, 2\*\*32\), got -1"),
+])
+def test_trainer_values_that_would_train_wrong_are_refused_naming_the_setting(setting, value, message):
+    from unclip.training import TrainerConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig.from_dict({setting: value})
+
+
+@pytest.mark.parametrize("override", ["trainer.weight_decay=nan", "trainer.lr=inf", "trainer.grad_clip=nan"])
+def test_a_clip_job_with_a_non_finite_setting_is_refused_before_training(override, tmp_path):
+    """The report's reproduction: these ran 8 steps, saved NaN weights and wrote every R@k = 1.0."""
+    proc = subprocess.run([sys.executable, "train/clip.py", f"hydra.run.dir={tmp_path}", "clip=micro_vit",
+                           "data.image_size=32", "trainer.max_steps=8", override],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    setting = override.split("=")[0]
+    assert proc.returncode != 0 and f"{setting} must be a finite number" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "checkpoints").exists()

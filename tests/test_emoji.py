@@ -283,3 +283,16 @@ def test_derangement_moves_every_item_and_is_seeded():
         derangement(1, 0)
     with pytest.raises(ValueError, match="2 images but 3 texts"):
         clip_score(LookupClip({}), torch.zeros(2, 3, 2, 2), ["a", "b", "c"])
+
+
+def test_a_clip_with_nan_embeddings_scores_no_retrieval():
+    texts = [f"emoji {i}" for i in range(12)]
+    clip = LookupClip({t: torch.full((12,), float("nan")) for t in texts})
+    metrics = retrieval_metrics(clip, _images_showing(torch.full((12, 12), float("nan"))), texts)
+    assert metrics == {"image_to_text_R@1": 0.0, "image_to_text_R@5": 0.0,
+                       "text_to_image_R@1": 0.0, "text_to_image_R@5": 0.0}
+    clip = LookupClip({t: torch.eye(12)[i] for i, t in enumerate(texts)})
+    images = _images_showing(torch.eye(12))
+    images[3] = float("nan")  # one image NaN: its pair a miss both ways, the others still found
+    metrics = retrieval_metrics(clip, images, texts)
+    assert metrics["image_to_text_R@1"] == pytest.approx(11 / 12) and metrics["text_to_image_R@1"] == 0.0

@@ -174,3 +174,118 @@ def test_a_read_only_run_directory_is_an_error_naming_it_and_the_way_out(tmp_pat
         "writable directory or fix its permissions; e.g. hydra.run.dir=<a writable directory>"
     ) or os.geteuid() != 0 and f"Error: cannot {verb} {run_dir} (Permission denied)" in proc.stderr, proc.stderr
     assert "Unable to configure handler" not in proc.stderr
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    """The report's reproduction: with .run.lock a symlink to victim.txt, train/sample.py truncated the victim, wrote
+    the lock's JSON into it and unlinked the symlink at exit."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("my thesis")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).symlink_to(victim)
+    proc = subprocess.run([sys.executable, "train/sample.py", f"hydra.run.dir={run}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: {run / LOCK_FILE} is not a regular file (a symbolic link or other special file); the run's lock must "
+        f"be its own file: remove {run / LOCK_FILE} and run again; e.g. hydra.run.dir=<a writable directory>")
+    assert victim.read_text() == "my thesis" and (run / LOCK_FILE).is_symlink()
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # Hydra wrote nothing there
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path):
+    """Users delete "stale" locks: a second trainer.overwrite=true run then deleted a running job's checkpoints."""
+    make_trainer(tmp_path, max_steps=4).fit()
+    holder = _holder(tmp_path)
+    try:
+        (tmp_path / LOCK_FILE).unlink()
+        with pytest.raises(DirectoryInUseError, match=rf"{tmp_path} is in use by another process \(its {LOCK_FILE} "
+                                                      r"was deleted while that run goes on; the directory stays locked "
+                                                      r"until that process ends\)"):
+            make_trainer(tmp_path, max_steps=4, overwrite=True).fit()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / "checkpoints" / "step-00000004").is_dir()  # the running job's checkpoints are kept
+    make_trainer(tmp_path, max_steps=4, overwrite=True).fit()  # its death released the directory
+
+
+@pytest.mark.parametrize("launch", ["a stray RANK", "a multirun"])
+def test_a_job_launched_another_way_into_a_held_directory_is_refused_before_hydra_writes(tmp_path, launch):
+    """A SLURM or MPI wrapper's RANK=3 around one process, or `-m`, skipped the lock taken before Hydra writes: the
+    refused job rewrote the live run's .hydra/ first."""
+    run = tmp_path / "run"
+    earlier = run / ".hydra" / "config.yaml"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("the holder's config")
+    holder = _holder(run)
+    args, env = [f"hydra.run.dir={run}"], {**ENV, "RANK": "3", "WORLD_SIZE": "4"}
+    if launch == "a multirun":
+        args, env = ["-m", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=run", "trainer.max_steps=1,2"], ENV
+    try:
+        proc = subprocess.run([sys.executable, "train/clip.py", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert proc.returncode == 1
+    assert f"Error: {run} is in use by process {holder.pid}" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert earlier.read_text() == "the holder's config"
+    assert sorted(p.name for p in run.rglob("*")) == sorted([".hydra", "config.yaml", LOCK_FILE])
+
+
+def test_a_multirun_holds_each_job_directory_and_writes_its_hydra_config(tmp_path):
+    proc = subprocess.run([sys.executable, "train/clip.py", "-m", f"hydra.sweep.dir={tmp_path}", "clip=micro_vit",
+                           "data.image_size=32", "trainer.max_steps=1,2", "trainer.progress=false",
+                           "trainer.warmup_steps=0", "data.val.length=32", "data.heldout.length=16"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, steps in (("0", 1), ("1", 2)):
+        assert json.loads((tmp_path / job / "metrics.json").read_text())["step"] == steps
+        assert f"trainer.max_steps={steps}" in (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+        assert "max_steps: " + str(steps) in (tmp_path / job / ".hydra" / "config.yaml").read_text()
+        assert not (tmp_path / job / LOCK_FILE).exists()
+        assert "[INFO]" in (tmp_path / job / "clip.log").read_text()  # the job log, opened once the job held its dir
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_results_are_written_by_rename_so_a_planted_symlink_is_replaced_not_written_through(tmp_path):
+    """On resume, a metrics.json, curves.png or log.jsonl that is a symlink to another file was written through."""
+    from unclip.jobs import Job
+
+    Job(run_dir=tmp_path, config={}).fit(make_trainer(tmp_path, max_steps=4))
+    victims = {}
+    for name in ("metrics.json", "curves.png", "log.jsonl"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("someone else's file")
+        (tmp_path / name).unlink()
+        (tmp_path / name).symlink_to(victims[name])
+    Job(run_dir=tmp_path, config={}).fit(make_trainer(tmp_path, max_steps=8, resume=True))
+    for name, victim in victims.items():
+        assert victim.read_text() == "someone else's file"
+        assert (tmp_path / name).is_file() and not (tmp_path / name).is_symlink()
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 8
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert oct((tmp_path / "metrics.json").stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_hydra_writes_no_config_or_log_through_a_symlink_planted_in_the_run_directory(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("my thesis")
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").symlink_to(victim)
+    (run / "sample.log").symlink_to(victim)
+    proc = subprocess.run([sys.executable, "train/sample.py", f"hydra.run.dir={run}", "prompts=[]"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "mode=generate needs prompts" in proc.stderr, proc.stderr[-2000:]
+    assert victim.read_text() == "my thesis"
+    assert "prompts: []" in (run / ".hydra" / "config.yaml").read_text()
+    assert not (run / ".hydra" / "config.yaml").is_symlink() and not (run / "sample.log").is_symlink()

@@ -261,3 +261,56 @@ def test_streaming_source_runs_epoch_after_epoch_with_new_shuffles(tmp_path):
     for seed in seeds[:2]:
         assert sorted(i for s, i in source.seen if s == seed) == list(range(40))
     assert result.metrics["data_issues"]["empty_caption"] >= 8
+
+
+def test_weights_gone_nan_fail_the_run_loudly_keeping_the_last_good_checkpoint(tmp_path):
+    from unclip.jobs import Job
+    from unclip.training import NonFiniteWeightsError
+
+    def poison_after_step_6(model):
+        steps.append(1)
+        if len(steps) == 6:
+            with torch.no_grad():
+                model.net[0].weight[0, 0] = float("nan")
+
+    steps = []
+    trainer = make_trainer(tmp_path, max_steps=12)
+    trainer.after_step_fn = poison_after_step_6
+    with pytest.raises(NonFiniteWeightsError, match=r"training toy failed at step 8: the model's weights hold NaN or "
+                                                    r"infinite values \(weights: 1 tensor\(s\) \(net.0.weight\).*"
+                                                    r"Last good checkpoint: .*step-00000004"):
+        Job(run_dir=tmp_path, config={}).fit(trainer)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000004"  # the NaN weights were not saved
+    assert not (tmp_path / "metrics.json").exists()  # no metrics claim a result
+
+
+def test_a_run_that_diverged_short_of_max_bad_steps_fails_and_logs_no_loss_of_0(tmp_path):
+    from unclip.jobs import Job
+
+    def nan_after_the_first_step(model, batch):
+        calls.append(1)
+        out = toy_loss(model, batch)
+        return {"loss": out["loss"] * float("nan")} if len(calls) > 1 else out
+
+    calls = []
+    trainer = make_trainer(tmp_path, max_steps=8, max_bad_steps=10, checkpoint_every=0)
+    trainer.wrapped.loss_fn = nan_after_the_first_step
+    with pytest.raises(NonFiniteLossError, match=r"training toy diverged: the last 7 of the 8 steps of this run had a "
+                                                 r"non-finite loss or gradient, so nothing was saved or evaluated"):
+        Job(run_dir=tmp_path, config={}).fit(trainer)
+    assert not (tmp_path / "metrics.json").exists() and not list((tmp_path / "checkpoints").glob("step-*"))
+    windows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "lr" in line]
+    assert [(w["step"], w["loss"], w.get("non_finite_steps")) for w in windows[1:]] == [(4, None, 2), (6, None, 2),
+                                                                                       (8, None, 2)]
+    assert windows[0]["step"] == 2 and windows[0]["loss"] > 0 and windows[0]["non_finite_steps"] == 1
+
+
+def test_a_clip_job_at_a_huge_learning_rate_exits_non_zero_without_metrics(tmp_path):
+    """The report's reproduction with a large lr: one step at lr=1e6 leaves finite but huge weights whose losses and
+    similarities are all NaN; it exited 0 with every R@k = 1.0."""
+    proc = subprocess.run([sys.executable, *CLIP_JOB, f"hydra.run.dir={tmp_path}", "trainer.max_steps=8",
+                           "trainer.warmup_steps=0", "trainer.lr=1e6"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "training clip diverged: the last 7 of the 8 steps" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "checkpoints" / "step-00000008").exists()

@@ -29,7 +29,7 @@ from _job import choice, forwarded_overrides, hydra_job
 
 from unclip.config import build
 from unclip.images import save_grid
-from unclip.jobs import Job, finish
+from unclip.jobs import Job
 from unclip.pipelines import DallePipeline, Pipeline, UnCLIPPipeline, pipeline_class
 
 TRAIN = Path(__file__).resolve().parent
@@ -190,7 +190,7 @@ def main(job: Job) -> None:
     # Every stage's minutes (also those of earlier calls, whose stages were skipped now) and this evaluation's.
     metrics["minutes"] = sum(m.get("minutes", 0.0) for m in stages.values()) + (time.time() - evaluating) / 60
     metrics.update(pipeline=str(out / "pipeline"), grid=str(out / "grid.png"))
-    finish(out, metrics)
+    job.finish(metrics)  # into the run directory, which is out (conf/demo.yaml: hydra.run.dir: ${out})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipeline_inputs import check_count
 from unclip.pipelines import Pipeline, pipeline_from_config
-from unclip.run_lock import LOCK_FILE, hold_directory
+from unclip.run_lock import LOCK_FILE
 
 MODES = ("generate", "variations", "img2img", "inpaint", "mix")
 
@@ -147,16 +147,16 @@ def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dic
 @hydra_job("train_sample")
 def main(job: Job) -> None:
     config, run_dir = job.config, job.run_dir
-    with hold_directory(run_dir, "train/sample.py"):
-        refuse_earlier_output(run_dir, config["overwrite"])
-        prompts = read_prompts(config)
-        check_request(config, prompts)
-        pipe = pipeline_from_config(config["pipeline"])
-        images, made_by = sample(pipe, config, prompts)
-        remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were
-        write_samples(run_dir, pipe, images, made_by, config)
-        grid = save_grid(images, run_dir / "grid.png", columns=config["num_images_per_prompt"])
-        job.finish({"images": len(images), "grid": str(grid)})
+    # The job holds run_dir from before Hydra writes there until it ends (train/_job.py, unclip.run_lock).
+    refuse_earlier_output(run_dir, config["overwrite"])
+    prompts = read_prompts(config)
+    check_request(config, prompts)
+    pipe = pipeline_from_config(config["pipeline"])
+    images, made_by = sample(pipe, config, prompts)
+    remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were
+    write_samples(run_dir, pipe, images, made_by, config)
+    grid = save_grid(images, run_dir / "grid.png", columns=config["num_images_per_prompt"])
+    job.finish({"images": len(images), "grid": str(grid)})
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ A stage checkpoint is a directory holding
 * ``model.safetensors``: the trained weights; ``ema.safetensors``: their EMA (optional);
 * ``config.json``: ``{"format", "stage", "model": <config that rebuilds the model>, ...}``;
 * ``space.json``: the EmbeddingSpace the stage lives in;
-* ``manifest.json``: every file's size and sha256, checked before a resume reads them, and the weights before
-  :func:`load_stage` reads them (a checkpoint saved before manifests existed loads unverified);
+* ``manifest.json``: every file's size and sha256, checked before anything reads them: a resume (every file),
+  :func:`load_stage` (``config.json``, ``space.json`` and the weights it reads). A file the manifest lists that is
+  missing, and a file a load reads that the manifest does not list (added since), are refused; so is a manifest
+  listing no files. A checkpoint saved before manifests existed (no ``manifest.json``) loads unverified;
 * during training also ``trainer/`` (accelerate's state) and ``trainer.json`` for exact resume.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place, so a
@@ -38,6 +40,7 @@ LATEST = "latest"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"  # in a training checkpoint: where the run stood (step, data stream, EMA)
 MANIFEST = "manifest.json"  # in a checkpoint: {"files": {relative path: {"size", "sha256"}}}
+STAGE_FILES = ("config.json", "space.json", "model.safetensors", "ema.safetensors")  # what loading a stage may read
 
 
 @dataclass
@@ -120,22 +123,35 @@ def write_manifest(directory: Path) -> None:
     write_json_atomic(directory / MANIFEST, {"format": 1, "files": files})
 
 
+def _unlisted(directory: Path, expected: dict, only: Sequence[str] | None) -> dict[str, str]:
+    """Files a load would read (``only``, else every file a resume reads) that exist but the manifest lacks."""
+    if only is None:  # a resume reads the stage's files, trainer.json and all of trainer/ (accelerate's state)
+        only = [*STAGE_FILES, TRAINER_STATE, *(p.relative_to(directory).as_posix()
+                                                for p in sorted((directory / "trainer").rglob("*")) if p.is_file())]
+    return {name: f"not in {MANIFEST} (added or replaced since it was written)"
+            for name in only if name not in expected and (directory / name).is_file()}
+
+
 def manifest_problems(directory: Path, only: Sequence[str] | None = None) -> dict[str, str] | None:
     """The files of ``directory`` (those named in ``only``, if given) that differ from its manifest, by relative
-    path: what is wrong with each ({} if none); None if the checkpoint has no manifest (saved before they existed)."""
+    path: what is wrong with each ({} if none); None if the checkpoint has no manifest (saved before they existed).
+    Missing files the manifest lists, and files read that it does not list, are problems; a manifest listing no
+    files is damaged (it would verify nothing)."""
     manifest_file = directory / MANIFEST
     if not manifest_file.exists():
         return None
     try:
         files = json.loads(manifest_file.read_text())["files"]
         expected = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+        if not expected:
+            raise ValueError("it lists no files")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"{manifest_file} is damaged ({type(err).__name__}: {err}), so the checkpoint cannot be verified; "
             f"delete {manifest_file} to load its files unverified (as from a checkpoint saved before manifests "
             "existed), or use an earlier checkpoint"
         ) from err
-    problems = {}
+    problems = _unlisted(directory, expected, only)
     for name, (size, digest) in expected.items():
         if only is not None and name not in only:
             continue
@@ -217,8 +233,14 @@ def verify_stage_files(directory: Path, files: Sequence[str], doing: str = "load
         )
 
 
+CONFIG_FILES = ("config.json", "space.json")  # what read_stage_config reads, verified first
+
+
 def read_stage_config(path: str | Path) -> tuple[Path, dict, EmbeddingSpace | None]:
+    """A stage's directory, config and embedding space, its ``config.json`` and ``space.json`` verified against
+    its manifest first (a listed ``space.json`` that is missing is an error, not a stage without a space)."""
     directory = resolve_checkpoint(path)
+    verify_stage_files(directory, CONFIG_FILES)
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:

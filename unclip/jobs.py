@@ -1,5 +1,7 @@
 """What every job in train/ does around its own work: a run directory, a seed, the trainer, metrics.json.
 
+Every job ends one way, :meth:`Job.finish` (``Job.train`` and ``Job.fit`` end there after training).
+
 A job in train/ is a page that says only what is particular to it::
 
     @hydra_job("train_prior")               # train/_job.py: Hydra's run directory and config -> a Job
@@ -21,6 +23,8 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
+from unclip.files import write_atomic
+
 
 def plain(value: Any) -> Any:
     """Metrics to JSON-friendly values (tensors and numpy scalars to floats)."""
@@ -31,29 +35,6 @@ def plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     return value
-
-
-def finish(run_dir: str | Path, metrics: dict, *, is_main: bool = True) -> dict:
-    """Write ``run_dir/metrics.json`` and print it as one JSON line (main process only)."""
-    metrics = plain(metrics)
-    if is_main:
-        path = Path(run_dir) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print(json.dumps(metrics, sort_keys=True), flush=True)
-    return metrics
-
-
-def fit_and_finish(trainer, run_dir: str | Path, started: float) -> dict:
-    """Train, then write and print the job's metrics: the final evaluation, step, checkpoint and minutes."""
-    result = trainer.fit()
-    metrics = {
-        **result.metrics,
-        "step": result.step,
-        "checkpoint": str(result.checkpoint),
-        "minutes": (time.time() - started) / 60,
-    }
-    return finish(run_dir, metrics, is_main=trainer.is_main)
 
 
 @dataclass
@@ -81,8 +62,12 @@ class Job:
         return self.fit(self.trainer(model, loss_fn, dataset, stage=stage, space_fn=space_fn, **hooks))
 
     def fit(self, trainer) -> dict:
-        """Train with a trainer made by ``trainer`` (e.g. after moving a frozen encoder to its device)."""
-        return fit_and_finish(trainer, self.run_dir, self.started)
+        """Train with a trainer made by ``trainer`` (e.g. after moving a frozen encoder to its device), then
+        :meth:`finish` with the final evaluation, step and checkpoint. A run that fails (its weights went NaN,
+        its losses stayed non-finite) raises before finishing: no metrics.json claims a result."""
+        result = trainer.fit()
+        metrics = {**result.metrics, "step": result.step, "checkpoint": str(result.checkpoint)}
+        return self.finish(metrics, is_main=trainer.is_main)
 
     def require_data(self, *keys: str, image_size: int | None = None, setting: str = "") -> None:
         """Refuse a data config this job cannot use: it must give ``keys`` (splits, ``evaluator``) and, when
@@ -98,15 +83,25 @@ class Job:
                 f"upscaled images; set {setting} to at most {data['image_size']} or use larger images"
             )
 
-    def finish(self, metrics: dict) -> dict:
-        """Write and print metrics.json for a job that trains nothing, with its minutes."""
-        return finish(self.run_dir, {**metrics, "minutes": self.minutes})
+    def finish(self, metrics: dict, *, is_main: bool = True) -> dict:
+        """The one way a job ends: write ``metrics.json`` into its run directory (a new file renamed into place,
+        so a symlink there is replaced, never written through) and print it as one JSON line, on the main
+        process only; ``minutes`` since the job started unless ``metrics`` gives them. Returns the metrics."""
+        metrics = plain({"minutes": self.minutes, **metrics})
+        if is_main:
+            text = json.dumps(metrics, indent=2, sort_keys=True)
+            write_atomic(self.run_dir / "metrics.json", text)
+            print(json.dumps(metrics, sort_keys=True), flush=True)
+        return metrics
 
 
 def start_job(config: dict, run_dir: str | Path) -> Job:
-    """A Job for a plain config; a training job (one with ``trainer`` settings) is seeded first, so that the
-    same seed builds the same initial weights."""
+    """A Job for a plain config; a training job (one with ``trainer`` settings) has them checked (an error naming
+    a bad one, before any data is built) and is seeded first, so that the same seed builds the same initial weights."""
     job = Job(run_dir=Path(run_dir), config=config)
     if "trainer" in config:
-        set_seed(config["trainer"]["seed"])
+        from unclip.training.config import TrainerConfig
+
+        trainer = TrainerConfig.from_dict(config["trainer"])  # its values checked before any data is built
+        set_seed(trainer.seed)
     return job

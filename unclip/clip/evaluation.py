@@ -21,9 +21,21 @@ def embed_texts(encoder, texts: Sequence[str], batch_size: int = 256) -> torch.T
 
 
 def zero_shot_top1(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of images whose most similar class prompt is their own class."""
-    predictions = (image_embeds @ class_embeds.T).argmax(dim=-1)
+    """Fraction of images whose most similar class prompt is their own class (an image with a non-finite
+    similarity is a miss: argmax would pick a NaN as the best)."""
+    scores = image_embeds @ class_embeds.T
+    predictions = scores.argmax(dim=-1).masked_fill(~torch.isfinite(scores).all(dim=-1), -1)
     return (predictions.cpu() == labels.cpu()).float().mean().item()
+
+
+def ranks_of_true(scores: torch.Tensor, true_scores: torch.Tensor) -> torch.Tensor:
+    """Per row, how many candidates score at least as high as ``true_scores`` (the true match's, [N, 1]), itself
+    not counted: ties count against it, and so does a non-finite candidate; a non-finite true score is a miss
+    (rank = the largest integer). Comparisons with NaN are all false: counted naively, a NaN CLIP ranks every true
+    match first and scores perfect recall."""
+    ahead = (scores >= true_scores) | ~torch.isfinite(scores)
+    rank = ahead.sum(dim=1) - 1
+    return rank.masked_fill(~torch.isfinite(true_scores.squeeze(1)), torch.iinfo(rank.dtype).max)
 
 
 def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
@@ -35,8 +47,7 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks: 
     metrics = {}
     for name, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
         # rank of the true match: how many other candidates score at least as high (ties count against it)
-        true_scores = scores[target, target].unsqueeze(1)
-        rank = (scores >= true_scores).sum(dim=1) - 1
+        rank = ranks_of_true(scores, scores[target, target].unsqueeze(1))
         for k in ks:
             metrics[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return metrics

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from unclip.clip.evaluation import embed_images, embed_texts
+from unclip.clip.evaluation import embed_images, embed_texts, ranks_of_true
 
 
 def _check(images: torch.Tensor, texts: Sequence[str]) -> None:
@@ -30,7 +30,8 @@ def retrieval_metrics(clip, images: torch.Tensor, texts: Sequence[str], *, ks: S
 
     Image i's correct text is ``texts[i]``; equal texts are one candidate, so a caption shared by
     several images is correct for each of them (and, as a query, finds any of them). Candidates
-    scoring at least as high as the best correct one count against it (ties are misses). Keys:
+    scoring at least as high as the best correct one count against it (ties are misses), and so does any
+    non-finite similarity (a NaN CLIP scores no recall, not perfect recall). Keys:
     ``image_to_text_R@k`` and ``text_to_image_R@k``, each a mean over the N pairs.
     """
     _check(images, texts)
@@ -44,11 +45,12 @@ def retrieval_metrics(clip, images: torch.Tensor, texts: Sequence[str], *, ks: S
     correct = inverse[:, None] == torch.arange(len(unique))[None, :]  # [N, U]: image n shows text u
 
     # image -> text: one correct candidate per image
-    true = similarity[rows, inverse]
-    image_rank = (similarity >= true[:, None]).sum(dim=1) - 1
-    # text -> image: a text's best-scoring correct image against every other image
-    best = similarity.masked_fill(~correct, float("-inf")).max(dim=0).values  # [U]
-    text_rank = ((similarity >= best[None, :]) & ~correct).sum(dim=0)[inverse]  # per pair's text
+    image_rank = ranks_of_true(similarity, similarity[rows, inverse][:, None])
+    # text -> image: a text's best-scoring correct image against every other image; non-finite scores are misses
+    finite = torch.isfinite(similarity)
+    best = similarity.masked_fill(~(correct & finite), float("-inf")).max(dim=0).values  # [U]
+    ahead = ((similarity >= best[None, :]) | ~finite) & ~correct
+    text_rank = ahead.sum(dim=0).masked_fill(~torch.isfinite(best), torch.iinfo(torch.long).max)[inverse]  # per pair's text
 
     metrics = {}
     for k in ks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -39,24 +40,47 @@ class TrainerConfig:
     log_with: str | None = None  # also log to an accelerate tracker, e.g. tensorboard (events in <run>/tensorboard/)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "preview_every", "checkpoint_every", "warmup_steps", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        self.betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
+        self._check_counts()
+        self._check_optimiser()
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"trainer.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if not self.lr > 0:
-            raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_beta < 1:
             raise ValueError(f"trainer.ema_beta must be in [0, 1), got {self.ema_beta}")
         if self.log_with is not None and self.log_with not in TRACKERS:
             raise ValueError(f"trainer.log_with must be one of {TRACKERS} or null, got {self.log_with!r}")
         if self.resume and self.overwrite:
             raise ValueError("trainer.resume and trainer.overwrite are both set; choose one")
+
+    def _check_counts(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every", "max_bad_steps",
+                    "ema_update_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "preview_every", "checkpoint_every", "warmup_steps", "num_workers",
+                     "ema_update_after_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take 0 .. 2**32 - 1
+            raise ValueError(f"trainer.seed must be in [0, 2**32), got {self.seed}")
+
+    def _check_optimiser(self) -> None:
+        """Values that would train wrong without a word: a negative or non-finite rate, decay or clip."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"trainer.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"trainer.min_lr_ratio must be in [0, 1] (the cosine decay ends at lr * min_lr_ratio), "
+                             f"got {self.min_lr_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"trainer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        betas = self.betas
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"trainer.betas must be two numbers in [0, 1) (AdamW's beta1 and beta2), e.g. "
+                             f"[0.9, 0.98], got {list(betas) if isinstance(betas, tuple) else betas}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"trainer.grad_clip must be a finite number > 0 (the largest gradient norm), or 0 or "
+                             f"null for no clipping, got {self.grad_clip}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Sequence
+
+from unclip.files import write_atomic
 
 LOG = "log.jsonl"
 
@@ -65,7 +68,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
             axes.set_yscale("log")
         if len(runs) > 1 and index == 0:
             axes.legend(fontsize=7)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=90)
-    return out
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(out).suffix.lstrip(".") or "png", dpi=90)
+    return write_atomic(out, buffer.getvalue())  # a symlink at ``out`` is replaced, never written through

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from unclip.files import append_line, replace_link, write_atomic
 
 
 @dataclass
@@ -44,15 +45,19 @@ class LogWindow:
             self.loss_count += 1
 
     def record(self, step: int, lr: float, last: StepOutcome) -> dict:
-        """The log record of the window ending at ``step`` (``last``: that step's outcome); starts a new one."""
+        """The log record of the window ending at ``step`` (``last``: that step's outcome); starts a new one.
+        A window whose every step was skipped (non-finite) has no loss: ``loss`` is null, not 0.0; a window with
+        skipped steps says how many (``non_finite_steps``)."""
         elapsed = time.perf_counter() - self.start
         record = {
             "step": step,
             "lr": lr,
             "samples_per_s": self.steps * self.samples_per_step / max(elapsed, 1e-9),
-            **last.logs,
-            "loss": self.loss_sum / max(self.loss_count, 1),
+            **(last.logs if last.finite else {}),
+            "loss": self.loss_sum / self.loss_count if self.loss_count else None,
         }
+        if self.loss_count < self.steps:
+            record["non_finite_steps"] = self.steps - self.loss_count
         if last.grad_norm is not None:
             record["grad_norm"] = float(last.grad_norm)
         self.restart()
@@ -71,18 +76,21 @@ class RunLog:
     def keep_until(self, step: int) -> None:
         """Keep only the records up to ``step`` (where the run starts): later ones were written before a crash or
         by an earlier run and will be written again, so that no step is in the log twice."""
-        if not (self.enabled and self.path.is_file()):
+        if not self.enabled:
+            return
+        replace_link(self.path)  # a symlink planted there is replaced by the run's own log, never written through
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path} is a directory, where the run writes its log: move it away, or "
+                                    "choose another run directory with hydra.run.dir=...")
+        if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as log:
-            log.write(json.dumps(record, default=float) + "\n")
+        append_line(self.path, json.dumps(record, default=float) + "\n")
         if self.accelerator is not None:
             self.accelerator.log(tracked_scalars(record), step=record["step"])
 

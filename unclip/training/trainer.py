@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +48,7 @@ from unclip.checkpoint import (
 )
 from unclip.data.collate import collate_dicts
 from unclip.embedding import EmbeddingSpace
-from unclip.run_lock import hold_directory
+from unclip.run_lock import run_directory
 from unclip.training.config import TrainerConfig
 from unclip.training.curves import plot_runs
 from unclip.training.data import DataStream
@@ -65,6 +64,10 @@ RANDOM_STATES = re.compile(r"trainer/random_states_\d+\.pkl")  # accelerate's pe
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights hold NaN or infinite values: nothing trained from here on is worth saving or scoring."""
 
 
 class _LossModule(nn.Module):
@@ -159,6 +162,7 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=self.is_main, accelerator=self.accelerator if config.log_with else None)
         self.step = 0
         self.bad_steps = 0
+        self._start_step = 0
         self.last_checkpoint: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
@@ -178,8 +182,7 @@ class Trainer:
         """Train to ``max_steps`` (resuming or starting over as the config says), then checkpoint, preview and
         evaluate; the final metrics add the run's ``data_issues``. The main process owns the run directory
         meanwhile (``unclip.run_lock``): a second run into it is refused, naming this one's process id."""
-        owner = hold_directory(self.run_dir, f"training {self.stage}") if self.is_main else nullcontext()
-        with owner:
+        with run_directory(self.run_dir, f"training {self.stage}", main=self.is_main):
             return self._fit()
 
     def _fit(self) -> TrainResult:
@@ -206,6 +209,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         self._prepare_run_dir()
+        self._start_step = self.step  # after a resume: where this run's steps begin
         if self.config.log_with:
             hyperparameters = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                for k, v in self.config.to_dict().items()}
@@ -222,7 +226,8 @@ class Trainer:
         record = window.record(self.step, lr_at(self.step - 1, self.config), last)
         record.update(self.step_cost.log(record["samples_per_s"], self.accelerator.num_processes))
         self.log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+        loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+        bar.set_postfix(loss=loss, samples_s=f"{record['samples_per_s']:.1f}")
         return record
 
     def _run_periodic_hooks(self) -> bool:
@@ -236,6 +241,8 @@ class Trainer:
         return ran
 
     def _finish(self, history: list[dict]) -> TrainResult:
+        self._check_finite_weights()  # also after resuming at the last step: a failed run is not scored
+        self._check_not_diverged()
         if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.step):
             self.save_checkpoint()
         self._preview()
@@ -246,7 +253,7 @@ class Trainer:
         if self.config.log_with:
             self.accelerator.end_training()
         if self.is_main:
-            plot_runs([self.run_dir], self.run_dir / CURVES)
+            plot_runs([self.run_dir], self.run_dir / CURVES)  # a new file renamed into place
         return TrainResult(step=self.step, metrics=metrics, checkpoint=self.last_checkpoint, history=history)
 
     # -- one optimisation step --------------------------------------------------------------
@@ -307,6 +314,9 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Save the run's state atomically as ``checkpoints/step-N`` and point ``latest`` at it; weights that are
+        not finite are refused (NonFiniteWeightsError), so they never replace or prune a good checkpoint."""
+        self._check_finite_weights()
         acc = self.accelerator
         name = checkpoint_name(self.step)
         final = self.checkpoint_root / name
@@ -335,6 +345,34 @@ class Trainer:
         acc.wait_for_everyone()
         self.last_checkpoint = final
         return final
+
+    def _check_not_diverged(self) -> None:
+        """A run whose every step after its first was skipped (non-finite) ended diverged, though it stopped
+        short of ``max_bad_steps``: its weights (finite, but e.g. huge after one step at a huge rate) make no
+        model worth evaluating or saving over the last good checkpoint."""
+        trained = self.step - self._start_step
+        if trained and self.bad_steps and self.bad_steps >= min(self.config.max_bad_steps, max(trained - 1, 1)):
+            raise NonFiniteLossError(
+                f"training {self.stage} diverged: the last {self.bad_steps} of the {trained} steps of this run had a "
+                f"non-finite loss or gradient, so nothing was saved or evaluated. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Lower trainer.lr (or set trainer.grad_clip) and start over with "
+                "trainer.overwrite=true, or resume from that checkpoint with trainer.resume=true"
+            )
+
+    def _check_finite_weights(self) -> None:
+        """Every process holds the same weights, so every one comes to the same verdict (no collective)."""
+        models = {"weights": self.model, "EMA weights": self.ema.ema_model}
+        bad = {what: [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+               for what, model in models.items()}
+        bad = {what: names for what, names in bad.items() if names}
+        if bad:
+            found = "; ".join(f"{what}: {len(names)} tensor(s) ({', '.join(names[:3])})" for what, names in bad.items())
+            raise NonFiniteWeightsError(
+                f"training {self.stage} failed at step {self.step}: the model's weights hold NaN or infinite values "
+                f"({found}), so nothing was saved or evaluated. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Lower trainer.lr (or set trainer.grad_clip) and start over "
+                "with trainer.overwrite=true, or resume from that checkpoint with trainer.resume=true"
+            )
 
     def _trainer_state(self) -> dict:
         return {
