@@ -126,3 +126,71 @@ def test_inception_features_load_the_users_weights_file_and_never_download(tmp_p
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     out = features(images)
     assert features.name == "inception" and out.shape == (3, 2048) and torch.isfinite(out).all()
+
+
+def _micro_pipeline():
+    from stages import micro_stages
+
+    from unclip.pipeline import GenerationSettings, UnCLIPPipeline
+
+    clip, prior, decoder, upsampler = micro_stages()
+    return UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler],
+                          settings=GenerationSettings(prior_steps=2, decoder_steps=2, upsampler_steps=2))
+
+
+def test_the_shapes_evaluation_reports_distribution_metrics_beside_the_judge():
+    from unclip.eval.shapes import ShapesEvaluator
+
+    pipe = _micro_pipeline()
+    splits = {"val": ShapesDataset(split="val", length=4)}
+    items = {"fidelity": {"val": 10, "pair": 6}}
+    metrics = ShapesEvaluator(splits, pipeline_items=items, metrics={}).pipeline_metrics(pipe, seed=0, edits=False)
+    assert metrics["fidelity/val/n"] == 10 and metrics["distribution/n_fid_clip"] == 16  # the judged images, all splits
+    assert {"distribution/fid_clip", "distribution/kid_clip_mean", "distribution/precision_clip",
+            "distribution/recall_clip", "distribution/clip_score", "distribution/fid_clip_floor",
+            "distribution/fid_clip_ceiling_mean", "distribution/fid_clip_ceiling_noise"} <= set(metrics)
+    off = ShapesEvaluator(splits, pipeline_items=items, metrics={"enabled": False}).pipeline_metrics(pipe, seed=0, edits=False)
+    assert not any(key.startswith("distribution/") for key in off) and "fidelity/val/n" in off
+    with pytest.raises(ValueError, match=r"unknown metrics settings \['feature'\]"):
+        ShapesEvaluator(splits, metrics={"feature": "clip"})
+    with pytest.raises(ValueError, match="unknown metrics.features 'incepton'; choose one of clip, inception"):
+        ShapesEvaluator(splits, metrics={"features": "incepton"})
+
+
+def _digit_folder(root, count=24):
+    """A folder of handwritten-like digits (an MNIST-like case), captioned by name.txt files."""
+    from PIL import Image, ImageDraw
+
+    root.mkdir()
+    for i in range(count):
+        image = Image.new("RGB", (16, 16), "black")
+        ImageDraw.Draw(image).text((5, 2), str(i % 10), fill="white")
+        image.save(root / f"digit{i:03d}.png")
+        (root / f"digit{i:03d}.txt").write_text(f"a handwritten {i % 10}")
+    return root
+
+
+@pytest.mark.slow
+def test_evaluate_job_on_a_folder_of_digits_computes_the_metrics_offline(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages import save_micro_pipeline
+
+    stages = save_micro_pipeline(tmp_path / "stages")
+    root = Path(__file__).resolve().parents[1]
+    pipeline = [f"pipeline.{name}={path}" for name, path in stages.items() if name != "upsamplers"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "train/evaluate.py", *pipeline, f"pipeline.upsamplers=[{stages['upsamplers'][0]}]",
+           "data=folder", f"data.root={_digit_folder(tmp_path / 'digits')}", "data.image_size=32", "data.val_fraction=0.5",
+           "eval_items={val:6}", "pipeline.settings.prior_steps=2", "pipeline.settings.decoder_steps=2",
+           "pipeline.settings.upsampler_steps=2", f"hydra.run.dir={tmp_path / 'evaluate'}"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert {"val_clip_score", "distribution/val/fid_clip", "distribution/val/kid_clip_mean",
+            "distribution/val/precision_clip", "distribution/val/fid_clip_ceiling_noise"} <= set(metrics)
+    assert metrics["distribution/val/n_fid_clip"] == 6

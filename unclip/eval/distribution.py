@@ -20,6 +20,7 @@ Nothing here downloads: ``inception`` needs the standard FID network's weights a
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -226,13 +227,15 @@ def trivial_images(real_images: torch.Tensor, kind: str, seed: int = 0) -> torch
     raise ValueError(f"unknown trivial generator {kind!r}; choose mean or noise")
 
 
-def calibration(features: ImageFeatures, real_a: torch.Tensor, real_b: torch.Tensor, *, seed: int = 0) -> dict:
+def calibration(features: ImageFeatures, real_a: torch.Tensor, real_b: torch.Tensor, *, seed: int = 0,
+                real_a_features: torch.Tensor | None = None) -> dict:
     """The rows an FID is read against, from two disjoint real image sets of the same size: the floor (real against
     real: what sampling noise alone gives at this count) and the ceilings (real against the mean image, and against
     noise). Keys ``fid_<space>_floor``, ``fid_<space>_ceiling_mean``, ``fid_<space>_ceiling_noise``, and
-    ``n_fid_<space>_calibration``."""
+    ``n_fid_<space>_calibration``. ``real_a_features``: ``features(real_a)`` where already extracted."""
     space = features.name
-    fa, fb = features(real_a), features(real_b)
+    fa = features(real_a) if real_a_features is None else real_a_features
+    fb = features(real_b)
     _check_features(fa, fb, space)
     rows = {f"fid_{space}_floor": frechet_distance(fa, fb)}
     for kind in ("mean", "noise"):
@@ -241,3 +244,48 @@ def calibration(features: ImageFeatures, real_a: torch.Tensor, real_b: torch.Ten
         rows[f"fid_{space}_ceiling_{kind}"] = frechet_distance(fa, fake)
     rows[f"n_fid_{space}_calibration"] = min(len(fa), len(fb))
     return rows
+
+
+@dataclass
+class MetricsSettings:
+    """The ``metrics:`` node of the jobs (conf/metrics/default.yaml): which feature space, and what to compute."""
+
+    features: str = "clip"  # clip | inception | open_clip
+    inception_weights: str | None = None  # features=inception: the standard FID network's weights file
+    open_clip_model: str | None = None  # features=open_clip: a model name (e.g. ViT-B-32) ...
+    open_clip_weights: str | None = None  # ... and its local checkpoint file
+    kid_subsets: int = 50
+    calibration: bool = True  # the floor and ceiling rows beside every pipeline FID
+    enabled: bool = True
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "MetricsSettings | None":
+        """The settings of a ``metrics:`` node (None or ``enabled: false``: no distribution metrics)."""
+        if config is None:
+            return None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown metrics settings {unknown}; known: {sorted(known)}")
+        settings = cls(**config)
+        if settings.features not in FEATURE_SPACES:
+            raise ValueError(f"unknown metrics.features {settings.features!r}; choose one of {', '.join(FEATURE_SPACES)}")
+        if isinstance(settings.kid_subsets, bool) or not isinstance(settings.kid_subsets, int) or settings.kid_subsets < 1:
+            raise ValueError(f"metrics.kid_subsets must be an int >= 1, got {settings.kid_subsets!r}")
+        return settings if settings.enabled else None
+
+    def space(self, clip=None, device: str | torch.device = "cpu") -> ImageFeatures:
+        return feature_space(self.features, clip=clip, inception_weights=self.inception_weights,
+                             open_clip_model=self.open_clip_model, open_clip_weights=self.open_clip_weights,
+                             device=device)
+
+
+def image_set_metrics(features: ImageFeatures, generated: torch.Tensor, real: torch.Tensor, *,
+                      other_real: torch.Tensor | None = None, kid_subsets: int = 50, seed: int = 0) -> dict:
+    """Distribution metrics of ``generated`` images against ``real`` ones (the data's images of the same captions),
+    features extracted once; with ``other_real`` (disjoint real images, as many as ``real``) the calibration rows."""
+    fake_features, real_features = features(generated), features(real)
+    metrics = distribution_metrics(real_features, fake_features, features.name, kid_subsets=kid_subsets, seed=seed)
+    if other_real is not None:
+        metrics.update(calibration(features, real, other_real, seed=seed, real_a_features=real_features))
+    return metrics
