@@ -1,5 +1,5 @@
-"""README's "Adding a stage" is true: its toy stage (model, loss, job, config), copied out of the README into a
-project of its own, trains 2 steps with the job helper and leaves a complete run directory."""
+"""docs/adding-a-stage.md is true: its toy stage (model, loss, job, config), copied out of the page into a project
+of its own, trains 2 steps with the job helper and leaves a complete run directory."""
 
 import json
 import os
@@ -10,18 +10,18 @@ import sys
 from conftest import ROOT
 
 
-def _readme_blocks(language: str) -> str:
-    section = (ROOT / "README.md").read_text().split("## Adding a stage", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(rf"```{language}\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, f"README's Adding a stage should show one {language} block"
+def _page_blocks(language: str) -> str:
+    page = (ROOT / "docs" / "adding-a-stage.md").read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", page, re.S)
+    assert len(blocks) == 1, f"docs/adding-a-stage.md should show one {language} block"
     return blocks[0]
 
 
 def test_the_readme_toy_stage_trains_with_the_job_helper(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "conf").mkdir()
-    (tmp_path / "train" / "toy.py").write_text(_readme_blocks("python"))
-    (tmp_path / "conf" / "train_toy.yaml").write_text(_readme_blocks("yaml"))
+    (tmp_path / "train" / "toy.py").write_text(_page_blocks("python"))
+    (tmp_path / "conf" / "train_toy.yaml").write_text(_page_blocks("yaml"))
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "train"), os.environ.get("PYTHONPATH", "")])}
