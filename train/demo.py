@@ -27,6 +27,7 @@ from unclip.config import build
 from unclip.dalle_pipeline import DallePipeline
 from unclip.images import save_grid
 from unclip.jobs import Job, finish
+from unclip.report import write_report
 from unclip.pipeline import UnCLIPPipeline
 
 TRAIN = Path(__file__).resolve().parent
@@ -163,6 +164,7 @@ def main(job: Job) -> None:
     metrics["minutes"] = sum(m.get("minutes", 0.0) for m in stages.values()) + (time.time() - evaluating) / 60
     metrics.update(pipeline=str(out / "pipeline"), grid=str(out / "grid.png"))
     finish(out, metrics)
+    log.info(f"report: {write_report([out])}")
 
 
 if __name__ == "__main__":
