@@ -27,8 +27,8 @@ from unclip.config import build
 from unclip.dalle_pipeline import DallePipeline
 from unclip.images import save_grid
 from unclip.jobs import Job, finish
-from unclip.report import write_report
 from unclip.pipeline import UnCLIPPipeline
+from unclip.report import write_report
 
 TRAIN = Path(__file__).resolve().parent
 log = logging.getLogger("demo")  # to the console and <out>/demo.log

@@ -49,13 +49,18 @@ class CaptionsEvaluator(DataEvaluator):
             metrics.update(evaluate_captions(pipe, batch["caption"], batch["image"], seed=seed, prefix=f"{prefix}{split}_",
                                              generated=generated))
             if self.metrics is not None:
-                count = len(batch["caption"])
-                other = self.items(split, 2 * count)["image"][count:]
                 with pipe.autocast():
                     found = self.distribution_metrics(pipe.clip, generated, batch["image"], seed=seed,
-                                                      other_real=other if len(other) == count else None)
+                                                      calibration_sets=self._real_halves(split, len(generated)))
                 metrics.update({f"{prefix}distribution/{split}/{key}": value for key, value in found.items()})
         return metrics
+
+    def _real_halves(self, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Two disjoint sets of the split's real images for the calibration rows: its first ``count`` and its next
+        ``count`` where it has them, else its two halves (the rows' ``n_fid_*_calibration`` says how many)."""
+        pool = self.items(split, 2 * count)["image"]
+        half = count if len(pool) >= 2 * count else len(pool) // 2
+        return (pool[:half], pool[half : 2 * half]) if half >= 2 else None
 
     def sample_prompts(self) -> list[str]:
         """The first ``prompts_per_split`` captions of every evaluated split, each once."""

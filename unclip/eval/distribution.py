@@ -227,15 +227,13 @@ def trivial_images(real_images: torch.Tensor, kind: str, seed: int = 0) -> torch
     raise ValueError(f"unknown trivial generator {kind!r}; choose mean or noise")
 
 
-def calibration(features: ImageFeatures, real_a: torch.Tensor, real_b: torch.Tensor, *, seed: int = 0,
-                real_a_features: torch.Tensor | None = None) -> dict:
+def calibration(features: ImageFeatures, real_a: torch.Tensor, real_b: torch.Tensor, *, seed: int = 0) -> dict:
     """The rows an FID is read against, from two disjoint real image sets of the same size: the floor (real against
     real: what sampling noise alone gives at this count) and the ceilings (real against the mean image, and against
     noise). Keys ``fid_<space>_floor``, ``fid_<space>_ceiling_mean``, ``fid_<space>_ceiling_noise``, and
-    ``n_fid_<space>_calibration``. ``real_a_features``: ``features(real_a)`` where already extracted."""
+    ``n_fid_<space>_calibration``."""
     space = features.name
-    fa = features(real_a) if real_a_features is None else real_a_features
-    fb = features(real_b)
+    fa, fb = features(real_a), features(real_b)
     _check_features(fa, fb, space)
     rows = {f"fid_{space}_floor": frechet_distance(fa, fb)}
     for kind in ("mean", "noise"):
@@ -280,12 +278,8 @@ class MetricsSettings:
                              device=device)
 
 
-def image_set_metrics(features: ImageFeatures, generated: torch.Tensor, real: torch.Tensor, *,
-                      other_real: torch.Tensor | None = None, kid_subsets: int = 50, seed: int = 0) -> dict:
+def image_set_metrics(features: ImageFeatures, generated: torch.Tensor, real: torch.Tensor, *, kid_subsets: int = 50,
+                      seed: int = 0) -> dict:
     """Distribution metrics of ``generated`` images against ``real`` ones (the data's images of the same captions),
-    features extracted once; with ``other_real`` (disjoint real images, as many as ``real``) the calibration rows."""
-    fake_features, real_features = features(generated), features(real)
-    metrics = distribution_metrics(real_features, fake_features, features.name, kid_subsets=kid_subsets, seed=seed)
-    if other_real is not None:
-        metrics.update(calibration(features, real, other_real, seed=seed, real_a_features=real_features))
-    return metrics
+    each set's features extracted once."""
+    return distribution_metrics(features(real), features(generated), features.name, kid_subsets=kid_subsets, seed=seed)

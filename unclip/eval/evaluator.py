@@ -13,7 +13,7 @@ from unclip.data.collate import first_items
 from unclip.data.embeddings import EmbeddingShards
 from unclip.eval.clip_retrieval import clip_score
 from unclip.eval.decoder import evaluate_decoder, psnr
-from unclip.eval.distribution import MetricsSettings, image_set_metrics
+from unclip.eval.distribution import MetricsSettings, calibration, image_set_metrics
 from unclip.eval.prior import evaluate_prior
 from unclip.images import resize
 
@@ -36,17 +36,19 @@ class DataEvaluator:
         self._first: dict[tuple[str, int], dict] = {}
 
     def distribution_metrics(self, clip, generated: torch.Tensor, real: torch.Tensor, *, captions=None,
-                             other_real: torch.Tensor | None = None, seed: int = 0) -> dict:
+                             calibration_sets: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> dict:
         """FID, KID, precision/recall of ``generated`` against ``real`` images (of the same captions) in the feature
-        space ``metrics.features`` names, with the calibration rows when ``other_real`` is given (and
-        ``metrics.calibration``) and the CLIP score against ``captions``; {} where metrics are off."""
+        space ``metrics.features`` names; the calibration rows from ``calibration_sets`` (two disjoint real sets, as
+        large as can be had; with ``metrics.calibration``); the CLIP score against ``captions``. {} where metrics are
+        off. Real images are compared at the generated ones' size: resolution is not what is measured."""
         if self.metrics is None:
             return {}
-        size = generated.shape[-1]  # real images at the generated ones' size: resolution is not what is measured
-        real, other_real = resize(real, size), None if other_real is None else resize(other_real, size)
+        size = generated.shape[-1]
         features = self.metrics.space(clip, device=getattr(clip, "device", "cpu"))
-        metrics = image_set_metrics(features, generated, real, kid_subsets=self.metrics.kid_subsets, seed=seed,
-                                    other_real=other_real if self.metrics.calibration else None)
+        metrics = image_set_metrics(features, generated, resize(real, size), kid_subsets=self.metrics.kid_subsets,
+                                    seed=seed)
+        if self.metrics.calibration and calibration_sets is not None:
+            metrics.update(calibration(features, *(resize(images, size) for images in calibration_sets), seed=seed))
         if captions is not None:
             metrics["clip_score"] = clip_score(clip, generated.to(clip.device), list(captions))
         return metrics

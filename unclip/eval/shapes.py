@@ -124,7 +124,8 @@ class ShapesEvaluator(DataEvaluator):
                           for scene in balanced_scenes(counts, seed=seed + 1)[split]])
         captions = [scene.caption for split in ordered for scene in scenes[split]]
         with pipe.autocast():
-            found = self.distribution_metrics(pipe.clip, generated, real, captions=captions, other_real=other, seed=seed)
+            found = self.distribution_metrics(pipe.clip, generated, real, captions=captions, seed=seed,
+                                              calibration_sets=(real, other))
         return {f"{prefix}distribution/{key}": value for key, value in found.items()}
 
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
