@@ -110,15 +110,21 @@ def _numbers(metrics: dict) -> dict:
 def _trained(run: Run) -> str:
     """The headline settings and minutes: one row per stage for a demo, one row for a stage run."""
     runs = run.stages or {run.name: run}
-    rows = [[name, *(stage.config.get(key, "") for key in HEADLINE_SETTINGS), stage.metrics.get("minutes", "")]
+    settings = [key for key in HEADLINE_SETTINGS if any(key in stage.config for stage in runs.values())]
+    rows = [[name, *(stage.config.get(key, "") for key in settings), stage.metrics.get("minutes", "")]
             for name, stage in runs.items()]
     total = run.metrics.get("minutes")
-    text = _table(["stage", *HEADLINE_SETTINGS, "minutes"], rows)
+    text = _table(["stage", *settings, "minutes"], rows)
     if run.stages and isinstance(total, (int, float)):
         text += f"<p>whole run (stages and evaluation): {total:.1f} minutes</p>"
     folded = "".join(f"<h4>{html.escape(name)}</h4><pre>{html.escape(json.dumps(stage.config, indent=1))}</pre>"
                      for name, stage in runs.items() if stage.config)
     return text + (f"<details><summary>every setting</summary>{folded}</details>" if folded else "")
+
+
+def _share(value, column: str = "") -> str:
+    """A judged share as a percentage (counts as they are)."""
+    return f"{value:.0%}" if isinstance(value, float) and column != "n" else value
 
 
 def fidelity_tables(metrics: dict) -> str:
@@ -129,9 +135,9 @@ def fidelity_tables(metrics: dict) -> str:
         splits = sorted({key.split("/")[1] for key in metrics if key.startswith(prefix) and key.count("/") == 2})
         if not splits:
             continue
-        rows = [[split, *(metrics.get(f"{prefix}{split}/{column}", "") for column in FIDELITY_COLUMNS)]
+        rows = [[split, *(_share(metrics.get(f"{prefix}{split}/{column}", ""), column) for column in FIDELITY_COLUMNS)]
                 for split in splits]
-        values = sorted((key[len(prefix):], value) for key, value in metrics.items()
+        values = sorted((key[len(prefix):], _share(value)) for key, value in metrics.items()
                         if key.startswith(prefix) and "=" in key)
         parts.append(f"<h3>balanced prompt set, {title}</h3>" + _table(["split", *FIDELITY_COLUMNS], rows))
         if values:
@@ -140,13 +146,41 @@ def fidelity_tables(metrics: dict) -> str:
     return "".join(parts)
 
 
+FID_KEY = re.compile(r"^(?P<prefix>(?:.*/)?)fid_(?P<space>[a-z]+)(?P<suffix>(?:_g[^/]*)?)$")
+
+
 def distribution_table(metrics: dict) -> str:
-    """FID/KID/precision/recall and CLIP scores, with the calibration rows (floor, ceilings) where present."""
-    rows = [[key, value] for key, value in sorted(_numbers(metrics).items()) if DISTRIBUTION.search(key)
-            or re.search(r"fid_[a-z_]+_(floor|ceiling_[a-z]+)$", key)]
-    return ("<h3>distribution metrics</h3><p>FID is biased by the sample count (n_fid): compare at equal counts. "
-            "A good run's FID lies near the floor (real against real) and far below the ceilings (trivial "
-            "generators).</p>" + _table(["metric", "value"], rows)) if rows else ""
+    """One table per FID found (``distribution/fid_clip``, ``distribution/val/fid_clip``, a decoder's
+    ``fid_clip_g3_val``): the generated images' FID, KID, precision, recall and count, then the calibration rows
+    (floor, ceilings) where the run has them, and the CLIP score."""
+    found = _numbers(metrics)
+    tables = []
+    for key in sorted(found):
+        match = FID_KEY.match(key)
+        if not match:
+            continue
+        prefix, space, suffix = match["prefix"], match["space"], match["suffix"]
+
+        def get(name, default=""):
+            return found.get(f"{prefix}{name}{suffix}", default)
+
+        rows = [["generated", found[key], _pm(get(f"kid_{space}_mean", None), get(f"kid_{space}_std", None)),
+                 get(f"precision_{space}"), get(f"recall_{space}"), get(f"n_fid_{space}")]]
+        rows += [[title, found[f"{prefix}fid_{space}_{name}"], "", "", "", found.get(f"{prefix}n_fid_{space}_calibration", "")]
+                 for name, title in (("floor", "floor: real vs real"), ("ceiling_mean", "ceiling: the mean image"),
+                                     ("ceiling_noise", "ceiling: noise")) if f"{prefix}fid_{space}_{name}" in found]
+        clip = found.get(f"{prefix}clip_score")
+        tables.append(f"<h4>{html.escape(key)}</h4>" + _table(["images", f"FID ({space})", "KID", "precision",
+                                                               "recall", "n"], rows)
+                      + (f"<p>CLIP score (mean cosine to the prompts): {clip:.4g}</p>" if clip is not None else ""))
+    return ("<h3>distribution metrics</h3><p>FID is biased by the sample count (n): compare at equal counts. A good "
+            "run's FID lies near the floor (real against real) and far below the ceilings (trivial generators).</p>"
+            + "".join(tables)) if tables else ""
+
+
+def _pm(mean, std) -> str:
+    return "" if mean is None else f"{mean:.4g} ± {std:.2g}" if std is not None else f"{mean:.4g}"
+
 
 
 def _run_section(run: Run) -> str:
@@ -179,7 +213,7 @@ def _comparison(runs: list[Run]) -> str:
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}
-img{image-rendering:pixelated;max-width:100%}figure{display:inline-block;margin:.5em}.row{display:flex;gap:1em}
+img{image-rendering:pixelated;max-width:100%;min-width:256px}figure{display:inline-block;margin:.5em}.row{display:flex;gap:1em}
 section{border-top:2px solid #888;margin-top:1.5em}pre{background:#f4f4f4;padding:.5em}"""
 
 
