@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -358,7 +359,96 @@ def run_batches(script: str, args) -> list[tuple[int, dict]]:
     return runs
 
 
+def reference_package(args):
+    """DALLE2-pytorch (1.15.6, the version the goals were measured against) from ``args.reference``."""
+    sys.path.insert(0, str(args.reference))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # its sampling loop draws a progress bar per call
+    import dalle2_pytorch
+
+    if dalle2_pytorch.__version__ != "1.15.6":
+        print(f"warning: {args.reference} holds dalle2_pytorch {dalle2_pytorch.__version__}, not 1.15.6",
+              file=sys.stderr)
+    return dalle2_pytorch
+
+
+def measure(model: torch.nn.Module, loss_fn: Callable, make_batch: Callable[[int], dict], args, precision: str,
+            sampler: Callable[[], Callable[..., object]] | None, counted: torch.nn.Module) -> dict:
+    """A worker's numbers: ``model`` trained with ``loss_fn``, then (given a ``sampler``, which prepares the trained
+    model and returns ``sample(steps, scale, graphs)``) its sampling timed; the parameters of ``counted``."""
+    result = train(model, loss_fn, make_batch, args, precision)
+    if sampler is not None:
+        result.update(sampling(sampler(), args, args.guidance))
+    result["parameters"] = sum(p.numel() for p in counted.parameters())
+    return result
+
+
+def worker(args, *, ours: Callable, reference: Callable, paired: Callable) -> None:
+    """Measure ``args.worker`` in this process (``ours(args, precision)``, ``reference(args, precision)`` or the
+    ``paired(args)`` comparison); print its numbers as one JSON line."""
+    name = args.worker
+    if name == PAIRED:
+        result = paired(args)
+    elif name.startswith(REF):
+        result = reference(args, name[len(REF):])
+    else:
+        result = ours(args, name)
+    if "profile" in result:
+        print(f"top ops of one {name} training step:\n{result.pop('profile')}")
+    print(json.dumps(result))
+
+
+def main(benchmark: str, script: str, args, report: Callable, reference_numbers: dict, *, ours: Callable,
+         reference: Callable, build: Callable, loss: Callable, build_reference: Callable, batches: Callable) -> None:
+    """A benchmark's run: as a worker, one measurement (see ``worker``; the paired one trains ``build(args)`` with
+    ``loss`` and ``build_reference(args)`` on ``batches(args)``); else a worker per precision and batch size, a
+    report per batch size, and the JSON of them all."""
+    if args.worker:
+        def paired(args):
+            return paired_worker(build(args), loss, build_reference, batches(args), args)
+
+        return worker(args, ours=ours, reference=reference, paired=paired)
+    runs = [report(args, batch, results) for batch, results in run_batches(script, args)]
+    print_json(benchmark, args, runs=runs, reference=reference_numbers, goals=[g for run in runs for g in run["goals"]])
+
+
 # -- the report ---------------------------------------------------------------------------------------
+def report_columns(results: dict) -> tuple[dict | None, list[str], list[str], int]:
+    """Of one batch size's results: the paired comparison (taken out), the columns, ours among them, and the
+    model's parameters."""
+    pair = results.pop(PAIRED, None)
+    columns = list(results)
+    ours = [c for c in columns if c in PRECISIONS]
+    return pair, columns, ours, results[ours[0] if ours else columns[0]]["parameters"]
+
+
+def print_setting(args) -> None:
+    print(setting(args))
+    if args.quick:
+        print("quick run: the counts are too small for any number below to mean anything")
+
+
+def training_rows(results: dict, columns, args, batch: int, reference: dict, reference_speed: float | None,
+                  reference_step: float | None) -> list[tuple[str, dict, object]]:
+    """The training rows every benchmark reports: speed, step time and its phases, memory, throughput."""
+    def col(f) -> dict:
+        return {c: f(results[c]) for c in columns if c in results}
+
+    return [
+        ("train samples/s", col(lambda r: batch / r["step_s"]), reference_speed),
+        ("train step, median (s)", col(lambda r: r["step_s"]), reference_step),
+        ("  forward (s)", col(lambda r: r["forward_s"]), None),
+        ("  backward (s)", col(lambda r: r["backward_s"]), None),
+        ("  grad clip + AdamW" + (" + EMA" if args.ema else "") + " (s)", col(lambda r: r["optimizer_s"]), None),
+        ("  forward / backward / optimizer (%)",
+         col(lambda r: "/".join(f"{100 * r[k] / r['step_s']:.0f}" for k in ("forward_s", "backward_s", "optimizer_s"))),
+         None),
+        (f"peak memory ({'allocated' if args.device.type == 'cuda' else 'process RSS'}, MB)",
+         col(lambda r: r["memory"]["peak_mb"]), reference["train_peak_mb"]),
+        ("  growth while training (MB)", col(lambda r: r["memory"]["growth_mb"]), None),
+        *throughput_rows(results, args, batch),
+    ]
+
+
 def table(rows: list[tuple[str, dict, object]], columns, fmt: str = "{:.2f}", last: str | None = None) -> None:
     """Print rows of (label, {column: value}, value of the ``last`` column or None) as aligned columns."""
     def cell(value) -> str:

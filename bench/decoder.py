@@ -32,10 +32,6 @@ set to the DDIM steps. DIR holds the package and what it imports, without replac
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
 import common
 import torch
 import torch.nn.functional as F
@@ -77,9 +73,9 @@ def build(args) -> Decoder:
     """The benchmark decoder; the same sizes as conf/decoder/unet_64.yaml."""
     torch.manual_seed(args.seed)  # the same init (and the same timesteps and noise) in every precision
     unet = dict(base_channels=args.base_channels, channel_mult=args.channel_mult, num_res_blocks=args.res_blocks,
-                attention_resolutions=args.attention, head_channels=64, dropout=0.0, num_image_tokens=4)
+                attention_resolutions=args.attention, head_channels=64, dropout=0.0)
     return Decoder(image_size=args.image_size, image_embed_dim=args.embed_dim, text_length=args.text_length,
-                   unet=unet, caption="transformer" if args.caption else "none", caption_width=256,
+                   unet=unet, num_image_tokens=4, caption="transformer" if args.caption else "none", caption_width=256,
                    caption_layers=2, caption_heads=4).to(args.device)
 
 
@@ -112,13 +108,7 @@ def synthetic_batches(args):
 
 def build_reference(args):
     """DALLE2-pytorch 1.15.6's Decoder at the benchmark configuration, from ``args.reference``; and its loss."""
-    sys.path.insert(0, str(args.reference))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # its sampling loop draws a progress bar per call
-    import dalle2_pytorch
-
-    if dalle2_pytorch.__version__ != "1.15.6":
-        print(f"warning: {args.reference} holds dalle2_pytorch {dalle2_pytorch.__version__}, not 1.15.6",
-              file=sys.stderr)
+    dalle2_pytorch = common.reference_package(args)
     unet = dalle2_pytorch.Unet(dim=args.base_channels, dim_mults=tuple(args.channel_mult),
                                num_resnet_blocks=args.res_blocks, image_embed_dim=args.embed_dim,
                                self_attn=tuple(args.image_size // 2**i in args.attention
@@ -134,88 +124,51 @@ def build_reference(args):
 
 def our_worker(args, precision: str) -> dict:
     model = build(args)
-    result = common.train(model, our_loss, synthetic_batches(args), args, precision)
-    if not args.no_sampling:
+
+    def sampler():
         model.eval()
         one = synthetic_batches(args)(-1, 1)  # ONE image
+        return lambda steps, scale, graphs: _sample_ours(model, one, steps, scale, graphs, args.device, precision)
 
-        def sample(steps: int, scale: float, graphs: str):
-            with common.autocast(args.device, precision):
-                return model.sample(one["image_embed"], one["text"], steps=steps, guidance_scale=scale,
-                                    cuda_graphs=graphs)
+    return common.measure(model, our_loss, synthetic_batches(args), args, precision,
+                          None if args.no_sampling else sampler, counted=model)
 
-        result.update(common.sampling(sample, args, args.guidance))
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    return result
+
+def _sample_ours(model, one: dict, steps: int, scale: float, graphs: str, device, precision: str):
+    with common.autocast(device, precision):
+        return model.sample(one["image_embed"], one["text"], steps=steps, guidance_scale=scale, cuda_graphs=graphs)
 
 
 def reference_worker(args, precision: str) -> dict:
     """DALLE2-pytorch 1.15.6 in ``precision``, as ``our_worker`` measures ours; sampling in fp32 only."""
     torch.manual_seed(args.seed)
     model, loss = build_reference(args)
-    result = common.train(model, loss, synthetic_batches(args), args, precision)
-    if not args.no_sampling and precision == "fp32":
-        one = synthetic_batches(args)(-1, 1)
+    one = synthetic_batches(args)(-1, 1)
 
-        def sample(steps: int, scale: float, graphs: str):
-            model.sample_timesteps = (steps,)
-            return model.sample(image_embed=one["image_embed"], cond_scale=scale)
+    def sample(steps: int, scale: float, graphs: str):
+        model.sample_timesteps = (steps,)
+        return model.sample(image_embed=one["image_embed"], cond_scale=scale)
 
-        result.update(common.sampling(sample, args, args.guidance))
-    result["parameters"] = sum(p.numel() for p in model.unets.parameters())
-    return result
-
-
-def worker(args) -> None:
-    """Measure ``args.worker`` in this process; print its numbers as one JSON line."""
-    name = args.worker
-    if name == common.PAIRED:
-        result = common.paired_worker(build(args), our_loss, build_reference, synthetic_batches(args), args)
-    elif name.startswith(common.REF):
-        result = reference_worker(args, name[len(common.REF):])
-    else:
-        result = our_worker(args, name)
-    if "profile" in result:
-        print(f"top ops of one {name} training step:\n{result.pop('profile')}")
-    print(json.dumps(result))
+    sampled = not args.no_sampling and precision == "fp32"
+    return common.measure(model, loss, synthetic_batches(args), args, precision, (lambda: sample) if sampled else None,
+                          counted=model.unets)
 
 
 def report(args, batch: int, results: dict) -> dict:
     """Print the table and goals of one batch size; return its part of the JSON."""
-    pair = results.pop(common.PAIRED, None)
-    columns = list(results)
-    ours = [c for c in columns if c in common.PRECISIONS]
-    parameters = results[ours[0] if ours else columns[0]]["parameters"]
+    pair, columns, ours, parameters = common.report_columns(results)
     levels = [args.image_size // 2**i for i in range(len(args.channel_mult))]
     attention = [r for r in args.attention if r in levels]  # resolutions the UNet never reaches are ignored (ADM)
     print(f"\ndecoder: {args.image_size} px, {args.base_channels} base channels, mult {tuple(args.channel_mult)}, "
           f"{args.res_blocks} blocks a level, attention at {attention} px and the middle ({levels[-1]} px), "
           f"{'caption transformer' if args.caption else 'no caption'}, {parameters / 1e6:.1f}M parameters; "
           f"batch {batch}")
-    print(common.setting(args))
-    if args.quick:
-        print("quick run: the counts are too small for any number below to mean anything")
+    common.print_setting(args)
     comparable = args.comparable and batch == DEFAULT_BATCH
     reference_speed = REFERENCE["train_samples_per_s_caption" if args.caption else "train_samples_per_s"]
-
-    def col(f) -> dict:
-        return {c: f(results[c]) for c in columns if c in results}
-
-    def share(r, phase) -> float:
-        return 100 * r[phase] / r["step_s"]
-
     rows = [
-        ("train samples/s", col(lambda r: batch / r["step_s"]), reference_speed),
-        ("train step, median (s)", col(lambda r: r["step_s"]), None if args.caption else REFERENCE["train_step_s"]),
-        ("  forward (s)", col(lambda r: r["forward_s"]), None),
-        ("  backward (s)", col(lambda r: r["backward_s"]), None),
-        ("  grad clip + AdamW" + (" + EMA" if args.ema else "") + " (s)", col(lambda r: r["optimizer_s"]), None),
-        ("  forward / backward / optimizer (%)",
-         col(lambda r: "/".join(f"{share(r, k):.0f}" for k in ("forward_s", "backward_s", "optimizer_s"))), None),
-        (f"peak memory ({'allocated' if args.device.type == 'cuda' else 'process RSS'}, MB)",
-         col(lambda r: r["memory"]["peak_mb"]), REFERENCE["train_peak_mb"]),
-        ("  growth while training (MB)", col(lambda r: r["memory"]["growth_mb"]), None),
-        *common.throughput_rows(results, args, batch),
+        *common.training_rows(results, columns, args, batch, REFERENCE, reference_speed,
+                              None if args.caption else REFERENCE["train_step_s"]),
         (f"loss, mean of the last {common.loss_summary(results[ours[0]]['losses'])['tail_steps'] if ours else 0} steps",
          {c: common.loss_summary(results[c]["losses"])["tail_mean"] for c in ours}, None),  # not the ref's loss
     ]
@@ -246,11 +199,8 @@ def report(args, batch: int, results: dict) -> dict:
 
 
 def main() -> None:
-    args = arguments()
-    if args.worker:
-        return worker(args)
-    runs = [report(args, batch, results) for batch, results in common.run_batches(__file__, args)]
-    common.print_json("decoder", args, runs=runs, reference=REFERENCE, goals=[g for run in runs for g in run["goals"]])
+    common.main("decoder", __file__, arguments(), report, REFERENCE, ours=our_worker, reference=reference_worker,
+                build=build, loss=our_loss, build_reference=build_reference, batches=synthetic_batches)
 
 
 if __name__ == "__main__":

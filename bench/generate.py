@@ -58,9 +58,9 @@ def pipeline(device: torch.device) -> UnCLIPPipeline:
     clip = OpenClipEncoder(model_name="ViT-B-32", name="bench")
     space = clip.space
     prior = DiffusionPrior(embed_dim=space.dim, token_dim=space.token_dim, text_length=space.text_length,
-                           width=512, depth=6, heads=8)
+                           net=dict(width=512, depth=6, heads=8))
     unet = dict(base_channels=64, channel_mult=[1, 2, 4], num_res_blocks=2, attention_resolutions=[16, 8],
-                head_channels=64, dropout=0.0, num_image_tokens=4)
+                head_channels=64, dropout=0.0)
     decoder = Decoder(image_size=64, image_embed_dim=space.dim, text_length=space.text_length, unet=unet,
                       caption="transformer", caption_width=256, caption_layers=2, caption_heads=4)
     return UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder).to(device)

@@ -32,10 +32,7 @@ candidates of one caption). Its network works at the embedding width, so ``--ref
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 
 import common
 import torch
@@ -102,7 +99,7 @@ def synthetic_batches(args):
 def build(args) -> DiffusionPrior:
     torch.manual_seed(args.seed)  # the same init (and the same timesteps and noise) in every precision
     model = DiffusionPrior(embed_dim=args.embed_dim, token_dim=args.token_dim, text_length=args.text_length,
-                           width=args.width, depth=args.depth, heads=args.heads).to(args.device)
+                           net=dict(width=args.width, depth=args.depth, heads=args.heads)).to(args.device)
     model.fit_normalisation(synthetic_batches(args)(-1, 1024)["image_embed"])
     return model
 
@@ -113,13 +110,7 @@ def our_loss(model, batch):
 
 def build_reference(args):
     """DALLE2-pytorch 1.15.6's DiffusionPrior at the benchmark configuration, from ``args.reference``; its loss."""
-    sys.path.insert(0, str(args.reference))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # its sampling loop draws a progress bar per call
-    import dalle2_pytorch
-
-    if dalle2_pytorch.__version__ != "1.15.6":
-        print(f"warning: {args.reference} holds dalle2_pytorch {dalle2_pytorch.__version__}, not 1.15.6",
-              file=sys.stderr)
+    dalle2_pytorch = common.reference_package(args)
     net = dalle2_pytorch.DiffusionPriorNetwork(dim=args.width, depth=args.depth, heads=args.heads,
                                                dim_head=args.width // args.heads, num_timesteps=1000,
                                                max_text_len=args.text_length)
@@ -139,8 +130,8 @@ def one_caption(args) -> dict:
 
 def our_worker(args, precision: str) -> dict:
     model = build(args)
-    result = common.train(model, our_loss, synthetic_batches(args), args, precision)
-    if not args.no_sampling:
+
+    def sampler():
         model.eval()
         one = one_caption(args)
         text = TextCondition(embed=one["text_embed"], token_embeds=one["token_embeds"], mask=one["mask"],
@@ -150,73 +141,43 @@ def our_worker(args, precision: str) -> dict:
             with common.autocast(args.device, precision):
                 return model.sample(text, steps=steps, guidance_scale=scale, num_candidates=2, cuda_graphs=graphs)
 
-        result.update(common.sampling(sample, args, args.guidance))
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    return result
+        return sample
+
+    return common.measure(model, our_loss, synthetic_batches(args), args, precision,
+                          None if args.no_sampling else sampler, counted=model)
 
 
 def reference_worker(args, precision: str) -> dict:
     """DALLE2-pytorch 1.15.6 in ``precision``, as ``our_worker`` measures ours; sampling in fp32 only."""
     torch.manual_seed(args.seed)
     model, loss = build_reference(args)
-    result = common.train(model, loss, synthetic_batches(args), args, precision)
-    if not args.no_sampling and precision == "fp32":
+
+    def sampler():
         model.eval()
         one = one_caption(args)
         cond = {"text_embed": one["text_embed"].repeat(2, 1),
                 "text_encodings": (one["token_embeds"] * one["mask"][..., None]).repeat(2, 1, 1)}
+        return lambda steps, scale, graphs: model.p_sample_loop((2, args.embed_dim), text_cond=cond, cond_scale=scale,
+                                                                timesteps=steps)
 
-        def sample(steps: int, scale: float, graphs: str):
-            return model.p_sample_loop((2, args.embed_dim), text_cond=cond, cond_scale=scale, timesteps=steps)
-
-        result.update(common.sampling(sample, args, args.guidance))
-    result["parameters"] = sum(p.numel() for p in model.net.parameters())
-    return result
-
-
-def worker(args) -> None:
-    """Measure ``args.worker`` in this process; print its numbers as one JSON line."""
-    name = args.worker
-    if name == common.PAIRED:
-        result = common.paired_worker(build(args), our_loss, build_reference, synthetic_batches(args), args)
-    elif name.startswith(common.REF):
-        result = reference_worker(args, name[len(common.REF):])
-    else:
-        result = our_worker(args, name)
-    if "profile" in result:
-        print(f"top ops of one {name} training step:\n{result.pop('profile')}")
-    print(json.dumps(result))
+    sampled = not args.no_sampling and precision == "fp32"
+    return common.measure(model, loss, synthetic_batches(args), args, precision, sampler if sampled else None,
+                          counted=model.net)
 
 
 def report(args, batch: int, results: dict) -> dict:
     """Print the table and goals of one batch size; return its part of the JSON."""
-    pair = results.pop(common.PAIRED, None)
-    columns = list(results)
-    ours = [c for c in columns if c in common.PRECISIONS]
-    parameters = results[ours[0] if ours else columns[0]]["parameters"]
+    pair, columns, ours, parameters = common.report_columns(results)
     print(f"\nprior: width {args.width}, depth {args.depth}, {args.heads} heads, embed {args.embed_dim}, token states "
           f"{args.text_length} x {args.token_dim}, {parameters / 1e6:.1f}M parameters; batch {batch}, "
           f"{args.caption_tokens} real caption tokens")
-    print(common.setting(args))
-    if args.quick:
-        print("quick run: the counts are too small for any number below to mean anything")
+    common.print_setting(args)
     comparable = args.comparable and batch == DEFAULT_BATCH
-
-    def col(f) -> dict:
-        return {c: f(results[c]) for c in columns if c in results}
-
     summary = {c: common.loss_summary(results[c]["losses"]) for c in ours}
     steps = args.warmup + args.steps
     rows = [
-        ("train samples/s", col(lambda r: batch / r["step_s"]), REFERENCE["train_samples_per_s"]),
-        ("train step, median (s)", col(lambda r: r["step_s"]), REFERENCE["train_step_s"]),
-        ("  forward (s)", col(lambda r: r["forward_s"]), None),
-        ("  backward (s)", col(lambda r: r["backward_s"]), None),
-        ("  grad clip + AdamW" + (" + EMA" if args.ema else "") + " (s)", col(lambda r: r["optimizer_s"]), None),
-        (f"peak memory ({'allocated' if args.device.type == 'cuda' else 'process RSS'}, MB)",
-         col(lambda r: r["memory"]["peak_mb"]), REFERENCE["train_peak_mb"]),
-        ("  growth while training (MB)", col(lambda r: r["memory"]["growth_mb"]), None),
-        *common.throughput_rows(results, args, batch),
+        *common.training_rows(results, columns, args, batch, REFERENCE, REFERENCE["train_samples_per_s"],
+                              REFERENCE["train_step_s"]),
         ("loss at step 1", {c: summary[c]["first"] for c in ours}, None),
         *([(f"loss at step {steps}", {c: summary[c]["last"] for c in ours}, None)] if steps > 1 else []),
         (f"loss, mean of the last {summary[ours[0]]['tail_steps'] if ours else 0} steps",
@@ -248,11 +209,8 @@ def report(args, batch: int, results: dict) -> dict:
 
 
 def main() -> None:
-    args = arguments()
-    if args.worker:
-        return worker(args)
-    runs = [report(args, batch, results) for batch, results in common.run_batches(__file__, args)]
-    common.print_json("prior", args, runs=runs, reference=REFERENCE, goals=[g for run in runs for g in run["goals"]])
+    common.main("prior", __file__, arguments(), report, REFERENCE, ours=our_worker, reference=reference_worker,
+                build=build, loss=our_loss, build_reference=build_reference, batches=synthetic_batches)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def micro_stages(seed: int = 0):
     clip = OpenClipEncoder(model_cfg=MICRO_CLIP, name="micro")
     space = clip.space
     prior = DiffusionPrior(embed_dim=space.dim, token_dim=space.token_dim, text_length=space.text_length,
-                           width=32, depth=1, heads=2, num_steps=50)
+                           net=dict(width=32, depth=1, heads=2), num_steps=50)
     decoder = Decoder(image_size=16, image_embed_dim=space.dim, text_length=space.text_length, unet=TINY_UNET,
                       caption_width=32, caption_layers=1, caption_heads=2, num_steps=50)
     upsampler = Upsampler(low_res_size=16, image_size=32, unet=TINY_UNET, num_steps=50)

@@ -272,7 +272,7 @@ def test_export_refuses_a_transformers_clip(hf_clip, tmp_path):
 
 
 # -- an external CLIP as the CLIP stage of a prior run -------------------------------------------------
-PRIOR = ["prior.width=32", "prior.depth=1", "prior.heads=2", "prior.num_steps=50", "trainer.max_steps=5",
+PRIOR = ["prior.net.width=32", "prior.net.depth=1", "prior.net.heads=2", "prior.num_steps=50", "trainer.max_steps=5",
          "trainer.batch_size=8", "trainer.mixed_precision=no", "trainer.warmup_steps=1",
          "trainer.ema_update_after_step=1", "trainer.checkpoint_every=5", "trainer.progress=false", "eval_items=8",
          "sampling.steps=2", "sampling.num_candidates=1"]

@@ -53,8 +53,8 @@ def prior_loss(model, batch):
 
 def make_trainer(run_dir, loss_fn=prior_loss, trainer_kwargs=None, **overrides) -> Trainer:
     torch.manual_seed(0)
-    model = DiffusionPrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH, width=16, depth=1,
-                           heads=2, num_steps=20)
+    model = DiffusionPrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH,
+                           net=dict(width=16, depth=1, heads=2), num_steps=20)
     settings = dict(max_steps=12, batch_size=8, lr=1e-3, warmup_steps=2, mixed_precision="no", ema_beta=0.9,
                     ema_update_after_step=2, checkpoint_every=4, log_every=4, progress=False)
     settings.update(overrides)

@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 from stages import TINY_UNET, micro_stages
 
+from unclip.checkpoint import load_stage, save_stage
 from unclip.decoder import Decoder, Upsampler
 from unclip.eval.decoder import psnr
 from unclip.images import resize
@@ -79,3 +82,19 @@ def test_saved_configs_record_the_upsampling_width():
     assert same.config["unet"]["upsample_width"] == "same"
     up = Upsampler(low_res_size=16, image_size=32, unet=TINY_UNET)
     assert up.config["unet"]["upsample_width"] == "next"
+
+
+def test_the_image_embedding_settings_stand_beside_unet_and_a_checkpoint_saved_with_them_inside_loads(tmp_path):
+    decoder = Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none", unet=TINY_UNET,
+                      num_image_tokens=2)
+    assert decoder.unet.conditions["image"].num_tokens == 2 and "num_image_tokens" not in decoder.config["unet"]
+    path = save_stage(tmp_path / "decoder", decoder, stage="decoder", space=None)
+    saved = json.loads((path / "config.json").read_text())
+    saved["model"]["unet"]["num_image_tokens"] = saved["model"].pop("num_image_tokens")
+    (path / "config.json").write_text(json.dumps(saved))  # as a decoder saved when it stood in unet:
+    loaded = load_stage(path, stage="decoder").model
+    assert loaded.config == decoder.config
+    with pytest.raises(ValueError, match=r"unet: no longer takes num_image_tokens: the image-embedding conditioning's "
+                                         r"settings stand beside unet: in the decoder's config \(e.g. "
+                                         r"decoder.num_image_tokens=...\)"):
+        Decoder(image_size=16, image_embed_dim=32, text_length=16, unet={**TINY_UNET, "num_image_tokens": 2})

@@ -127,8 +127,8 @@ def build_stage(name: str):
         loss = ContrastiveLoss() if name == "clip" else local_contrastive_loss
         return model, loss, ShapesDataset("train", length=ITEMS, image_size=32), collate, clamp_logit_scale
     if name == "prior":
-        model = DiffusionPrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH, width=32, depth=2,
-                               heads=2, num_steps=NUM_STEPS, cond_drop_prob=0.3)
+        model = DiffusionPrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH,
+                               net=dict(width=32, depth=2, heads=2), num_steps=NUM_STEPS, cond_drop_prob=0.3)
         model.fit_normalisation(torch.nn.functional.normalize(torch.randn(64, EMBED_DIM), dim=-1))
         return model, prior_loss, RandomEmbeddings(), collate_dicts, None
     if name == "decoder":

@@ -1,16 +1,18 @@
 """Image conversions in one place: one 16-bit rule for files read by the data sets and images given to the
 pipeline, tensors <-> PIL, and the public devices of the pipeline and its CLIP."""
 
+import importlib.util
 import io
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from stages import micro_stages
 
 from unclip.data.cleaning import load_image
-from unclip.images import from_pil, to_pil, to_rgb, to_tensor
+from unclip.images import from_pil, resize, to_pil, to_rgb, to_tensor
 from unclip.pipeline import UnCLIPPipeline
 
 
@@ -44,3 +46,56 @@ def test_the_pipeline_and_its_clip_say_where_they_run():
     assert clip.device == pipe.device == torch.device("cpu")
     with pipe.autocast():
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_resize_shrinks_by_block_means_and_grows_by_bicubic_kept_in_range():
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    halved = resize(images, 4)
+    assert halved.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(halved, images.unflatten(-1, (4, 2)).unflatten(-3, (4, 2)).mean(dim=(-3, -1)))
+    assert resize(images, 8) is images  # already the size: untouched
+    edge = torch.full((1, 3, 4, 4), -1.0)
+    edge[..., 2:] = 1.0  # a hard black/white edge, where bicubic overshoots
+    grown = resize(edge, 8)
+    raw = torch.nn.functional.interpolate(edge, size=(8, 8), mode="bicubic", align_corners=False)
+    assert raw.max() > 1 and raw.min() < -1
+    torch.testing.assert_close(grown, raw.clamp(-1, 1))
+    assert grown[..., :2].eq(-1).all() and grown[..., -2:].eq(1).all()
+
+
+def _job_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"train_{name}", ROOT / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_upsampler_is_conditioned_on_the_images_the_decoder_learns_to_make(monkeypatch):
+    """A stage learns from what it will be given: the upsampler's low-resolution input in training is the decoder's
+    training target for the same images (both 16 px from 32 px), so that it upsamples what the decoder makes."""
+    clip, _, decoder, upsampler = micro_stages()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    seen = {}
+    monkeypatch.setattr(decoder, "training_loss", lambda target, *args, **kwargs: seen.setdefault("decoder", target))
+    condition = upsampler.condition
+    monkeypatch.setattr(upsampler, "condition",
+                        lambda low_res, *args, **kwargs: condition(seen.setdefault("upsampler", low_res), *args, **kwargs))
+    _job_module("decoder").DecoderLoss(clip)(decoder, {"image": images, "caption": ["a red circle"] * 2})
+    upsampler.training_loss(images)
+    assert seen["decoder"].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(seen["upsampler"], seen["decoder"], rtol=0, atol=0)
+
+
+def test_the_transformer_learns_the_tokens_of_images_resized_as_the_dvae_learnt_them(monkeypatch):
+    from dalle_stages import dalle_stages
+
+    dvae = dalle_stages()[1]
+    images = torch.rand(2, 3, 2 * dvae.image_size, 2 * dvae.image_size) * 2 - 1
+    seen = {}
+    monkeypatch.setattr(dvae, "training_loss", lambda given, **kwargs: seen.setdefault("dvae", given))
+    _job_module("dvae").dvae_loss(dvae, {"image": images})
+    encode = dvae.encode
+    monkeypatch.setattr(dvae, "encode", lambda given: encode(seen.setdefault("transformer", given)))
+    _job_module("dalle").image_tokens(dvae, images)
+    assert seen["dvae"].shape == (2, 3, dvae.image_size, dvae.image_size)
+    torch.testing.assert_close(seen["transformer"], seen["dvae"], rtol=0, atol=0)

@@ -141,6 +141,15 @@ def test_random_masks_cover_boxes_blobs_objects_and_everything():
         random_keep_masks(2, 16, mix={"box": 0.0})
 
 
+def test_object_masks_take_the_box_the_data_set_writes_and_say_when_there_is_none():
+    meta = ShapesDataset(split="val", length=1, image_size=32)[0]["meta"]["objects"][0]
+    assert meta["box"][2] - meta["box"][0] == pytest.approx({"small": 0.25, "large": 0.5}[meta["size"]])  # its side
+    assert object_box({"box": [0.25, 0.25, 0.5, 0.75]}) == pytest.approx((0.19, 0.19, 0.56, 0.81))
+    with pytest.raises(ValueError, match=r"needs its 'box' \[x0, y0, x1, y1\].*got the keys \['centre', 'size'\]"
+                                         r".*'object' weight to 0"):
+        random_keep_masks(1, 16, [{"objects": [{"centre": [0.5, 0.5], "size": "small"}]}], mix={"object": 1.0})
+
+
 def test_keep_masks_shrink_to_cover_every_partly_filled_pixel_and_grow_by_repeating():
     keep = torch.ones(1, 1, 8, 8)
     keep[0, 0, 3, 5] = 0  # one filled pixel

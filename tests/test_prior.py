@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,8 @@ def test_prior_learns_to_map_text_to_image_embeddings_and_beats_passthrough():
     text = clip.encode_text([f"a {c} circle" for c in ("red", "blue", "green", "pink")])
     cond = text.repeat_interleave(8)
     targets = F.normalize(torch.randn(4, 32), dim=-1).repeat_interleave(8, 0)  # a fixed image embedding per caption
-    prior = DiffusionPrior(embed_dim=32, token_dim=32, text_length=16, width=64, depth=2, heads=2, num_steps=100,
-                           cond_drop_prob=0.1)
+    prior = DiffusionPrior(embed_dim=32, token_dim=32, text_length=16, net=dict(width=64, depth=2, heads=2),
+                           num_steps=100, cond_drop_prob=0.1)
     prior.fit_normalisation(targets)
     batch = {"image_embed": targets, "text_embed": cond.embed.detach(), "token_embeds": cond.token_embeds.detach(), "mask": cond.mask}
     opt = torch.optim.AdamW(prior.parameters(), lr=2e-3)
@@ -90,3 +92,21 @@ def test_embedding_shards_round_trip_and_refuse_other_spaces(tmp_path):
     save_file(tensors, str(paths[0]), metadata=metadata)
     with pytest.raises(CheckpointError, match=r"token_embeds has shape \(8, 16, 7\), expected \(8, 16, 32\)"):
         EmbeddingShards(tmp_path / "val")
+
+
+def test_the_prior_takes_its_transformer_settings_in_net_and_loads_a_checkpoint_saved_flat(tmp_path):
+    _, prior, _, _ = micro_stages()
+    assert prior.config["net"] == {"width": 32, "depth": 1, "heads": 2, "dropout": 0.0, "ff_mult": 4,
+                                   "use_caption_tokens": True}  # every setting: a later default cannot change it
+    path = save_stage(tmp_path / "prior", prior, stage="prior", space=None)
+    saved = json.loads((path / "config.json").read_text())
+    flat = {k: v for k, v in saved["model"].items() if k != "net"}
+    saved["model"] = {**flat, "width": 32, "depth": 1, "heads": 2, "dropout": 0.0, "use_caption_tokens": True}
+    (path / "config.json").write_text(json.dumps(saved))  # as a prior saved before net: existed
+    loaded = load_stage(path, stage="prior").model
+    assert loaded.config == prior.config
+    for name, weight in prior.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], weight), name
+    with pytest.raises(ValueError, match=r"net.widht is not a setting of the prior's transformer; net takes width, "
+                                         r"depth, heads, dropout, ff_mult, use_caption_tokens \(embed_dim, token_dim"):
+        DiffusionPrior(embed_dim=32, token_dim=32, text_length=16, net={"widht": 64})

@@ -101,7 +101,7 @@ def test_arguments_that_do_not_fit_the_class_are_refused_before_anything_is_buil
     from unclip.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"config.prior builds DiffusionPrior: got an unexpected keyword argument "
-                                          r"'widht'; it takes: embed_dim, .*width"):
+                                          r"'widht'; it takes: embed_dim, .*net"):
         build({"clip": {"_target_": "unclip.prior.PassthroughPrior"},
                "prior": {"_target_": "unclip.prior.DiffusionPrior", "embed_dim": 4, "token_dim": 4, "text_length": 2,
                          "widht": 8}})

@@ -210,6 +210,11 @@ def test_image_tokens_without_caption_encoder():
     assert out.shape == kw["x"].shape
     assert model.context_width == 4 * 32  # image tokens use the time-embedding width
     assert not torch.allclose(model(kw["x"], kw["t"], image_embed=kw["image_embed"].flip(0)), out)
+    with pytest.raises(ValueError, match=r"context given .*\(a Decoder with caption: transformer or clip_tokens "
+                                         r"reads it, not one with caption: none"):
+        model(kw["x"], kw["t"], image_embed=kw["image_embed"], context=torch.randn(B, T, CTX))
+    with pytest.raises(ValueError, match=r"mask given .*\(a Decoder with inpaint: true \(conf/decoder/inpaint.yaml\)"):
+        model(kw["x"], kw["t"], image_embed=kw["image_embed"], mask=torch.ones(B, 1, SIZE, SIZE))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -232,7 +237,7 @@ def test_bad_config_errors(overrides, message):
     (dict(context_mask=torch.ones(B, T + 1, dtype=torch.bool)), r"context_mask has shape \[4, 7\]"),
     (dict(pooled_context=torch.randn(B, 5)), r"pooled_context has shape \[4, 5\], expected \[4, 32\]"),
     (dict(drop_context=torch.zeros(B)), r"drop_context must be a bool tensor"),
-    (dict(low_res=torch.randn(B, 3, SIZE, SIZE)), r"low_res_channels=0"),
+    (dict(low_res=torch.randn(B, 3, SIZE, SIZE)), r"low_res given .*\(an Upsampler \(conf/upsampler\) reads it"),
 ])
 def test_bad_input_errors(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -375,7 +380,8 @@ def test_weights_of_the_uncomposed_unet_load_into_the_same_model(trained_like):
 def test_an_input_no_part_reads_names_the_missing_part():
     upsampler = tiny_unet(image_embed_dim=None, context_dim=None, low_res_channels=3, aug_level_conditioning=True)
     x, t = torch.randn(2, 3, SIZE, SIZE), torch.tensor([1, 2])
-    with pytest.raises(ValueError, match=r"image_embed given but this UNet was built without it \(image_embed_dim=None\)"):
+    with pytest.raises(ValueError, match=r"image_embed given but this UNet was built without it \(a Decoder "
+                                         r"\(conf/decoder\) reads it"):
         upsampler(x, t, low_res=torch.randn(2, 3, SIZE, SIZE), aug_level=torch.zeros(2), image_embed=torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"different widths \[16, 32\]"):
         UNet(image_size=SIZE, base_channels=32, channel_mult=(1, 2), conditions={

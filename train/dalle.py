@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _job import hydra_job
 
 from unclip.autoregressive import TextVocabulary
@@ -21,15 +20,13 @@ from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.dalle_pipeline import DalleSettings, end_token_id
 from unclip.data.collate import first_items
-from unclip.images import save_grid, to_pil
+from unclip.images import resize, save_grid, to_pil
 from unclip.jobs import Job
 
 
 def image_tokens(dvae, images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, S, S] -> the frozen dVAE's tokens [B, g * g] (images resized to its size)."""
-    if images.shape[-1] != dvae.image_size:
-        images = F.interpolate(images, size=(dvae.image_size, dvae.image_size), mode="area")
-    return dvae.encode(images).flatten(1)
+    return dvae.encode(resize(images, dvae.image_size)).flatten(1)
 
 
 class DalleLoss:

@@ -8,19 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _job import hydra_job
 
 from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.data.collate import first_items
 from unclip.decoder.inpainting import decoder_to_fine_tune, evaluation_inpainting
-from unclip.images import save_grid, to_pil
+from unclip.images import resize, save_grid, to_pil
 from unclip.jobs import Job
-
-
-def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
-    return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="area")
 
 
 class DecoderLoss:
@@ -33,7 +28,7 @@ class DecoderLoss:
         with torch.no_grad():
             image_embed = self.clip.encode_image(batch["image"])
             text = self.clip.encode_text(batch["caption"]) if decoder.caption_encoder is not None else None
-        images = downsample(batch["image"], decoder.image_size)
+        images = resize(batch["image"], decoder.image_size)
         return decoder.training_loss(images, image_embed, text, metas=batch.get("meta"))
 
 
@@ -64,7 +59,7 @@ def main(job: Job) -> None:
             generator=torch.Generator(device=images.device).manual_seed(0),
             inpaint=evaluation_inpainting(model, images, previewed.get("meta")),
         )
-        originals = to_pil(downsample(images, model.image_size))
+        originals = to_pil(resize(images, model.image_size))
         save_grid(originals + to_pil(samples), out_dir / f"decoder-{step:08d}.png", columns=8)
 
     def evaluate(model) -> dict:

@@ -78,9 +78,30 @@ def build(config: Any, **overrides: Any) -> Any:
     """Recursively build every mapping that has a ``_target_``; other values pass through.
 
     ``overrides`` are keyword arguments for the outermost target (values a job computes, e.g. widths).
-    Every target and its arguments are checked before anything is built."""
+    Every target and its arguments are checked before anything is built; a config saved by an older version is
+    first put in today's form (see ``upgraded``)."""
+    config = upgraded(config)
     check_targets(config, overrides=overrides)
     return _build(config, overrides)
+
+
+def upgraded(config: Any) -> Any:
+    """``config`` with each target's arguments in today's form: a class whose arguments moved (a saved
+    checkpoint's config.json still has them where they were) defines the classmethod
+    ``_upgrade_arguments(arguments) -> arguments``. Targets that cannot be built are left for ``check_targets``
+    to refuse, with the place they stand at."""
+    if isinstance(config, (list, tuple)):
+        return [upgraded(v) for v in config]
+    if not isinstance(config, Mapping):
+        return config
+    config = {k: upgraded(v) for k, v in config.items()}
+    try:
+        upgrade = getattr(locate(config["_target_"]), "_upgrade_arguments", None) if "_target_" in config else None
+    except UnsafeConfigError:
+        return config
+    if upgrade is None:
+        return config
+    return {"_target_": config["_target_"], **upgrade({k: v for k, v in config.items() if k != "_target_"})}
 
 
 def _build(config: Any, overrides: dict | None = None) -> Any:

@@ -33,10 +33,6 @@ def is_registered(obj: Any) -> bool:
     return isinstance(obj, type) and obj in _REGISTERED
 
 
-def registered_names() -> list[str]:
-    return sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in _REGISTERED)
-
-
 def configurable(cls: T | None = None, *, target: str | None = None):
     """Class decorator: record ``.config`` (``_target_`` is ``target`` or ``module.Class``) and register."""
 

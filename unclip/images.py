@@ -1,5 +1,5 @@
 """Image conversions, all of them: [-1, 1] NCHW tensors <-> PIL images and uint8 arrays, any PIL mode to RGB
-(one rule for 16-bit pixels), and sample grids."""
+(one rule for 16-bit pixels), the one resize of image tensors, and sample grids."""
 
 from __future__ import annotations
 
@@ -101,8 +101,14 @@ def save_grid(images: Sequence[Image.Image], path: str | Path, columns: int | No
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resize of [-1, 1] images (antialiased when shrinking), clamped back to [-1, 1]."""
-    if images.shape[-1] == size and images.shape[-2] == size:
+    """The one resize of [-1, 1] images [B, 3, H, W] to ``size`` x ``size``, for every stage and for the stage that
+    takes its output, so that each learns from what it will be given (the upsampler is conditioned on the decoder's
+    images shrunk as the decoder's targets were, the transformer learns tokens of images shrunk as the dVAE's were).
+
+    Shrinking averages the pixels each output pixel covers (area: a box filter, exact block means for whole
+    factors); growing is bicubic, clamped back to [-1, 1] (bicubic overshoots at edges)."""
+    if images.shape[-2:] == (size, size):
         return images
-    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=size < images.shape[-1], align_corners=False)
-    return out.clamp(-1, 1)
+    if size < images.shape[-1]:
+        return F.interpolate(images.float(), size=(size, size), mode="area")
+    return F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)

@@ -22,7 +22,7 @@ from unclip.autoregressive.sampling import check_sampling, draw, guided_logits
 from unclip.autoregressive.transformer import CausalTransformer, KVCache
 from unclip.autoregressive.vocabulary import PAD, TextVocabulary
 from unclip.configurable import configurable
-from unclip.training.batch_statistics import global_sum, world_size
+from unclip.distributed import global_sum, world_size
 
 CLIP_END_OF_TEXT = 49407
 

@@ -8,10 +8,10 @@ import warnings
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unclip.embedding import EmbeddingSpace
+from unclip.images import resize
 
 
 def strip_special(text: str, special: re.Pattern) -> str:
@@ -90,9 +90,5 @@ class ClipEncoderBase(nn.Module):
         """Images [B, 3, H, W] in [-1, 1] to the model's input size and normalisation."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-            )
-        pixels = (images + 1) / 2
+        pixels = (resize(images, self.image_size) + 1) / 2
         return (pixels - self._mean) / self._std

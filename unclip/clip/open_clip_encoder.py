@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from unclip.clip.base import ClipEncoderBase, strip_special
-from unclip.configurable import configurable
+from unclip.configurable import configurable, plain
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
 from unclip.weights import CheckpointError, load_weights_file
 
@@ -46,7 +46,7 @@ class OpenClipEncoder(ClipEncoderBase):
             raise ValueError("give exactly one of model_name (an open_clip architecture) or model_cfg")
         if model_name is not None:
             model_cfg = _named_model_config(model_name)
-        model_cfg = _plain(model_cfg)
+        model_cfg = plain(model_cfg)
         self.model_name = model_name
         self.model_cfg = model_cfg
         self.checkpoint = checkpoint
@@ -153,17 +153,4 @@ def _named_model_config(model_name: str) -> dict:
     return cfg
 
 
-def _plain(value):
-    """OmegaConf / tuples to plain dicts and lists (JSON-serialisable)."""
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def list_models() -> list[str]:
-    return open_clip.list_models()
-
-
-__all__ = ["OpenClipEncoder", "list_models"]
+__all__ = ["OpenClipEncoder"]

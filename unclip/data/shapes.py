@@ -81,9 +81,14 @@ class ShapeObject:
     position: str
     centre: tuple[float, float]  # bounding-box centre (x, y) in canvas fractions, jitter included
 
+    def box(self) -> list[float]:
+        """The bounding box [x0, y0, x1, y1] in canvas fractions (the object masks of inpainting use it)."""
+        half = SIZE_FRACTION[self.size] / 2
+        return [self.centre[0] - half, self.centre[1] - half, self.centre[0] + half, self.centre[1] + half]
+
     def to_meta(self) -> dict:
         return {"colour": self.colour, "shape": self.shape, "size": self.size, "position": self.position,
-                "centre": [self.centre[0], self.centre[1]]}
+                "centre": [self.centre[0], self.centre[1]], "box": self.box()}
 
 
 @dataclass

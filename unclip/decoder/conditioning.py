@@ -95,7 +95,7 @@ class ImageEmbedCondition(Condition):
         self.spatial_grid = spatial_grid
         if spatial_grid:
             if not base_channels:
-                raise ValueError("spatial_embed_grid needs base_channels")
+                raise ValueError("spatial_embed_grid needs base_channels (the UNet's)")
             self.to_spatial = nn.Linear(image_embed_dim, base_channels * spatial_grid**2)
         self.standardise = standardise
         if standardise:  # per-dimension mean and std of the training embeddings, set by fit_normalisation
@@ -135,7 +135,7 @@ class CaptionCondition(Condition):
     def __init__(self, width: int, emb_dim: int):
         super().__init__()
         if not isinstance(width, int) or width <= 0:
-            raise ValueError(f"context_dim must be a positive int, got {width!r}")
+            raise ValueError(f"caption_width must be a positive int, got {width!r}")
         self.context_width = width
         self.null_pooled = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.pooled_to_time = nn.Linear(width, emb_dim)
@@ -174,7 +174,7 @@ class LowResCondition(Condition):
     def __init__(self, channels: int, emb_dim: int, base_channels: int):
         super().__init__()
         if not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"low_res_channels must be a positive int, got {channels!r}")
+            raise ValueError(f"the low-resolution image's channels must be a positive int, got {channels!r}")
         self.extra_channels, self.base_channels = channels, base_channels
         self.aug_embed = _mlp(base_channels, emb_dim)
 

@@ -33,6 +33,7 @@ from unclip.diffusion import (
 from unclip.embedding import TextCondition
 
 CAPTION_MODES = ("transformer", "clip_tokens", "none")
+IMAGE_EMBED_SETTINGS = ("num_image_tokens", "spatial_embed_grid")  # the image-embedding conditioning's, not the UNet's
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -71,6 +72,8 @@ class Decoder(nn.Module):
         text_length: int,
         token_dim: int | None = None,
         unet: dict | None = None,
+        num_image_tokens: int = 4,
+        spatial_embed_grid: int = 0,
         caption: str = "transformer",
         caption_width: int = 128,
         caption_layers: int = 2,
@@ -92,26 +95,27 @@ class Decoder(nn.Module):
         for name, p in (("image_embed_drop_prob", image_embed_drop_prob), ("caption_drop_prob", caption_drop_prob)):
             if not 0 <= p < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
+        moved = sorted(set(unet or {}) & set(IMAGE_EMBED_SETTINGS))
+        if moved:
+            raise ValueError(f"unet: no longer takes {', '.join(moved)}: the image-embedding conditioning's settings "
+                             f"stand beside unet: in the decoder's config (e.g. decoder.{moved[0]}=...)")
         unet = with_resolved_upsample_width(unet)
         self.caption = caption
         self.caption_encoder = _caption_encoder(caption, vocab_size, text_length, token_dim, caption_width,
                                                 caption_layers, caption_heads)
-        body = dict(unet)
-        num_image_tokens = body.pop("num_image_tokens", 4)
-        spatial_grid = body.pop("spatial_embed_grid", 0)
-        emb_dim = embedding_width(body.get("base_channels", 64))
+        emb_dim = embedding_width(unet.get("base_channels", 64))
         conditions = {}
         if self.caption_encoder is not None:
             conditions["caption"] = CaptionCondition(caption_width, emb_dim)
         # image tokens join the caption's tokens, so they take its width (or the time embedding's without one)
         token_width = caption_width if self.caption_encoder is not None else emb_dim
         conditions["image"] = ImageEmbedCondition(
-            image_embed_dim, emb_dim, token_width, num_image_tokens, spatial_grid=spatial_grid,
-            base_channels=body.get("base_channels", 64), standardise=standardise_embed,
+            image_embed_dim, emb_dim, token_width, num_image_tokens, spatial_grid=spatial_embed_grid,
+            base_channels=unet.get("base_channels", 64), standardise=standardise_embed,
         )
         if inpaint:
             conditions["masked"] = MaskedImageCondition()
-        self.unet = UNet(image_size=image_size, conditions=conditions, **body)
+        self.unet = UNet(image_size=image_size, conditions=conditions, **unet)
         self.inpaints = bool(inpaint)
         self.mask_mix = check_mask_mix(mask_mix) if inpaint else None
         if inpaint:  # the known image and mask start with no say: the decoder is the plain one until fine-tuned
@@ -122,6 +126,13 @@ class Decoder(nn.Module):
         self.image_embed_drop_prob = image_embed_drop_prob
         self.caption_drop_prob = caption_drop_prob
         self.standardise_embed = standardise_embed
+
+    @classmethod
+    def _upgrade_arguments(cls, arguments: dict) -> dict:
+        """A config saved when the image-embedding settings stood in ``unet:``: in today's form, beside it."""
+        unet = dict(arguments.get("unet") or {})
+        moved = {name: unet.pop(name) for name in IMAGE_EMBED_SETTINGS if name in unet}
+        return {**arguments, **moved, "unet": unet} if moved else arguments
 
     @torch.no_grad()
     def fit_normalisation(self, image_embeds: torch.Tensor) -> None:

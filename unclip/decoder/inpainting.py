@@ -12,10 +12,9 @@ import random
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from unclip.data.shapes import SIZE_FRACTION
 from unclip.diffusion import Inpainting
+from unclip.images import resize
 
 # Which masks an inpainting decoder trains on, and how often: a random box; a blob (a union of random discs); the
 # box around one of the item's objects (from its metadata; a random box for items without objects); everything
@@ -62,14 +61,13 @@ def random_blob(size: int, rng: random.Random) -> torch.Tensor:
 
 
 def object_box(obj: Mapping) -> tuple[float, float, float, float]:
-    """An object's bounding box in canvas fractions from its metadata: ``box`` [x0, y0, x1, y1], or a ``shapes``
-    object's ``centre`` and ``size``; widened by ``OBJECT_MARGIN``."""
-    if "box" in obj:
-        x0, y0, x1, y1 = obj["box"]
-    else:
-        half = SIZE_FRACTION[obj["size"]] / 2
-        (cx, cy) = obj["centre"]
-        x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+    """An object's bounding box in canvas fractions from its metadata's ``box`` [x0, y0, x1, y1] (a data set with
+    objects writes it), widened by ``OBJECT_MARGIN``."""
+    if "box" not in obj:
+        raise ValueError(f"an object's metadata needs its 'box' [x0, y0, x1, y1] in canvas fractions for object "
+                         f"masks, got the keys {sorted(obj)}; add it to the data set's metadata or set the mask "
+                         f"mix's 'object' weight to 0")
+    x0, y0, x1, y1 = obj["box"]
     return x0 - OBJECT_MARGIN, y0 - OBJECT_MARGIN, x1 + OBJECT_MARGIN, y1 + OBJECT_MARGIN
 
 
@@ -139,7 +137,7 @@ def evaluation_inpainting(decoder, images: torch.Tensor, metas: Sequence[Mapping
     if not getattr(decoder, "inpaints", False):
         return None
     size = decoder.image_size
-    known = images if images.shape[-1] == size else F.interpolate(images.float(), size=(size, size), mode="area")
+    known = resize(images, size)
     keep = torch.cat([random_keep_masks(1, size, None if metas is None else [metas[i]], mix={"object": 1.0}, seed=i)
                       for i in range(len(images))])
     return Inpainting(known, keep.to(images.device))

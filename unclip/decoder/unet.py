@@ -162,6 +162,31 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _check_body(*, image_size: int, in_channels: int, out_channels: int, base_channels: int,
+                channel_mult: tuple[int, ...], num_res_blocks: int, attention_resolutions: tuple[int, ...],
+                head_channels: int, dropout: float, upsample_width: str) -> None:
+    """The UNet body's settings (a ``unet:`` dict's), each error naming the setting."""
+    for name, value in [("image_size", image_size), ("in_channels", in_channels), ("out_channels", out_channels),
+                        ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
+                        ("head_channels", head_channels)]:
+        _check_positive(name, value)
+    if not channel_mult or not all(isinstance(m, int) and m > 0 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult!r}")
+    if base_channels % GROUPS:
+        raise ValueError(f"base_channels={base_channels} must be a multiple of {GROUPS} (GroupNorm groups)")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)={factor} "
+            f"for channel_mult={channel_mult}")
+    if not all(isinstance(r, int) and r > 0 for r in attention_resolutions):
+        raise ValueError(f"attention_resolutions must be positive ints, got {attention_resolutions!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if upsample_width not in UPSAMPLE_WIDTHS:
+        raise ValueError(f"upsample_width must be one of {UPSAMPLE_WIDTHS}, got {upsample_width!r}")
+
+
 class UNet(nn.Module):
     """The ADM UNet body; what it is conditioned on comes from the ``conditions`` it is given (see
     ``unclip.decoder.conditioning``): ``forward(x, t, **inputs)`` hands each part the inputs it reads."""
@@ -169,6 +194,7 @@ class UNet(nn.Module):
     def __init__(
         self,
         *,
+        conditions: dict[str, Condition] | None = None,
         image_size: int = 64,
         in_channels: int = 3,
         out_channels: int = 3,
@@ -180,30 +206,13 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         upsample_width: str = DEFAULT_UPSAMPLE_WIDTH,
-        conditions: dict[str, Condition] | None = None,
     ):
         super().__init__()
-        channel_mult = tuple(channel_mult)
-        attention_resolutions = tuple(attention_resolutions)
-        for name, value in [("image_size", image_size), ("in_channels", in_channels), ("out_channels", out_channels),
-                            ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
-                            ("head_channels", head_channels)]:
-            _check_positive(name, value)
-        if not channel_mult or not all(isinstance(m, int) and m > 0 for m in channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult!r}")
-        if base_channels % GROUPS:
-            raise ValueError(f"base_channels={base_channels} must be a multiple of {GROUPS} (GroupNorm groups)")
-        factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
-            raise ValueError(
-                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)={factor} "
-                f"for channel_mult={channel_mult}")
-        if not all(isinstance(r, int) and r > 0 for r in attention_resolutions):
-            raise ValueError(f"attention_resolutions must be positive ints, got {attention_resolutions!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if upsample_width not in UPSAMPLE_WIDTHS:
-            raise ValueError(f"upsample_width must be one of {UPSAMPLE_WIDTHS}, got {upsample_width!r}")
+        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
+        _check_body(image_size=image_size, in_channels=in_channels, out_channels=out_channels,
+                    base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                    attention_resolutions=attention_resolutions, head_channels=head_channels, dropout=dropout,
+                    upsample_width=upsample_width)
         self.conditions = nn.ModuleDict(conditions or {})
         widths = {part.context_width for part in self.conditions.values() if part.context_width}
         if len(widths) > 1:
@@ -226,16 +235,25 @@ class UNet(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, self.emb_dim, dropout, use_scale_shift_norm)
 
-        # Down path: every step's output is a skip connection for the up path (ADM's input_blocks).
-        # Attention resolutions that do not occur (e.g. 8 at 64 px with 3 levels) are ignored, as in ADM.
         extra = sum(part.extra_channels for part in self.conditions.values())
         self.input_conv = nn.Conv2d(in_channels + extra, base_channels, 3, padding=1)
+        skip_channels = self._build_down(channel_mult, num_res_blocks, res, attention)
+        ch = skip_channels[-1]
+        self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels, self.context_width), res(ch, ch)])
+        ch = self._build_up(channel_mult, num_res_blocks, res, attention, skip_channels, upsample_width)
+        self.output = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(),
+                                    _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def _build_down(self, channel_mult: tuple[int, ...], num_res_blocks: int, res, attention) -> list[int]:
+        """The down path (ADM's input_blocks): every step's output is a skip connection for the up path, whose
+        channels this returns (the input convolution's first). Attention resolutions that do not occur (e.g. 8 at
+        64 px with 3 levels) are ignored, as in ADM."""
         self.down = nn.ModuleList()
-        skip_channels = [base_channels]
-        ch, resolution = base_channels, image_size
+        skip_channels = [self.base_channels]
+        ch, resolution = self.base_channels, self.image_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                out = base_channels * mult
+                out = self.base_channels * mult
                 self.down.append(Level(res(ch, out), attention(out, resolution)))
                 ch = out
                 skip_channels.append(ch)
@@ -243,22 +261,25 @@ class UNet(nn.Module):
                 self.down.append(Level(None, None, Downsample(ch)))
                 skip_channels.append(ch)
                 resolution //= 2
-        self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels, self.context_width), res(ch, ch)])
+        return skip_channels
 
+    def _build_up(self, channel_mult: tuple[int, ...], num_res_blocks: int, res, attention, skip_channels: list[int],
+                  upsample_width: str) -> int:
+        """The up path, taking every skip connection back (last first); returns its output channels."""
         self.up = nn.ModuleList()
+        ch, resolution = skip_channels[-1], self.image_size // 2 ** (len(channel_mult) - 1)
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                out = base_channels * mult
+                out = self.base_channels * mult
                 ch_in, ch, upsample = ch, out, None
                 if level > 0 and i == num_res_blocks:
-                    ch = base_channels * channel_mult[level - 1] if upsample_width == "next" else out
+                    ch = self.base_channels * channel_mult[level - 1] if upsample_width == "next" else out
                     upsample = Upsample(out, ch)
                 self.up.append(Level(res(ch_in + skip_channels.pop(), out), attention(out, resolution), upsample))
             if level > 0:
                 resolution *= 2
         assert not skip_channels
-        self.output = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(),
-                                    _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        return ch
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -327,13 +348,14 @@ def embedding_width(base_channels: int) -> int:
     return 4 * base_channels
 
 
-# Which setting a stage would need for an input its UNet was built without (for the error message).
-_MISSING_PART = {
-    "low_res": "low_res_channels=0", "aug_level": "aug_level_conditioning=False",
-    "image_embed": "image_embed_dim=None", "drop_image_embed": "image_embed_dim=None",
-    "context": "context_dim=None", "context_mask": "context_dim=None", "pooled_context": "context_dim=None",
-    "drop_context": "context_dim=None", "masked_image": "no inpainting channels", "mask": "no inpainting channels",
-}
+# Which setting a stage needs for an input its UNet was built without (for the error message).
+_LOW_RES = "an Upsampler (conf/upsampler) reads it, a Decoder does not"
+_EMBED = "a Decoder (conf/decoder) reads it, an Upsampler does not"
+_CAPTION = "a Decoder with caption: transformer or clip_tokens reads it, not one with caption: none nor an Upsampler"
+_INPAINT = "a Decoder with inpaint: true (conf/decoder/inpaint.yaml) reads it"
+_MISSING_PART = {"low_res": _LOW_RES, "aug_level": _LOW_RES, "image_embed": _EMBED, "drop_image_embed": _EMBED,
+                 "context": _CAPTION, "context_mask": _CAPTION, "pooled_context": _CAPTION, "drop_context": _CAPTION,
+                 "masked_image": _INPAINT, "mask": _INPAINT}
 
 # Checkpoints written before the conditioning was composed kept these weights on the UNet itself.
 _OLD_NAMES = {

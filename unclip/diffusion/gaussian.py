@@ -74,11 +74,8 @@ class GaussianDiffusion:
             low, high = betas.min().item(), betas.max().item()
             raise ValueError(f"every beta must be in (0, 1); got betas with min {low}, max {high}")
 
-        self.num_steps = len(betas)
-        self.schedule = schedule
-        self.objective = objective
-        self.loss_weighting = loss_weighting
-        self.clip_denoised = clip_denoised
+        self.num_steps, self.schedule, self.objective = len(betas), schedule, objective
+        self.loss_weighting, self.clip_denoised = loss_weighting, clip_denoised
 
         # The schedule, float64 [T]. Index t is the step that produces x_t.
         self.betas = betas
@@ -203,11 +200,15 @@ class GaussianDiffusion:
             "sqrt_one_minus_alphas_cumprod", t, x0
         ) * x0.float()
 
-    def predict_x0(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0 implied by a network output (in this objective) at x_t. Not clipped."""
+    def _model_output(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """A network output and its x_t checked (shapes, timesteps) and in float32: (model_out, x_t, t)."""
         t = self.check_timesteps(t, x_t)
         self._check_same_shape(model_out, x_t, "model output", "x_t")
-        model_out, x_t = model_out.float(), x_t.float()
+        return model_out.float(), x_t.float(), t
+
+    def predict_x0(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 implied by a network output (in this objective) at x_t. Not clipped."""
+        model_out, x_t, t = self._model_output(model_out, x_t, t)
         if self.objective == "x0":
             return model_out
         if self.objective == "eps":
@@ -220,9 +221,7 @@ class GaussianDiffusion:
 
     def predict_eps(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noise implied by a network output (in this objective) at x_t."""
-        t = self.check_timesteps(t, x_t)
-        self._check_same_shape(model_out, x_t, "model output", "x_t")
-        model_out, x_t = model_out.float(), x_t.float()
+        model_out, x_t, t = self._model_output(model_out, x_t, t)
         if self.objective == "eps":
             return model_out
         if self.objective == "x0":

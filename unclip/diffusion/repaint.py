@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .gaussian import GaussianDiffusion
 from .sampling import (
@@ -27,6 +26,7 @@ from .sampling import (
     ddim_step,
     denoise,
     noise_like,
+    progress_bar,
     respaced_timesteps,
 )
 
@@ -104,7 +104,7 @@ def sample_repaint(
     order = repaint_schedule(steps, inpainting.jumps, inpainting.jump_length)
     known = inpainting.known.to(x_T.device).float()
     batch, x, calls = x_T.shape[0], x_T.float(), 0
-    for i, following in tqdm(list(zip(order, order[1:] + [None])), desc="repaint", disable=not progress):
+    for i, following in progress_bar(list(zip(order, order[1:] + [None])), "repaint", progress):
         t = timesteps[i]
         if following is not None and following < i:  # a jump back up: x_{t_following} ~ q(. | x_t)
             x = _renoise(x, alphas_cumprod[t], alphas_cumprod[timesteps[following]], generator)

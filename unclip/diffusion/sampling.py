@@ -19,7 +19,6 @@ import math
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .gaussian import GaussianDiffusion
 from .graphs import maybe_graphed
@@ -108,6 +107,32 @@ def _denoiser(model_fn: ModelFn, diffusion: GaussianDiffusion, cuda_graphs, devi
     return maybe_graphed(lambda x, t: denoise(model_fn, diffusion, x, t), cuda_graphs, device, steps)
 
 
+def progress_bar(steps: list, desc: str, progress: bool):
+    """``steps`` behind a progress bar when asked (tqdm is loaded only then: importing a model does not load it)."""
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc)
+
+
+def _run_steps(model_fn: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor, timesteps: list[int], step,
+               desc: str, progress: bool, callback: Callback | None, skip: int, cuda_graphs) -> torch.Tensor:
+    """Both samplers' loop: from the ``skip``-th of ``timesteps`` down, predict (x0, eps) at x_t, tell
+    ``callback``, and return the last step's x0 or go on to ``step(i, t, x_t, x0, eps)`` (x at the next step)."""
+    batch, device = x_T.shape[0], x_T.device
+    denoise = _denoiser(model_fn, diffusion, cuda_graphs, device, len(timesteps))
+    x = x_T.float()
+    for i, t in enumerate(progress_bar(timesteps[skip:], desc, progress), start=skip):
+        x0, eps = denoise(x, torch.full((batch,), t, dtype=torch.long, device=device))
+        if callback is not None:
+            callback(i, t, x, x0)
+        if i == len(timesteps) - 1:
+            return x0
+        x = step(i, t, x, x0, eps)
+    return x  # skip == steps: nothing left to do
+
+
 @torch.no_grad()
 def sample_ddpm(
     model_fn: ModelFn,
@@ -131,22 +156,13 @@ def sample_ddpm(
     _check_inputs(x_T, generator, skip, steps)
     timesteps = respaced_timesteps(diffusion.num_steps, steps)
     spaced = diffusion.respace(timesteps)  # its index j has the alphas_cumprod of the j-th smallest kept step
-    batch, device = x_T.shape[0], x_T.device
-    denoise = _denoiser(model_fn, diffusion, cuda_graphs, device, len(timesteps))
-    x = x_T.float()
-    if skip == steps:
-        return x
-    for i, t in enumerate(tqdm(timesteps.tolist()[skip:], desc="ddpm", disable=not progress), start=skip):
-        t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0, _ = denoise(x, t_batch)
-        if callback is not None:
-            callback(i, t, x, x0)
-        index = len(timesteps) - 1 - i
-        if index == 0:
-            return x0
-        mean, _, log_variance = spaced.q_posterior(x0, x, torch.full_like(t_batch, index))
-        x = mean + (0.5 * log_variance).exp() * noise_like(x, generator)
-    raise AssertionError("unreachable: the last step returns")
+
+    def step(i, t, x, x0, eps):
+        index = torch.full((x.shape[0],), len(timesteps) - 1 - i, dtype=torch.long, device=x.device)
+        mean, _, log_variance = spaced.q_posterior(x0, x, index)
+        return mean + (0.5 * log_variance).exp() * noise_like(x, generator)
+
+    return _run_steps(model_fn, diffusion, x_T, timesteps.tolist(), step, "ddpm", progress, callback, skip, cuda_graphs)
 
 
 @torch.no_grad()
@@ -155,12 +171,13 @@ def sample_ddim(
     diffusion: GaussianDiffusion,
     x_T: torch.Tensor,
     steps: int = 50,
-    eta: float = 0.0,
+    *,
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callback | None = None,
     skip: int = 0,
     cuda_graphs: str | bool | None = "auto",
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``steps`` evenly strided timesteps.
 
@@ -172,20 +189,11 @@ def sample_ddim(
     check_eta(eta)
     timesteps = respaced_timesteps(diffusion.num_steps, steps).tolist()
     alphas_cumprod = diffusion.alphas_cumprod.tolist()  # python floats (float64)
-    batch, device = x_T.shape[0], x_T.device
-    denoise = _denoiser(model_fn, diffusion, cuda_graphs, device, len(timesteps))
-    x = x_T.float()
-    if skip == steps:
-        return x
-    for i, t in enumerate(tqdm(timesteps[skip:], desc="ddim", disable=not progress), start=skip):
-        t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        x0, eps = denoise(x, t_batch)
-        if callback is not None:
-            callback(i, t, x, x0)
-        if i == len(timesteps) - 1:
-            return x0
-        x = ddim_step(x0, eps, alphas_cumprod[t], alphas_cumprod[timesteps[i + 1]], eta, generator)
-    raise AssertionError("unreachable: the last step returns")
+
+    def step(i, t, x, x0, eps):
+        return ddim_step(x0, eps, alphas_cumprod[t], alphas_cumprod[timesteps[i + 1]], eta, generator)
+
+    return _run_steps(model_fn, diffusion, x_T, timesteps, step, "ddim", progress, callback, skip, cuda_graphs)
 
 
 def check_eta(eta: float) -> None:

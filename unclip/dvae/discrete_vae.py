@@ -27,8 +27,8 @@ from einops import einsum, rearrange
 from torch import nn
 
 from unclip.configurable import configurable
+from unclip.distributed import global_mean
 from unclip.dvae.schedules import gumbel_temperature, kl_weight
-from unclip.training.batch_statistics import global_mean
 
 RECONSTRUCTION_LOSSES = ("mse", "l1")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,9 @@ from unclip.configurable import configurable
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim
 from unclip.embedding import TextCondition
 from unclip.prior.transformer import PriorTransformer
+
+SPACE_SETTINGS = ("embed_dim", "token_dim", "text_length")  # the transformer's sizes that the CLIP space gives
+NET_SETTINGS = tuple(name for name in inspect.signature(PriorTransformer).parameters if name not in SPACE_SETTINGS)
 
 
 def check_prompts(text: TextCondition) -> None:
@@ -25,6 +30,10 @@ class DiffusionPrior(nn.Module):
     (``fit_normalisation``) and kept as buffers, so they travel inside the checkpoint's weights.
     The network predicts the clean embedding (``objective="x0"``, as the paper); sampling returns unit-norm
     embeddings, the best of ``num_candidates`` by dot product with the text embedding.
+
+    ``net``: the ``PriorTransformer``'s settings (width, depth, heads, dropout, ff_mult, use_caption_tokens), as
+    the decoder's ``unet:`` holds its UNet's; the embedding space's sizes come from ``embed_dim``, ``token_dim``
+    and ``text_length``.
     """
 
     def __init__(
@@ -33,29 +42,42 @@ class DiffusionPrior(nn.Module):
         embed_dim: int,
         token_dim: int,
         text_length: int,
-        width: int = 512,
-        depth: int = 6,
-        heads: int = 8,
-        dropout: float = 0.0,
-        use_caption_tokens: bool = True,
         num_steps: int = 1000,
         schedule: str = "cosine",
         objective: str = "x0",
         loss_weighting: str = "none",
         cond_drop_prob: float = 0.2,
+        net: dict | None = None,
     ):
         super().__init__()
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-        self.net = PriorTransformer(
-            embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, width=width, depth=depth,
-            heads=heads, dropout=dropout, use_caption_tokens=use_caption_tokens,
-        )
+        unknown = sorted(set(net or {}) - set(NET_SETTINGS))
+        if unknown:
+            raise ValueError(f"net.{unknown[0]} is not a setting of the prior's transformer; net takes "
+                             f"{', '.join(NET_SETTINGS)} ({', '.join(SPACE_SETTINGS)} come from the CLIP space)")
+        self.net = PriorTransformer(embed_dim=embed_dim, token_dim=token_dim, text_length=text_length, **(net or {}))
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting)
         self.cond_drop_prob = cond_drop_prob
-        self.use_caption_tokens = use_caption_tokens
+        self.use_caption_tokens = self.net.use_caption_tokens
         self.register_buffer("embed_mean", torch.zeros(embed_dim))
         self.register_buffer("embed_std", torch.full((embed_dim,), embed_dim**-0.5))
+
+    def _rebuild_arguments(self, given: dict) -> dict:
+        """The saved config names every setting of the transformer, so a later change of its defaults cannot
+        rebuild a saved prior differently."""
+        settings = {k: v for k, v in self.net.config.items() if k != "_target_" and k not in SPACE_SETTINGS}
+        return {**given, "net": settings}
+
+    @classmethod
+    def _upgrade_arguments(cls, arguments: dict) -> dict:
+        """A config saved when the transformer's settings stood beside the prior's (``width: 256``, ...): in
+        today's form, inside ``net:``."""
+        flat = {k: arguments[k] for k in NET_SETTINGS if k in arguments}
+        if not flat:
+            return arguments
+        rest = {k: v for k, v in arguments.items() if k not in flat}
+        return {**rest, "net": {**flat, **(arguments.get("net") or {})}}
 
     # -- normalisation ----------------------------------------------------------------------
     @torch.no_grad()

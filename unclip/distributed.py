@@ -1,7 +1,8 @@
 """Statistics of the whole data-parallel batch inside a loss, so that a loss that is not a plain mean over items
 (a mean over some of them, a function of the batch's mean) trains the same weights on N processes as on one.
 
-Every process must call these at the same point (they communicate); without a process group they are the
+In the core, not in ``unclip.training``: the models' losses (the dVAE's, the transformer's) use them, and a model
+must not load the training loop. Every process must call these at the same point (they communicate); without a process group they are the
 local values.
 """
 
