@@ -41,7 +41,7 @@ from unclip.data.shapes import (
 from unclip.decoder.inpainting import object_box, object_mask
 from unclip.eval.judge import judge
 from unclip.images import save_grid, to_pil
-from unclip.pipeline import DEFAULT_JUMPS, UnCLIPPipeline
+from unclip.pipelines import DEFAULT_JUMPS, UnCLIPPipeline
 
 PARTS = ("replace", "remove", "img2img", "mix", "negative")
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)

@@ -21,7 +21,7 @@ import torch
 
 from unclip.clip import OpenClipEncoder
 from unclip.decoder import Decoder
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 from unclip.prior import DiffusionPrior
 
 GOAL_S = 0.25  # issue 16: a guided text -> 64-px image at batch 1 on an H100-class GPU

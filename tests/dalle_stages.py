@@ -8,9 +8,9 @@ from conftest import MICRO_CLIP
 from unclip.autoregressive import TextImageTransformer, TextVocabulary
 from unclip.checkpoint import save_stage
 from unclip.clip import OpenClipEncoder
-from unclip.dalle_pipeline import end_token_id
 from unclip.data.shapes import ShapesDataset
 from unclip.dvae import DiscreteVAE
+from unclip.pipelines.dalle import end_token_id
 
 TINY_DVAE = {"image_size": 16, "grid_size": 4, "codebook_size": 32, "codebook_dim": 8, "channels": [16, 16]}
 TINY_TRANSFORMER = {"width": 32, "depth": 1, "heads": 2, "text_length": 16}

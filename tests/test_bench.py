@@ -149,7 +149,7 @@ def test_editing_quick_measures_every_edit_and_keeps_the_unmasked_pixels(tmp_pat
 
     from unclip.checkpoint import load_stage, save_stage
     from unclip.decoder.inpainting import inpainting_decoder_from
-    from unclip.pipeline import UnCLIPPipeline
+    from unclip.pipelines import UnCLIPPipeline
 
     stages = save_micro_pipeline(tmp_path)
     UnCLIPPipeline.from_pretrained(**stages, device="cpu").save_pretrained(tmp_path / "pipeline")

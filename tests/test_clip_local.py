@@ -31,7 +31,7 @@ from unclip.config import build
 from unclip.decoder import Decoder
 from unclip.embedding import ClipEncoder
 from unclip.images import from_pil
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 from unclip.weights import CheckpointError
 
 CAPTIONS = ["a red circle", "A small BLUE square, on the left!", "two triangles: green & pink", "don't stop 123"]

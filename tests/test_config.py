@@ -56,7 +56,7 @@ def test_demo_config_composes_with_every_preset(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = OmegaConf.to_container(compose(config_name="demo", overrides=[f"experiment={experiment}"]), resolve=True)
     assert cfg["preset"] == "auto" and {"full", "quick", "gpu"} <= set(cfg["presets"])  # auto: gpu or full
-    from unclip.pipeline import GenerationSettings
+    from unclip.pipelines import GenerationSettings
     settings = GenerationSettings(**cfg["generation"])  # conf/generation/reranked.yaml: settings the pipeline takes
     settings.check()
     assert settings.rerank > 1  # the demo's pipeline keeps the CLIP's favourite of several candidates
@@ -87,7 +87,7 @@ def test_command_line_overrides_reach_the_trainer():
 def test_trainer_and_generation_defaults_come_from_their_dataclasses():
     from dataclasses import asdict
 
-    from unclip.pipeline import GenerationSettings
+    from unclip.pipelines import GenerationSettings
     from unclip.training import TrainerConfig
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
@@ -118,3 +118,17 @@ def test_a_job_refuses_an_added_key_that_nothing_reads(override, tmp_path):
     key = override.lstrip("+").split("=")[0]
     assert proc.returncode != 0 and f"{override}: '{key}' is not a setting of this job" in proc.stderr, proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_generator_names_are_the_pipeline_registrys():
+    """conf/ names a generator by its key in unclip.pipelines.GENERATORS; the demo's output directory is the class's."""
+    from unclip.pipelines import GENERATORS
+
+    for node in sorted((CONF / "pipeline").glob("*.yaml")):
+        assert OmegaConf.load(node).generator in GENERATORS, node
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for name, cls in GENERATORS.items():
+            cfg = compose(config_name="demo", overrides=[f"generator={name}"])
+            assert cfg.out == f"outputs/{cls.demo_dir}", name
+        with pytest.raises(Exception, match=r"generator must be one of \['dalle', 'unclip'\], got 'dall-e'"):
+            OmegaConf.to_container(compose(config_name="demo", overrides=["generator=dall-e"]), resolve=True)

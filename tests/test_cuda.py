@@ -24,7 +24,7 @@ from unclip.data.shapes import ShapesDataset
 from unclip.diffusion import GaussianDiffusion, sample_ddim
 from unclip.diffusion import graphs as graphs_module
 from unclip.flops import count_flops, device_peak
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 from unclip.training import Trainer, TrainerConfig
 
 pytestmark = pytest.mark.cuda

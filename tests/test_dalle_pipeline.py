@@ -1,6 +1,7 @@
 """DallePipeline: UnCLIPPipeline's calling convention over CLIP -> transformer -> dVAE tokens -> image."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,9 +9,8 @@ from dalle_stages import TINY_DVAE, dalle_stages, save_dalle_stages, tiny_transf
 from PIL import Image
 
 from unclip.checkpoint import save_stage
-from unclip.dalle_pipeline import DallePipeline
 from unclip.dvae import DiscreteVAE
-from unclip.pipeline import UnCLIPPipeline, best_of
+from unclip.pipelines import DallePipeline, UnCLIPPipeline, best_of
 from unclip.weights import CheckpointError
 
 PROMPTS = ["a red circle", "a small blue square on the left"]
@@ -117,3 +117,83 @@ def test_a_caption_longer_than_the_text_length_is_truncated_with_a_warning(stage
     with pytest.warns(UserWarning, match="longer than the 6-token text length of this model and were truncated"):
         images = pipe.generate("a small red circle to the left of a large blue square", seed=0)
     assert len(images) == 1
+
+
+def test_a_caller_asks_what_the_pipeline_can_do_and_the_refusal_names_it(pipe):
+    import importlib.util
+
+    from conftest import ROOT
+
+    assert pipe.supports("generate", "complete") and not pipe.supports("inpaint")
+    assert UnCLIPPipeline.supports("inpaint", "mix", "variations") and not UnCLIPPipeline.supports("complete")
+    spec = importlib.util.spec_from_file_location("sample_job", ROOT / "train" / "sample.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    config = dict(mode="inpaint", num_images_per_prompt=1, seed=0, rerank=None, image=None, mask=None, strength=0.5,
+                  negative_prompt=None, jumps=None, mix=None)
+    with pytest.raises(ValueError, match=r"mode=inpaint needs a pipeline that can inpaint; DallePipeline \(dalle\) "
+                                         r"can: complete, generate"):
+        job.sample(pipe, config, ["a red circle"])
+
+
+def test_load_pipeline_opens_a_saved_pipeline_of_either_kind_by_its_pipeline_json(pipe, tmp_path):
+    from unclip.pipelines import GENERATORS, load_pipeline
+
+    loaded = load_pipeline(pipe.save_pretrained(tmp_path / "pipe"), device="cpu")
+    assert type(loaded) is DallePipeline is GENERATORS["dalle"]
+    assert torch.equal(loaded.generate(PROMPTS, seed=0, output="tensor"), pipe.generate(PROMPTS, seed=0, output="tensor"))
+
+
+def test_rerank_above_max_batch_ranks_the_candidates_in_parts_keeping_the_best(pipe, monkeypatch):
+    k, batch = 7, 3  # 7 candidates an image, 3 drawn at a time
+    candidates = pipe.generate(PROMPTS[0], k, seed=0, output="tensor", max_batch=batch)  # the same draws, un-ranked
+    drawn = []
+    sample = pipe.transformer.sample
+    monkeypatch.setattr(pipe.transformer, "sample", lambda tokens, **kw: drawn.append(len(tokens)) or sample(tokens, **kw))
+    chosen = pipe.generate(PROMPTS, seed=0, rerank=k, output="tensor", max_batch=batch)
+    assert drawn == [3, 3, 1] * 2 and chosen.shape == (2, 3, 16, 16)  # never more than max_batch at once
+    embeds = pipe.clip.encode_text(PROMPTS[:1]).embed.repeat_interleave(k, 0)
+    torch.testing.assert_close(chosen[:1], best_of(pipe.clip, candidates, embeds, k), atol=0, rtol=0)
+
+
+def test_complete_makes_many_completions_in_chunks_of_max_batch(pipe, monkeypatch):
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = pipe.complete(image, "a green triangle", rows=2, n=2, seed=0, output="tensor", max_batch=4)
+    drawn = []
+    sample = pipe.transformer.sample
+    monkeypatch.setattr(pipe.transformer, "sample", lambda tokens, **kw: drawn.append(len(tokens)) or sample(tokens, **kw))
+    completed = pipe.complete(image, "a green triangle", rows=2, n=5, seed=0, output="tensor", max_batch=4)
+    assert drawn == [4, 4, 2] and completed.shape == (10, 3, 16, 16)
+    torch.testing.assert_close(completed[:2], first[:2], atol=0, rtol=0)  # the first chunk: a smaller request's
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda p: p.generate(PROMPTS, temperature="hot"), "the DALL-E setting temperature must be a number, got 'hot' (str)"),
+    (lambda p: p.generate(PROMPTS, top_k=2.5), "the DALL-E setting top_k must be a whole number or None, got 2.5"),
+    (lambda p: p.generate(PROMPTS, top_k=True), "the DALL-E setting top_k must be a whole number or None, got True"),
+    (lambda p: p.generate(PROMPTS, top_p="0.9"), "the DALL-E setting top_p must be a number or None, got '0.9'"),
+    (lambda p: p.generate(PROMPTS, guidance_scale=[3]), "the DALL-E setting guidance_scale must be a number or None"),
+    (lambda p: p.generate(PROMPTS, temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
+    (lambda p: p.generate(["a red circle", "\x00\x01"]), "the prompt '\\x00\\x01' (prompts) has no words the CLIP's "
+                                                          "tokenizer keeps"),
+    (lambda p: p.generate("<end_of_text>"), "the prompt '<end_of_text>' (prompts) has no words"),
+    (lambda p: p.complete(torch.zeros(1, 3, 16, 16), "\x07", rows=1), "the prompt '\\x07' (prompt) has no words"),
+])
+def test_settings_of_the_wrong_type_and_empty_prompts_are_refused_naming_them(pipe, call, message, monkeypatch):
+    monkeypatch.setattr(pipe.transformer, "sample", lambda *a, **k: pytest.fail("sampled for a bad request"))
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        call(pipe)
+
+
+def test_the_dalle_pipeline_imports_nothing_from_the_unclip_one():
+    """Both stand on unclip.pipelines.base; neither module reaches into the other."""
+    import ast
+
+    from conftest import ROOT
+
+    for module, other in (("dalle", "unclip"), ("unclip", "dalle")):
+        tree = ast.parse((ROOT / "unclip" / "pipelines" / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name for name in imported if name.startswith(f"unclip.pipelines.{other}")
+                    or name == "unclip.pipelines"}, module

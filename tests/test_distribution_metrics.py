@@ -131,7 +131,7 @@ def test_inception_features_load_the_users_weights_file_and_never_download(tmp_p
 def _micro_pipeline():
     from stages import micro_stages
 
-    from unclip.pipeline import GenerationSettings, UnCLIPPipeline
+    from unclip.pipelines import GenerationSettings, UnCLIPPipeline
 
     clip, prior, decoder, upsampler = micro_stages()
     return UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler],

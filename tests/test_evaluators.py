@@ -10,7 +10,7 @@ from unclip.clip.evaluation import embed_images, embed_texts, retrieval_recall
 from unclip.data.shapes import ShapesDataset
 from unclip.eval.captions import CaptionsEvaluator
 from unclip.eval.shapes import SAMPLE_PROMPTS, ShapesEvaluator
-from unclip.pipeline import GenerationSettings, UnCLIPPipeline
+from unclip.pipelines import GenerationSettings, UnCLIPPipeline
 
 COLOURS = ("red", "green", "blue")
 
@@ -191,3 +191,22 @@ def parse(caption):
     from unclip.data.shapes import parse_caption
 
     return parse_caption(caption)
+
+
+def test_a_dalle_pipeline_is_evaluated_on_captioned_data_and_on_shapes_without_the_edits_it_cannot_make():
+    """`train/evaluate.py pipeline=dalle data=folder ...`: the captions' CLIP agreement (the evaluator scores under the
+    pipeline's precision, which DallePipeline has too), and on shapes only what it supports (no variations)."""
+    from dalle_stages import dalle_stages
+
+    from unclip.pipelines import DallePipeline
+
+    pipe = DallePipeline(*dalle_stages())
+    captions = CaptionsEvaluator({"val": TemplateCaptions()}, pipeline_items={"val": 4})
+    metrics = captions.pipeline_metrics(pipe, seed=0)
+    assert set(metrics) == {"val_image_cosine", "val_shuffled_image_cosine", "val_clip_score", "val_shuffled_clip_score"}
+    assert all(-1 <= value <= 1 for value in metrics.values())
+    shapes = ShapesEvaluator({"val": ShapesDataset(split="val", length=4, image_size=16)},
+                             pipeline_items={"val": 2, "edits": 1, "fidelity": {"val": 6}})
+    metrics = shapes.pipeline_metrics(pipe, seed=0)  # edits=True asked, but a DALL-E pipeline makes no edits
+    assert "val_colour_shape_acc" in metrics and metrics["fidelity/val/n"] == 6
+    assert not any("variations" in key or "interpolate" in key or "text_diff" in key for key in metrics)

@@ -16,7 +16,7 @@ from unclip.diffusion import (
 )
 from unclip.diffusion.graphs import MIN_STEPS, check_cuda_graphs, use_cuda_graphs
 from unclip.embedding import TextCondition
-from unclip.pipeline import GenerationSettings, UnCLIPPipeline
+from unclip.pipelines import GenerationSettings, UnCLIPPipeline
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

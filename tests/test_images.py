@@ -13,7 +13,7 @@ from stages import micro_stages
 
 from unclip.data.cleaning import load_image
 from unclip.images import from_pil, resize, to_pil, to_rgb, to_tensor
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 
 
 def _png(image: Image.Image) -> bytes:

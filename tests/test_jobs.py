@@ -60,7 +60,7 @@ def test_sample_job_edits_images_in_every_mode(tmp_path):
 
     from PIL import ImageDraw
 
-    from unclip.pipeline import UnCLIPPipeline
+    from unclip.pipelines import UnCLIPPipeline
 
     stages = save_micro_pipeline(tmp_path / "stages")
     scene, mask = tmp_path / "scene.png", tmp_path / "mask.png"

@@ -7,7 +7,7 @@ from PIL import Image
 from stages import micro_stages, save_lively_pipeline, save_micro_pipeline
 
 from unclip.checkpoint import save_stage
-from unclip.pipeline import UnCLIPPipeline, best_of, slerp
+from unclip.pipelines import UnCLIPPipeline, best_of, slerp
 from unclip.weights import CheckpointError
 
 FAST = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
@@ -195,3 +195,98 @@ def test_every_method_keeps_its_outputs_for_the_same_seed(tmp_path):
     }
     for name, images in outputs.items():
         torch.testing.assert_close(_digest(images), torch.tensor(PINNED[name]), atol=2e-3, rtol=0, msg=name)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() and not p.is_symlink() else str(p.readlink())
+                                             if p.is_symlink() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["any-text", "empty", "symlink", "valid-beside-files", "extra-file-in-a-stage",
+                                  "a-stage-linked-to-the-users-data", "another-generator"])
+def test_save_pretrained_replaces_only_a_saved_pipeline_and_keeps_a_users_directory(pipe, tmp_path, case):
+    """A project with a file named pipeline.json (any content, empty, a symlink to a real one, or a real one beside
+    the user's files) is not a saved pipeline: the save is refused naming what would be lost, and nothing moves."""
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "data").mkdir()
+    (mine / "data" / "results.csv").write_text("1,2,3")
+    offending = {"any-text": r"pipeline.json \(.*is damaged, not JSON", "empty": r"pipeline.json \(.*is damaged",
+                 "symlink": r"pipeline.json \(not a regular file\)", "valid-beside-files": "data, thesis.tex",
+                 "extra-file-in-a-stage": "clip/notes.txt", "a-stage-linked-to-the-users-data": r"prior \(a symbolic link\)",
+                 "another-generator": r"generator must be one of"}[case]
+    if case == "any-text":
+        (mine / "pipeline.json").write_text("my pipeline notes")
+    elif case == "empty":
+        (mine / "pipeline.json").write_text("")
+    elif case == "symlink":
+        (mine / "pipeline.json").symlink_to(saved / "pipeline.json")
+    elif case == "another-generator":
+        (mine / "pipeline.json").write_text(json.dumps({"generator": "mine", "stages": {}}))
+    else:
+        import shutil
+
+        for entry in saved.iterdir():
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, mine / entry.name)
+        if case != "valid-beside-files":
+            shutil.rmtree(mine / "data"), (mine / "thesis.tex").unlink()
+        if case == "extra-file-in-a-stage":
+            (mine / "clip" / "notes.txt").write_text("mine")
+        if case == "a-stage-linked-to-the-users-data":
+            shutil.rmtree(mine / "prior")
+            (mine / "prior").symlink_to(tmp_path / "results", target_is_directory=True)
+            (tmp_path / "results").mkdir()
+            (tmp_path / "results" / "table.csv").write_text("1,2")
+    before = _files(mine)
+    with pytest.raises(FileExistsError, match=rf"cannot save the pipeline to {mine}: saving replaces a saved pipeline "
+                                              rf"whole, and it holds what a saved pipeline does not: .*{offending}"):
+        pipe.save_pretrained(mine)
+    assert _files(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "results") == ["mine", "saved"]  # no temporary
+    assert not (tmp_path / "results").exists() or (tmp_path / "results" / "table.csv").read_text() == "1,2"
+    (tmp_path / "link").symlink_to(saved)
+    with pytest.raises(FileExistsError, match=rf"cannot save the pipeline to {tmp_path / 'link'}: it is a symbolic link"):
+        pipe.save_pretrained(tmp_path / "link")
+
+
+KILL_BETWEEN_THE_RENAMES = """
+import json, os, signal, sys
+from pathlib import Path
+from unclip.pipelines import UnCLIPPipeline
+stages, target = json.loads(sys.argv[1]), Path(sys.argv[2])
+pipe = UnCLIPPipeline.from_pretrained(**stages, device="cpu")
+rename = os.replace
+def replace(source, destination):
+    rename(source, destination)
+    if Path(source) == target:  # the old pipeline moved aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+print(os.getpid(), flush=True)
+pipe.save_pretrained(target)
+"""
+
+
+def test_a_save_killed_between_its_two_renames_loses_no_pipeline_and_leaves_no_temporary(pipe, stages, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    saved = pipe.save_pretrained(tmp_path / "pipeline")
+    (saved / "pipeline.json").write_text(json.dumps({**json.loads((saved / "pipeline.json").read_text()),
+                                                     "settings": {"decoder_steps": 7}}))
+    spec = json.dumps({k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in stages.items()})
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_THE_RENAMES, spec, str(saved)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    pid = int(proc.stdout.split()[-1])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [f".old-pipeline-{pid}", f".tmp-pipeline-{pid}"]  # killed where it hurts most: no pipeline
+    with pytest.warns(UserWarning, match=rf"restored the pipeline {saved} from .old-pipeline-{pid}"):
+        loaded = UnCLIPPipeline.from_pretrained(saved, device="cpu")
+    assert loaded.settings.decoder_steps == 7  # the old pipeline, as the failed save found it
+    loaded.save_pretrained(saved)  # the next save removes the dead process's temporary copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    assert UnCLIPPipeline.from_pretrained(saved, device="cpu").settings.decoder_steps == 7

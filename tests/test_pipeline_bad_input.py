@@ -5,6 +5,7 @@ import json
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from stages import save_micro_pipeline
 
 from unclip.checkpoint import MANIFEST, load_stage, write_manifest
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 from unclip.weights import CheckpointError
 
 FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
@@ -214,3 +215,64 @@ def test_a_damaged_manifest_names_itself_and_the_way_out_and_deleting_it_loads_t
         UnCLIPPipeline.from_pretrained(saved, device="cpu")
     manifest.unlink()
     assert UnCLIPPipeline.from_pretrained(saved, device="cpu").sources["decoder"] == saved / "decoder"
+
+
+BLACK, WHITE = Image.new("L", (32, 32), 0), Image.new("L", (32, 32), 255)  # keep everything / paint everything
+NAN_MASK = Image.fromarray(np.full((32, 32), np.nan, dtype=np.float32), mode="F")
+
+
+@pytest.mark.parametrize("call,error,message", [
+    # img2img at strength 0 and inpaint with an all-black or all-white mask return early: every argument first
+    (lambda p: p.img2img(RED, "a", 0.0, seed=1.5), ValueError, "seed must be a whole number from -2**63"),
+    (lambda p: p.img2img(RED, "a", 0.0, output="bogus"), ValueError, "output must be one of ('pil', 'tensor')"),
+    (lambda p: p.img2img(RED, "a", 0.0, decoder_steps=0), ValueError, "decoder_steps must be an int >= 1, got 0"),
+    (lambda p: p.img2img(RED, "a", 0.0, negative_prompt="\x00"), ValueError,
+     "the prompt '\\x00' (negative_prompt) has no words the CLIP's tokenizer keeps"),
+    (lambda p: p.img2img(RED, "a", 0.0, negative_image_embed=torch.zeros(32)), ValueError,
+     "negative_image_embed has an all-zero row"),
+    (lambda p: p.img2img(RED, "\x01", 0.0), ValueError, "the prompt '\\x01' (prompt) has no words"),
+    (lambda p: p.inpaint(RED, BLACK, "a", seed=1.5), ValueError, "seed must be a whole number from -2**63"),
+    (lambda p: p.inpaint(RED, BLACK, "a", jumps=-1), ValueError, "jumps must be an int >= 0, got -1"),
+    (lambda p: p.inpaint(RED, BLACK, jump_length=0), ValueError, "jump_length must be an int >= 1, got 0"),
+    (lambda p: p.inpaint(RED, BLACK, eta=-1), ValueError, "eta must be a finite number >= 0, got -1"),
+    (lambda p: p.inpaint(RED, BLACK, "a", decoder_stepz=3), TypeError, "unknown generation settings ['decoder_stepz']"),
+    (lambda p: p.inpaint(RED, BLACK, image_embed=torch.zeros(32)), ValueError, "image_embed has an all-zero row"),
+    (lambda p: p.inpaint(RED, BLACK, "a", negative_prompt=" "), ValueError, "every prompt must be a non-empty string"),
+    (lambda p: p.inpaint(RED, WHITE, "a", jumps=-1), ValueError, "jumps must be an int >= 0, got -1"),
+    (lambda p: p.inpaint(RED, WHITE, "a", output="bogus"), ValueError, "output must be one of ('pil', 'tensor')"),
+    # masks that say nothing are not "keep everything"
+    (lambda p: p.inpaint(RED, Image.new("L", (0, 0)), "a"), ValueError, "the mask is 0x0 pixels, which says nothing"),
+    (lambda p: p.inpaint(RED, torch.zeros(0, 0), "a"), ValueError, "the mask tensor is empty ([0, 0])"),
+    (lambda p: p.inpaint(RED, NAN_MASK, "a"), ValueError, "the mask (mode F) holds NaN or infinite values (1024 of"),
+    # weights whose weighted sum overflows would decode a black image
+    (lambda p: p.mix([("a red circle", 1e38), (RED, 1e38)], **FAST), ValueError,
+     "the weighted sum of the embeddings overflows (weights [1e+38, 1e+38]); give smaller weights"),
+    # prompts that tokenize to nothing would be the unconditional caption
+    (lambda p: p.generate(["a red circle", "\x00"]), ValueError, "the prompt '\\x00' (prompts) has no words"),
+    (lambda p: p.generate("<end_of_text>"), ValueError, "the prompt '<end_of_text>' (prompts) has no words"),
+    (lambda p: p.text_diff(RED, "a red circle", "\x02"), ValueError, "the prompt '\\x02' (from_text, to_text)"),
+    (lambda p: p.mix([("\x03", 1.0)]), ValueError, "the prompt '\\x03' (mix) has no words"),
+])
+def test_every_argument_is_checked_before_any_early_return_or_work(pipe, call, error, message, monkeypatch):
+    monkeypatch.setattr(pipe.decoder, "sample", lambda *a, **k: pytest.fail("the decoder ran for a bad request"))
+    with pytest.raises(error, match=re.escape(message)):
+        call(pipe)
+
+
+def test_ten_thousand_prompts_are_encoded_in_chunks_and_rerank_above_max_batch_ranks_in_parts(pipe, monkeypatch):
+    encoded, decoded, upsampled = [], [], []
+    encode_text = pipe.clip.encode_text
+    monkeypatch.setattr(pipe.clip, "encode_text", lambda texts: encoded.append(len(texts)) or encode_text(texts))
+    monkeypatch.setattr(pipe.prior, "sample", lambda text, *a, **k: torch.nn.functional.normalize(
+        torch.randn(len(text), 32), dim=-1))
+    monkeypatch.setattr(pipe.decoder, "sample", lambda embed, *a, **k: decoded.append(len(embed)) or
+                        torch.rand(len(embed), 3, 16, 16) * 2 - 1)
+    monkeypatch.setattr(pipe.upsamplers[0], "sample", lambda images, *a, **k: upsampled.append(len(images)) or
+                        torch.zeros(len(images), 3, 32, 32))
+    prompts = [f"a red circle {i}" for i in range(10_000)]
+    assert len(pipe.generate(prompts, **FAST)) == 10_000
+    assert max(encoded) == 64 and sum(decoded) == 10_000  # settings.max_batch prompts at a time, not 10,000
+    encoded.clear(), decoded.clear(), upsampled.clear()
+    images = pipe.generate("a red circle", 2, rerank=5, max_batch=2, output="tensor", **FAST)
+    assert images.shape == (2, 3, 32, 32)
+    assert decoded == [2, 2, 1] * 2 and upsampled == [1, 1]  # 5 candidates, 2 at a time; only the best upsampled

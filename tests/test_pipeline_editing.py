@@ -10,7 +10,7 @@ from stages import save_lively_pipeline
 
 from unclip.checkpoint import load_stage, save_stage
 from unclip.decoder.inpainting import inpainting_decoder_from
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 
 FAST = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
 

@@ -15,7 +15,7 @@ from unclip.checkpoint import load_stage
 from unclip.clip.open_clip_encoder import OPENAI_MEAN, OPENAI_STD
 from unclip.config import UnsafeConfigError, build
 from unclip.decoder import Decoder
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import UnCLIPPipeline
 from unclip.prior import PriorTransformer
 from unclip.weights import CheckpointError
 

@@ -2,9 +2,11 @@
 
 It also registers the structured configs, so that their dataclasses state every default once:
 ``trainer/schema`` (``unclip.training.TrainerConfig``, named by conf/trainer/default.yaml) and
-``generation/defaults`` (``unclip.pipeline.GenerationSettings``) and ``dalle_generation/defaults``
-(``unclip.dalle_pipeline.DalleSettings``). A value of the wrong type
-(``trainer.lr=abc``, ``trainer.max_steps=2.5``) or an unknown key is then an error naming the setting.
+``generation/defaults`` (``unclip.pipelines.GenerationSettings``) and ``dalle_generation/defaults``
+(``unclip.pipelines.DalleSettings``). A value of the wrong type
+(``trainer.lr=abc``, ``trainer.max_steps=2.5``) or an unknown key is then an error naming the setting. The resolver
+``${demo_dir:<generator>}`` gives a pipeline class's ``demo_dir`` (conf/demo.yaml's ``out``), so that the generator
+names live in ``unclip.pipelines.GENERATORS`` alone.
 
 And it makes every job own its run directory before Hydra writes anything there (``.hydra/``, the job's log):
 :class:`RunDirectoryCallback`, added to Hydra's own config, tries the directory for writing and takes its lock
@@ -28,9 +30,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from unclip.dalle_pipeline import DalleSettings
 from unclip.jobs import Job, start_job
-from unclip.pipeline import GenerationSettings
+from unclip.pipelines import DalleSettings, GenerationSettings, pipeline_class
 from unclip.run_lock import DirectoryInUseError, hold_directory
 from unclip.training import TrainerConfig
 
@@ -62,6 +63,7 @@ class RunDirectoryCallback(Callback):
 ConfigStore.instance().store(group="trainer", name="schema", node=TrainerConfig)
 ConfigStore.instance().store(group="generation", name="defaults", node=GenerationSettings)
 ConfigStore.instance().store(group="dalle_generation", name="defaults", node=DalleSettings)
+OmegaConf.register_new_resolver("demo_dir", lambda generator: pipeline_class(generator).demo_dir, replace=True)
 ConfigStore.instance().store(group="hydra", name="config", provider="hydra", node=HydraConf(
     callbacks={"run_directory": {"_target_": f"{__name__}.RunDirectoryCallback"}}))
 

@@ -18,10 +18,10 @@ from _job import hydra_job
 from unclip.autoregressive import TextVocabulary
 from unclip.checkpoint import load_stage
 from unclip.config import build
-from unclip.dalle_pipeline import DalleSettings, end_token_id
 from unclip.data.collate import first_items
 from unclip.images import resize, save_grid, to_pil
 from unclip.jobs import Job
+from unclip.pipelines.dalle import DalleSettings, end_token_id
 
 
 def image_tokens(dvae, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ evaluator (`data.evaluator`) judges the result and picks the sample prompts. Eac
 resumes. The trained pipeline lands in `<out>/pipeline/`, the grid, images and metrics.json in `<out>/`.
 
 `generator=dalle` trains DALL-E 1 the same way (CLIP, the discrete VAE, the transformer; `dalle_presets`) into
-`outputs/demo-dalle/`, and judges its pipeline with the same evaluator.
+`outputs/demo-dalle/`, and judges its pipeline with the same evaluator. The generators are those of
+``unclip.pipelines.GENERATORS``; each one's recipe here (``RECIPES``) says which stages train it and how they compose,
+its class where its outputs go (``demo_dir``) and what its evaluation covers (``supports``).
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from _job import choice, forwarded_overrides, hydra_job
 
 from unclip.config import build
-from unclip.dalle_pipeline import DallePipeline
 from unclip.images import save_grid
 from unclip.jobs import Job, finish
-from unclip.pipeline import UnCLIPPipeline
+from unclip.pipelines import DallePipeline, Pipeline, UnCLIPPipeline, pipeline_class
 from unclip.report import write_report
 
 TRAIN = Path(__file__).resolve().parent
@@ -70,45 +73,80 @@ def image_sizes(config: dict) -> tuple[int, int | None]:
     return decoder_size, upsampled
 
 
-def stage_overrides(config: dict, preset: dict, out: Path) -> dict[str, tuple[str, list[str]]]:
-    """Every stage's job script and command-line overrides, in the order they run."""
-    data = forwarded_overrides("experiment", "data")  # the experiment and the data choice with its settings
-    generation = forwarded_overrides("generation")
-    images = [*data, *config["stage_overrides"]]
-    clip = f"clip_checkpoint={out / 'clip'}"
+def _steps(config: dict, stage: str) -> list[str]:
+    return [] if config["steps"][stage] is None else [f"trainer.max_steps={config['steps'][stage]}"]
 
-    def steps(stage: str) -> list[str]:
-        return [] if config["steps"][stage] is None else [f"trainer.max_steps={config['steps'][stage]}"]
 
-    if config["generator"] == "dalle":
-        dalle = config["dalle_presets"][config["preset"]]
-        return {
-            "clip": ("clip", [*images, *preset["clip"], *steps("clip")]),
-            "dvae": ("dvae", [*images, *dalle["dvae"], *steps("dvae")]),
-            "dalle": ("dalle", [*images, *forwarded_overrides("dalle_generation"), clip, f"dvae_checkpoint={out / 'dvae'}",
-                                *dalle["dalle"], *steps("dalle")]),
-        }
+def _images(config: dict) -> list[str]:
+    """What every stage that reads images is given: the experiment and the data choice with its settings."""
+    return [*forwarded_overrides("experiment", "data"), *config["stage_overrides"]]
+
+
+def dalle_stages(config: dict, preset: dict, out: Path) -> dict[str, tuple[str, list[str]]]:
+    """DALL-E 1's stages (CLIP, dVAE, transformer): job script and command-line overrides, in the order they run."""
+    images, dalle = _images(config), config["dalle_presets"][config["preset"]]
+    return {
+        "clip": ("clip", [*images, *preset["clip"], *_steps(config, "clip")]),
+        "dvae": ("dvae", [*images, *dalle["dvae"], *_steps(config, "dvae")]),
+        "dalle": ("dalle", [*images, *forwarded_overrides("dalle_generation"), f"clip_checkpoint={out / 'clip'}",
+                            f"dvae_checkpoint={out / 'dvae'}", *dalle["dalle"], *_steps(config, "dalle")]),
+    }
+
+
+def unclip_stages(config: dict, preset: dict, out: Path) -> dict[str, tuple[str, list[str]]]:
+    """unCLIP's stages: job script and command-line overrides, in the order they run."""
+    data, generation = forwarded_overrides("experiment", "data"), forwarded_overrides("generation")
+    images, clip = _images(config), f"clip_checkpoint={out / 'clip'}"
     decoder_size, upsampled = image_sizes(config)
+    log.info(f"data={choice('data')} at {config['data']['image_size']} px: the decoder makes {decoder_size}-px "
+             f"images" + (f", the upsampler {upsampled}-px ones" if upsampled else ", no upsampler"))
     stages = {
-        "clip": ("clip", [*images, *preset["clip"], *steps("clip")]),
+        "clip": ("clip", [*images, *preset["clip"], *_steps(config, "clip")]),
         "embed": ("embed", [*images, clip, *preset["embed"]]),
-        "prior": ("prior", [*data, *generation, f"embeddings={out / 'embed'}", *preset["prior"], *steps("prior")]),
+        "prior": ("prior", [*data, *generation, f"embeddings={out / 'embed'}", *preset["prior"],
+                            *_steps(config, "prior")]),
         "prior_passthrough": ("prior", [*data, *generation, f"embeddings={out / 'embed'}", "prior=passthrough",
                                         *[o for o in preset["prior"] if o.startswith("eval_items")]]),
         "decoder": ("decoder", [*images, *generation, clip, f"decoder.image_size={decoder_size}", *preset["decoder"],
-                                *steps("decoder")]),
+                                *_steps(config, "decoder")]),
     }
     if upsampled is not None:
         stages["upsampler"] = ("upsampler", [*images, *generation, f"upsampler.low_res_size={decoder_size}",
                                              f"upsampler.image_size={upsampled}", *preset["upsampler"],
-                                             *steps("upsampler")])
+                                             *_steps(config, "upsampler")])
     return stages
 
 
-def compose(out: Path, prior: str, stages: dict, settings: dict) -> UnCLIPPipeline:
+def compose_unclip(out: Path, stages: dict, config: dict, prior: str = "prior") -> UnCLIPPipeline:
     upsamplers = [out / "upsampler"] if "upsampler" in stages else []
     return UnCLIPPipeline.from_config({"clip": out / "clip", "prior": out / prior, "decoder": out / "decoder",
-                                       "upsamplers": upsamplers, "settings": settings})
+                                       "upsamplers": upsamplers, "settings": config["generation"]})
+
+
+def compose_dalle(out: Path, stages: dict, config: dict) -> DallePipeline:
+    return DallePipeline.from_config({"clip": out / "clip", "dvae": out / "dvae", "transformer": out / "dalle",
+                                      "settings": config["dalle_generation"]})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the demo trains a generator: its stages' jobs, in order, and how their outputs compose the pipeline."""
+
+    stages: Callable[[dict, dict, Path], dict[str, tuple[str, list[str]]]]
+    compose: Callable[[Path, dict, dict], Pipeline]
+
+
+RECIPES: dict[type[Pipeline], Recipe] = {UnCLIPPipeline: Recipe(unclip_stages, compose_unclip),
+                                         DallePipeline: Recipe(dalle_stages, compose_dalle)}
+
+
+def recipe_of(generator: str) -> tuple[type[Pipeline], Recipe]:
+    """The generator's class (``unclip.pipelines.GENERATORS``) and its recipe, or an error naming the known ones."""
+    cls = pipeline_class(generator)
+    if cls not in RECIPES:
+        raise ValueError(f"the demo has no recipe for generator={generator}; it trains "
+                         f"{sorted(c.generator for c in RECIPES)}")
+    return cls, RECIPES[cls]
 
 
 @hydra_job("demo")
@@ -120,23 +158,13 @@ def main(job: Job) -> None:
     preset = config["presets"][config["preset"]]
     job.require_data("evaluator")
     evaluator = build(config["data"]["evaluator"], pipeline_items=preset["eval_items"])
-    decoder_size, upsampled = image_sizes(config)
-    if config["generator"] not in ("unclip", "dalle"):
-        raise ValueError(f"generator must be unclip or dalle, got {config['generator']!r}")
-    if config["generator"] == "unclip":
-        log.info(f"data={choice('data')} at {config['data']['image_size']} px: the decoder makes {decoder_size}-px "
-                 f"images" + (f", the upsampler {upsampled}-px ones" if upsampled else ", no upsampler"))
-    plan = stage_overrides(config, preset, out)
+    generator, recipe = recipe_of(config["generator"])
+    plan = recipe.stages(config, preset, out)
     stages = {name: run_stage(name, script, out, overrides, config["force"]) for name, (script, overrides) in plan.items()}
 
     evaluating = time.time()
     log.info("composing the pipeline")
-    dalle = config["generator"] == "dalle"
-    if dalle:
-        pipe = DallePipeline.from_config({"clip": out / "clip", "dvae": out / "dvae", "transformer": out / "dalle",
-                                          "settings": config["dalle_generation"]})
-    else:
-        pipe = compose(out, "prior", stages, config["generation"])
+    pipe = recipe.compose(out, stages, config)
     pipe.save_pretrained(out / "pipeline")
     prompts, n = config["prompts"] or evaluator.sample_prompts(), config["images_per_prompt"]
     images = pipe.generate(prompts, n, seed=config["seed"])
@@ -147,10 +175,10 @@ def main(job: Job) -> None:
     (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
 
     log.info(f"evaluating the pipeline with {type(evaluator).__name__} (and the passthrough prior's)")
-    metrics = {"preset": config["preset"], "experiment": choice("experiment"), "generator": config["generator"]}
-    metrics.update(evaluator.pipeline_metrics(pipe, seed=config["seed"], edits=not dalle))  # edits: unCLIP's
-    if not dalle:
-        passthrough = compose(out, "prior_passthrough", stages, config["generation"])
+    metrics = {"preset": config["preset"], "experiment": choice("experiment"), "generator": generator.generator}
+    metrics.update(evaluator.pipeline_metrics(pipe, seed=config["seed"]))  # with the edits the pipeline supports
+    if "prior_passthrough" in stages:
+        passthrough = compose_unclip(out, stages, config, prior="prior_passthrough")
         metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False,
                                                   fidelity=False))
     metrics.update(evaluator.prompt_metrics(images, [prompt for prompt in prompts for _ in range(n)]))

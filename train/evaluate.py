@@ -8,7 +8,6 @@ from _job import hydra_job
 
 from unclip.config import build
 from unclip.jobs import Job
-from unclip.pipeline import UnCLIPPipeline
 from unclip.pipelines import pipeline_from_config
 
 
@@ -17,8 +16,8 @@ def main(job: Job) -> None:
     job.require_data("evaluator")
     pipe = pipeline_from_config(job.config["pipeline"])
     evaluator = build(job.config["data"]["evaluator"], pipeline_items=job.config["eval_items"])
-    # the edits (variations, interpolation, text diffs) need image embeddings: unCLIP only
-    metrics = evaluator.pipeline_metrics(pipe, seed=job.config["seed"], edits=isinstance(pipe, UnCLIPPipeline))
+    # the edits (variations, interpolation, text diffs) where the pipeline supports them (unCLIP's)
+    metrics = evaluator.pipeline_metrics(pipe, seed=job.config["seed"])
     summary = evaluator.summary(metrics)
     if summary:
         (job.run_dir / "fidelity.txt").write_text(summary + "\n")

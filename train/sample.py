@@ -21,9 +21,8 @@ from PIL import Image
 
 from unclip.images import save_grid
 from unclip.jobs import Job
-from unclip.pipeline import UnCLIPPipeline
 from unclip.pipeline_inputs import check_count
-from unclip.pipelines import pipeline_from_config
+from unclip.pipelines import Pipeline, pipeline_from_config
 from unclip.run_lock import LOCK_FILE, hold_directory
 
 MODES = ("generate", "variations", "img2img", "inpaint", "mix")
@@ -69,11 +68,10 @@ def check_request(config: dict, prompts: list[str]) -> None:
         raise ValueError(f"mode={mode} needs prompts: prompts='[a red circle]' or prompts_file=<one prompt a line>")
 
 
-def sample(pipe: UnCLIPPipeline, config: dict, prompts: list[str]) -> tuple[list, list[dict]]:
+def sample(pipe: Pipeline, config: dict, prompts: list[str]) -> tuple[list, list[dict]]:
     """The images of ``config['mode']`` and, per image, what made it (prompt or None)."""
     mode, n = config["mode"], config["num_images_per_prompt"]
-    if mode != "generate" and not isinstance(pipe, UnCLIPPipeline):
-        raise ValueError(f"mode={mode} needs an unCLIP pipeline; {type(pipe).__name__} only generates (mode=generate)")
+    pipe.require(mode, f"mode={mode}")
     common = {"seed": config["seed"]}
     negative = {"negative_prompt": config["negative_prompt"]}
     if mode == "mix":
@@ -132,7 +130,7 @@ def remove_earlier_samples(run_dir: Path) -> None:
         (run_dir / "images").rmdir()
 
 
-def write_samples(run_dir: Path, pipe: UnCLIPPipeline, images: list, made_by: list[dict], config: dict) -> None:
+def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dict], config: dict) -> None:
     n = config["num_images_per_prompt"]
     inputs = {key: config[key] for key in ("mode", "image", "mask", "strength", "negative_prompt", "mix", "jumps")}
     image_dir = run_dir / "images"
@@ -142,7 +140,7 @@ def write_samples(run_dir: Path, pipe: UnCLIPPipeline, images: list, made_by: li
             name = f"{i:04d}.png"
             image.save(image_dir / name)
             record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
-                      "rerank": config["rerank"] or getattr(pipe.settings, "rerank", 1), **inputs, "settings": vars(pipe.settings)}
+                      "rerank": config["rerank"] or pipe.settings.rerank, **inputs, "settings": vars(pipe.settings)}
             log.write(json.dumps(record) + "\n")
 
 

@@ -141,6 +141,11 @@ def _pil_fill(mask: Image.Image, image, size: int) -> torch.Tensor:
     if len(mask.getbands()) != 1:
         raise ValueError(f"the mask must be a single-channel image (mode L or 1: white = paint, black = keep), "
                          f"got mode {mask.mode}; convert it with mask.convert('L')")
+    if mask.width < 1 or mask.height < 1:
+        raise ValueError(f"the mask is {mask.width}x{mask.height} pixels, which says nothing about what to keep; give "
+                         "a mask of the image's size (white = paint, black = keep)")
+    if mask.mode not in ("1", "L", "P"):  # float or wide-integer pixels: NaN would read as black (keep)
+        check_finite(torch.from_numpy(np.asarray(mask, dtype=np.float64)), f"the mask (mode {mask.mode})")
     if isinstance(image, Image.Image) and mask.size != image.size:
         mask = mask.resize(image.size, Image.NEAREST)
     side = min(mask.size)
@@ -156,6 +161,9 @@ def _tensor_fill(mask: torch.Tensor, size: int) -> torch.Tensor:
     if fills.ndim != 4 or fills.shape[1] != 1:
         raise ValueError(f"the mask must have a single channel ([H, W], [1, H, W] or [B, 1, H, W]), got "
                          f"{list(mask.shape)}")
+    if 0 in fills.shape:
+        raise ValueError(f"the mask tensor is empty ({list(mask.shape)}), which says nothing about what to keep; "
+                         "give a mask with pixels (1 = paint, 0 = keep)")
     return F.interpolate(fills, size=(size, size), mode="nearest") if fills.shape[-1] != size else fills
 
 

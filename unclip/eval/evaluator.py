@@ -94,6 +94,7 @@ class DataEvaluator:
 
     def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
                          fidelity: bool = True) -> dict:
+        """A whole pipeline's metrics; ``edits``: also those of the edits it supports (``pipe.supports``)."""
         raise NotImplementedError
 
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:

@@ -38,6 +38,7 @@ SAMPLE_PROMPTS = (
 # What pipeline_items may name: the caption-like prompt sets (val, heldout, pair), the edits' images, the
 # balanced prompt set's scenes per split (fidelity: {val, heldout, pair}; unclip.eval.prompt_set) and, where they
 # should differ, those whose true image embeddings are decoded (fidelity_variations; default: fidelity's).
+EDITS = ("decode", "variations", "interpolate", "text_diff")  # what the edits' evaluation asks the pipeline for
 PIPELINE_ITEMS = ("val", "heldout", "pair", "edits", "fidelity", "fidelity_variations")
 DEFAULT_PIPELINE_ITEMS = {"val": 64, "heldout": 32, "pair": 32, "edits": 8,
                           "fidelity": {"val": 120, "heldout": 48, "pair": 48}}
@@ -92,7 +93,9 @@ class ShapesEvaluator(DataEvaluator):
         text to image (``fidelity/<split>/...``) and (with ``edits``) decoded from the true image embeddings
         (``fidelity_variations/<split>/...``, on ``pipeline_items["fidelity_variations"]`` scenes where given); then
         (``edits``; they do not use the prior) variations, interpolation and text diffs of ``pipeline_items["edits"]``
-        val images."""
+        val images. Edits are skipped where the pipeline cannot make them (``pipe.supports``: DALL-E only
+        generates)."""
+        edits = edits and pipe.supports(*EDITS)
         sets = self._prompt_sets
         metrics = evaluate_on_shapes(pipe, sets, seed=seed, prefix=prefix)
         prompted = self.pipeline_items.get("fidelity")

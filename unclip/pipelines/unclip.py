@@ -9,54 +9,39 @@
 
 Every call takes a seed and gives the same images for it. Stages from different CLIP embedding spaces
 refuse to compose, naming both fingerprints. Each public method is a few lines over the shared steps: encode
-(text, images), the prior, the decoder, the upsamplers.
+(text, images), the prior, the decoder, the upsamplers; what every pipeline shares is in ``unclip.pipelines.base``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import (
-    LoadedStage,
-    commit_directory,
-    load_stage,
-    resolve_checkpoint,
-    verify_stage_files,
-    write_json_atomic,
-    write_manifest,
-)
+from unclip.checkpoint import LoadedStage, load_stage
 from unclip.diffusion import Inpainting, strength_skip
 from unclip.diffusion.graphs import check_cuda_graphs
+from unclip.diffusion.sampling import check_eta
 from unclip.embedding import EmbeddingSpace, TextCondition
-from unclip.images import resize, to_pil
+from unclip.images import resize
 from unclip.masks import fill_colour, keep_at
 from unclip.pipeline_inputs import (
     check_amounts,
     check_count,
     check_finite,
     check_mix,
-    check_output,
-    check_prompts,
-    check_seed,
     images_in,
     keep_masks,
     prompts_for,
     unit_embeds,
 )
-from unclip.weights import CheckpointError
+from unclip.pipelines.base import Pipeline, in_chunks, read_pipeline_file
 
-PIPELINE_FILE = "pipeline.json"
-STAGE_FILES = ("model.safetensors", "ema.safetensors", "config.json", "space.json")  # what a saved pipeline copies
 # RePaint's resampling passes a step when inpainting with a plain decoder (an inpainting decoder needs none).
 DEFAULT_JUMPS = 3
 
@@ -128,124 +113,8 @@ class Negative:
     image_embed: torch.Tensor | None = None
 
 
-# Which class loads a saved pipeline, by pipeline.json's "generator" (absent: unclip).
-LOADERS = {"unclip": "unclip.pipeline.UnCLIPPipeline", "dalle": "unclip.dalle_pipeline.DallePipeline"}
-
-
-def read_pipeline_file(path: Path, generator: str, stage_names: Sequence[str], settings_class) -> tuple[dict, object]:
-    """A saved ``generator`` pipeline's ``pipeline.json``: its stages (``stage_names`` each present) and its
-    settings as ``settings_class``."""
-    manifest_file = path / PIPELINE_FILE
-    saved_by = "give a directory saved by UnCLIPPipeline.save_pretrained (train/demo.py saves outputs/demo/pipeline)"
-    if not path.exists():
-        raise CheckpointError(f"pipeline {path} does not exist; {saved_by}, or the stages' checkpoints")
-    if not manifest_file.is_file():
-        raise CheckpointError(f"{path} is not a saved pipeline: {PIPELINE_FILE} is missing; {saved_by}, or the "
-                              "stages' checkpoints")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{manifest_file} is damaged, not JSON ({err}); save the pipeline again") from err
-    known = {"format", "stages", "settings", "generator"}
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict) or set(manifest) - known:
-        raise CheckpointError(f"{manifest_file} is not a pipeline file: expected an object with 'stages' (and "
-                              f"'format', 'settings'), got {json.dumps(manifest)[:200]}; save the pipeline again")
-    saved = manifest.get("generator", "unclip")
-    if saved != generator:
-        raise CheckpointError(f"{path} is a saved {saved!r} pipeline, not a {generator!r} one: load it with "
-                              f"{LOADERS.get(saved, saved)}.from_pretrained (jobs: pipeline={saved})")
-    stages = manifest["stages"]
-    for name in stage_names:
-        if not isinstance(stages.get(name), str):
-            raise CheckpointError(f"{manifest_file} lists no {name} stage; save the pipeline again")
-        if not (path / stages[name]).exists():
-            raise CheckpointError(f"pipeline {path} is missing its {name} stage ({path / stages[name]}); save the "
-                                  "pipeline again")
-    settings = manifest.get("settings", {})
-    unknown = sorted(set(settings) - set(vars(settings_class()))) if isinstance(settings, dict) else settings
-    if unknown:
-        raise CheckpointError(f"{manifest_file} has unknown settings {unknown}; known: "
-                              f"{sorted(vars(settings_class()))}")
-    return stages, settings_class(**settings)
-
-
-def pipeline_from_spec(cls, spec: dict, stages: dict, **kwargs):
-    """Each pipeline class's ``from_config``: ``cls.from_pretrained`` of ``spec["path"]`` (a saved pipeline) or else
-    of ``stages`` (its stage checkpoints, by from_pretrained's names), with ``spec["settings"]`` over its settings."""
-    pipe = cls.from_pretrained(spec["path"], **kwargs) if spec.get("path") else cls.from_pretrained(**stages, **kwargs)
-    pipe.settings = pipe._settings(spec.get("settings") or {})
-    return pipe
-
-
-def _read_pipeline_file(path: Path) -> tuple[dict, GenerationSettings]:
-    """A saved unCLIP pipeline's ``pipeline.json``: its stages (each directory present) and generation settings."""
-    return read_pipeline_file(path, "unclip", ("clip", "prior", "decoder"), GenerationSettings)
-
-
-def _check_replaceable(directory: Path) -> None:
-    """``save_pretrained`` writes a new or empty directory, or replaces a saved pipeline; nothing else."""
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"cannot save the pipeline to {directory}: it is a file; choose a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / PIPELINE_FILE).is_file():
-        raise FileExistsError(
-            f"cannot save the pipeline to {directory}: it is not empty and not a saved pipeline (no {PIPELINE_FILE}), "
-            "and saving would replace everything in it; choose a new or empty directory, or move its files away"
-        )
-
-
-def save_pipeline(directory: str | Path, sources: dict, settings: dict, generator: str = "unclip") -> Path:
-    """Copy every stage of ``sources`` (stage name -> checkpoint; ``upsampler_<i>`` names listed as upsamplers)
-    into one directory with a pipeline.json. The directory must be new, empty or a saved pipeline; a saved
-    pipeline is replaced only once the new one is complete (written to a temporary sibling, then swapped in), so
-    a failed save leaves it as it was."""
-    directory = Path(directory)
-    if not sources:
-        raise ValueError("save_pretrained needs a pipeline built by from_pretrained (stage checkpoints to copy)")
-    _check_replaceable(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_stages(tmp, sources, settings, generator)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
-    commit_directory(tmp, directory)
-    return directory
-
-
-def _write_stages(target_root: Path, sources: dict, settings: dict, generator: str) -> None:
-    stages: dict = {"upsamplers": []} if generator == "unclip" else {}
-    for name, source in sources.items():
-        source = resolve_checkpoint(source)
-        target = target_root / name
-        target.mkdir()
-        files = [f for f in STAGE_FILES if (source / f).is_file()]
-        for file in files:
-            shutil.copy2(source / file, target / file)
-        verify_stage_files(source, files, "copy {} into a saved pipeline")  # the copies are checked against the source's manifest, if any
-        write_manifest(target)
-        if name.startswith("upsampler"):
-            stages["upsamplers"].append(name)
-        else:
-            stages[name] = name
-    manifest = {"format": 1, "stages": stages, "settings": settings}
-    write_json_atomic(target_root / PIPELINE_FILE, manifest if generator == "unclip" else
-                      {**manifest, "generator": generator})
-
-
-def best_of(clip, images: torch.Tensor, text_embeds: torch.Tensor, rerank: int) -> torch.Tensor:
-    """CLIP re-ranking: of every ``rerank`` consecutive images [B * rerank, 3, H, W], the one whose CLIP image
-    embedding is most similar to its caption's embedding (``text_embeds`` [B * rerank, D], one row per image)."""
-    scores = (clip.encode_image(images) * text_embeds.float()).sum(-1).view(-1, rerank)
-    best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
-    return images[best]
-
-
 @dataclass
-class UnCLIPPipeline:
+class UnCLIPPipeline(Pipeline):
     clip: torch.nn.Module
     prior: torch.nn.Module
     decoder: torch.nn.Module
@@ -253,6 +122,14 @@ class UnCLIPPipeline:
     spaces: dict = field(default_factory=dict)  # stage name -> EmbeddingSpace (as recorded in its checkpoint)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     sources: dict = field(default_factory=dict)  # stage name -> checkpoint directory
+
+    generator: ClassVar[str] = "unclip"
+    stages: ClassVar[tuple[str, ...]] = ("clip", "prior", "decoder")
+    stage_lists: ClassVar[tuple[str, ...]] = ("upsampler",)
+    settings_class: ClassVar[type] = GenerationSettings
+    operations: ClassVar[frozenset[str]] = frozenset(
+        {"generate", "decode", "variations", "img2img", "interpolate", "text_diff", "mix", "inpaint"})
+    demo_dir: ClassVar[str] = "demo"
 
     def __post_init__(self) -> None:
         clip_space: EmbeddingSpace = self.spaces.get("clip") or self.clip.space
@@ -282,16 +159,6 @@ class UnCLIPPipeline:
         """The side of the images the pipeline makes (its last stage's)."""
         return self.upsamplers[-1].image_size if self.upsamplers else self.decoder.image_size
 
-    @property
-    def device(self) -> torch.device:
-        """Where the pipeline runs (its CLIP's device)."""
-        return getattr(self.clip, "device", None) or next(self.clip.parameters()).device
-
-    def to(self, device) -> "UnCLIPPipeline":
-        for module in self.modules():
-            module.to(device)
-        return self
-
     @classmethod
     def from_pretrained(
         cls,
@@ -309,7 +176,7 @@ class UnCLIPPipeline:
         settings = GenerationSettings()
         if path is not None:
             path = Path(path)
-            stages, settings = _read_pipeline_file(path)
+            stages, settings = read_pipeline_file(path, cls)
             clip, prior, decoder = (given or path / stages[n] for n, given in
                                     (("clip", clip), ("prior", prior), ("decoder", decoder)))
             upsamplers = list(upsamplers) or [path / p for p in stages.get("upsamplers", [])]
@@ -337,51 +204,19 @@ class UnCLIPPipeline:
         return pipe.to(device)
 
     @classmethod
-    def from_config(cls, spec: dict, **kwargs) -> "UnCLIPPipeline":
-        """From a ``conf/pipeline/`` node: ``path`` (a saved pipeline) or ``clip``/``prior``/``decoder``/``upsamplers``
-        stage checkpoints, and ``settings`` (GenerationSettings overrides)."""
-        stages = {"clip": spec.get("clip"), "prior": spec.get("prior"), "decoder": spec.get("decoder"),
-                  "upsamplers": spec.get("upsamplers") or []}
-        return pipeline_from_spec(cls, spec, stages, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Copy every stage (weights, config, space) into one directory with a pipeline.json. The directory must
-        be new, empty or a saved pipeline; a saved pipeline is replaced only once the new one is complete (written
-        to a temporary sibling, then swapped in), so a failed save leaves it as it was."""
-        return save_pipeline(directory, self.sources, vars(self.settings))
+    def stage_spec(cls, spec: dict) -> dict:
+        """``clip``/``prior``/``decoder``/``upsamplers`` of a ``conf/pipeline/`` node."""
+        return {**super().stage_spec(spec), "upsamplers": spec.get("upsamplers") or []}
 
     # -- the shared steps ----------------------------------------------------------------------
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(check_seed(seed))
-
-    def autocast(self):
-        """The pipeline's mixed precision (bfloat16 on CPU and CUDA), for code that calls its stages directly."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type in ("cpu", "cuda"))
-
     @contextmanager
-    def _session(self, seed: int, overrides: dict, output: str = "pil"
+    def _session(self, seed: int, overrides: dict, output: str = "pil", prepared: tuple | None = None
                  ) -> Iterator[tuple[GenerationSettings, torch.Generator]]:
         """One call's settings (defaults + ``overrides``, checked) and generator, under autocast; ``output`` is
-        checked before any work."""
-        check_output(output)
-        config = self._settings(overrides)
-        generator = self._generator(seed)
+        checked before any work (``prepared``: what ``_prepare`` gave, where the call checked it earlier)."""
+        config, generator = prepared or self._prepare(seed, overrides, output)
         with self.autocast():
             yield config, generator
-
-    def _settings(self, overrides: dict) -> GenerationSettings:
-        unknown = set(overrides) - set(vars(self.settings))
-        if unknown:
-            raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(vars(self.settings))}")
-        settings = GenerationSettings(**{**vars(self.settings), **overrides})
-        settings.check()
-        return settings
-
-    @staticmethod
-    def _output(images: torch.Tensor, output: str):
-        check_output(output)
-        images = images.float()
-        return to_pil(images) if output == "pil" else images
 
     def _images_in(self, image, size: int | None = None) -> torch.Tensor:
         """Images in at ``size`` (PIL at the CLIP's size and tensors as they are without one), on the device."""
@@ -404,12 +239,20 @@ class UnCLIPPipeline:
         embedding from the prior, drawn from a stream of its own so that the other draws do not move."""
         if prompt is None and image_embed is None:
             return None
-        text = self.clip.encode_text(check_prompts(prompt, "negative_prompt")) if prompt is not None else None
+        text = (None if prompt is None else
+                self._encode_text(self._check_prompts(prompt, "negative_prompt"), config.max_batch))
         if image_embed is not None:
             embed = unit_embeds(image_embed, count, self.clip.space.dim, self.device, "negative_image_embed")
         else:
             embed = self._prior(text, config, self._generator(seed)).float().expand(count, -1)
         return Negative(None if text is None else text.repeat_interleave(count), embed)
+
+    def _check_negative(self, prompt, image_embed, count: int) -> None:
+        """A call's negative prompt and image embedding (for ``count`` images), checked before any work."""
+        if prompt is not None:
+            self._check_prompts(prompt, "negative_prompt")
+        if image_embed is not None:
+            unit_embeds(image_embed, count, self.clip.space.dim, self.device, "negative_image_embed")
 
     def _decode(self, image_embed, text: TextCondition | None, config: GenerationSettings, generator, *, noise=None,
                 eta=None, negative: Negative | None = None, inpaint: Inpainting | None = None, init=None,
@@ -456,9 +299,6 @@ class UnCLIPPipeline:
         """Decoder, then upsamplers (no inpainting)."""
         return self._upsample(self._decode(image_embed, text, config, generator, **decode), config, generator)
 
-    def _best_of(self, images: torch.Tensor, text: TextCondition, rerank: int) -> torch.Tensor:
-        return best_of(self.clip, images, text.embed, rerank)
-
     # -- text to image, image embeddings to images ------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -479,30 +319,22 @@ class UnCLIPPipeline:
         one the CLIP finds most similar to the prompt; candidates are ranked at the decoder's size, so only the kept
         ones are upsampled. ``negative_prompt`` (and/or ``negative_image_embed``) is what guidance steers away from:
         the prior's (when ``prior_guidance != 1``) and the decoder's unconditional branch."""
-        prompts = check_prompts(prompts)
+        prompts = self._check_prompts(prompts)
         count = check_count("num_images_per_prompt", num_images_per_prompt)
         if rerank is not None:
             settings = {**settings, "rerank": check_count("rerank", rerank)}
-        with self._session(seed, settings, output) as (config, generator):
-            rerank = config.rerank
-            per_prompt = count * rerank
-            rows = len(prompts) * per_prompt  # candidates
-            if negative_image_embed is not None:  # checked once for every row
-                unit_embeds(negative_image_embed, rows, self.clip.space.dim, self.device, "negative_image_embed")
-            prompt_text = self.clip.encode_text(prompts)
-            chunk = max(1, config.max_batch // rerank) * rerank
-            parts = []
-            for start in range(0, rows, chunk):
-                index = torch.arange(start, min(start + chunk, rows), device=prompt_text.embed.device)
-                text = prompt_text[index // per_prompt]
-                negative = self._negative(negative_prompt, _rows(negative_image_embed, start, len(index), rows),
-                                          len(index), config, seed)
+        prepared = self._prepare(seed, settings, output)
+        rows = len(prompts) * count * prepared[0].rerank  # candidates
+        self._check_negative(negative_prompt, negative_image_embed, rows)
+        with self._session(seed, settings, output, prepared) as (config, generator):
+            def draw(text: TextCondition, start: int) -> torch.Tensor:
+                negative = self._negative(negative_prompt, _rows(negative_image_embed, start, len(text), rows),
+                                          len(text), config, seed)
                 image_embed = self._prior(text, config, generator, negative)
-                images = self._decode(image_embed, text, config, generator, negative=negative).float()
-                if rerank > 1:
-                    images = self._best_of(images, text, rerank)
-                parts.append(self._output(self._upsample(images, config, generator), output))
-        return torch.cat(parts) if output == "tensor" else [image for part in parts for image in part]
+                return self._decode(image_embed, text, config, generator, negative=negative)
+
+            return self._ranked_images(prompts, count, config, output, draw,
+                                       lambda images: self._upsample(images, config, generator))
 
     @torch.no_grad()
     def decode(self, image_embeds: torch.Tensor, *, seed: int = 0, eta: float = 0.0, output: str = "pil", **settings):
@@ -541,11 +373,13 @@ class UnCLIPPipeline:
         strength_skip(1, strength)  # checks it
         check_count("n", n)
         images = self._images_in(image, self.image_size)
-        prompts = prompts_for(prompt, len(images))
+        prompts = prompts_for(self._check_prompts(prompt, "prompt"), len(images))
+        prepared = self._prepare(seed, settings, output)
+        self._check_negative(negative_prompt, negative_image_embed, len(images) * n)
         if strength == 0:
             return self._output(images.repeat_interleave(n, 0), output)
-        with self._session(seed, settings, output) as (config, generator):
-            text = self.clip.encode_text(prompts).repeat_interleave(n)
+        with self._session(seed, settings, output, prepared) as (config, generator):
+            text = self._encode_text(prompts, config.max_batch).repeat_interleave(n)
             negative = self._negative(negative_prompt, negative_image_embed, len(text), config, seed)
             init = resize(images, self.decoder.image_size).repeat_interleave(n, 0)
             image_embed = self._prior(text, config, generator, negative)
@@ -572,7 +406,7 @@ class UnCLIPPipeline:
     ):
         """Move the image embedding along the normalised difference of two text embeddings (paper, 3.3):
         slerp(z_i, z_d, amount) with z_d = normalise(z_t(to) - z_t(from)); one fixed noise."""
-        check_prompts([from_text, to_text])
+        self._check_prompts([from_text, to_text], "from_text, to_text")
         amounts = check_amounts(amounts)
         with self._session(seed, settings, output) as (config, generator):
             z_i = self.clip.encode_image(self._images_in(image)).float()
@@ -595,10 +429,17 @@ class UnCLIPPipeline:
         not sum to zero; a weight may be negative (steer away)."""
         items = check_mix(items)
         check_count("n", n)
+        for item, _ in items:
+            if isinstance(item, str):
+                self._check_prompts(item, "mix")
         with self._session(seed, settings, output) as (config, generator):
             embeds = [self._embedding_of(item, config, generator) for item, _ in items]
             mixed = sum(weight * embed for (_, weight), embed in zip(items, embeds))
-            if float(mixed.norm()) < 1e-6:
+            norm = float(mixed.norm())
+            if not math.isfinite(norm) or not bool(torch.isfinite(mixed).all()):  # it would decode a black image
+                raise ValueError(f"the weighted sum of the embeddings overflows (weights {[w for _, w in items]}); "
+                                 "give smaller weights (only their ratios matter)")
+            if norm < 1e-6:
                 raise ValueError("the weighted embeddings cancel out (their sum is zero); change the weights")
             images = self._render(F.normalize(mixed, dim=-1).repeat(n, 1), None, config, generator, eta=eta)
         return self._output(images, output)
@@ -606,7 +447,7 @@ class UnCLIPPipeline:
     def _embedding_of(self, item, config: GenerationSettings, generator) -> torch.Tensor:
         """[1, D]: a text's through the prior, an image's from the CLIP."""
         if isinstance(item, str):
-            return self._prior(self.clip.encode_text(check_prompts(item)), config, generator).float()
+            return self._prior(self.clip.encode_text([item]), config, generator).float()
         return self.clip.encode_image(self._images_in(item)[:1]).float()
 
     # -- inpainting ---------------------------------------------------------------------------------
@@ -615,13 +456,14 @@ class UnCLIPPipeline:
         embedding (with the prompt, if any, as the decoder's caption); neither: the CLIP embedding of the image
         with the hole filled by the kept pixels' median colour ("more of the surroundings": removes objects)."""
         count = len(images)
-        text = None if prompt is None else self.clip.encode_text(prompts_for(prompt, count)).repeat_interleave(n)
+        text = (None if prompt is None else
+                self._encode_text(prompts_for(prompt, count), config.max_batch).repeat_interleave(n))
         if image_embed is not None:
             return text, unit_embeds(image_embed, count, self.clip.space.dim, self.device).repeat_interleave(n, 0)
         if text is not None:
             return text, self._prior(text, config, generator, negative)
         filled = keep * images + (1 - keep) * fill_colour(images, keep)
-        return None, self.clip.encode_image(filled).float().repeat_interleave(n, 0)
+        return None, in_chunks(self.clip.encode_image, filled, config.max_batch).float().repeat_interleave(n, 0)
 
     @torch.no_grad()
     def inpaint(self, image, mask, prompt: str | Sequence[str] | None = None, *, image_embed: torch.Tensor | None = None,
@@ -640,13 +482,16 @@ class UnCLIPPipeline:
         check_count("n", n)
         images = self._images_in(image, self.image_size)
         keep = keep_masks(mask, image, len(images), self.image_size, self.device)
+        jumps = (0 if getattr(self.decoder, "inpaints", False) else DEFAULT_JUMPS) if jumps is None else jumps
+        self._check_inpaint(prompt, image_embed, len(images), jumps, jump_length, eta)
+        prepared = self._prepare(seed, settings, output)
+        self._check_negative(negative_prompt, negative_image_embed, len(images) * n)
         if bool((keep == 1).all()):  # nothing to fill
             return self._output(images.repeat_interleave(n, 0), output)
         if bool((keep == 0).all()) and (prompt is not None or image_embed is not None):
             return self._plain(prompt, image_embed, len(images), n, seed, negative_prompt, negative_image_embed,
                                output, settings)
-        jumps = (0 if getattr(self.decoder, "inpaints", False) else DEFAULT_JUMPS) if jumps is None else jumps
-        with self._session(seed, settings, output) as (config, generator):
+        with self._session(seed, settings, output, prepared) as (config, generator):
             count = len(images) * n
             negative = self._negative(negative_prompt, negative_image_embed, count, config, seed)
             text, embeds = self._edit_condition(prompt, image_embed, images, keep, n, config, generator, negative)
@@ -657,6 +502,15 @@ class UnCLIPPipeline:
             out = self._upsample(low, config, generator, known=known, keep=keep, eta=eta)
             out = keep * known + (1 - keep) * out.float()  # exactly the image where kept
         return self._output(out, output)
+
+    def _check_inpaint(self, prompt, image_embed, count: int, jumps, jump_length, eta) -> None:
+        """inpaint's own arguments, checked before any of its paths (the early returns included) runs."""
+        if prompt is not None:
+            prompts_for(self._check_prompts(prompt, "prompt"), count)
+        if image_embed is not None:
+            unit_embeds(image_embed, count, self.clip.space.dim, self.device)
+        Inpainting(torch.zeros(1), torch.zeros(1), jumps=jumps, jump_length=jump_length)  # checks them
+        check_eta(eta)
 
     def _plain(self, prompt, image_embed, count, n, seed, negative_prompt, negative_image_embed, output, settings):
         """Inpainting with nothing kept: generation from the condition alone."""

@@ -4,25 +4,25 @@
     images = pipe.generate(["a red circle", "a purple triangle at the top"], 4, seed=0, rerank=4)
     completed = pipe.complete(image, "a blue square", rows=3)   # keep the image's top 3 token rows, draw the rest
 
-The calling convention is UnCLIPPipeline's (``from_pretrained``, ``save_pretrained``, ``generate`` with seeds,
-``rerank`` and chunks of ``settings.max_batch``), so jobs and evaluators take either. The CLIP stage tokenizes the
+The calling convention is every pipeline's (``unclip.pipelines.base``: ``from_pretrained``, ``save_pretrained``,
+``generate`` with seeds, ``rerank`` and chunks of ``settings.max_batch``), so jobs and evaluators take either. The CLIP stage tokenizes the
 captions (the transformer knows the ids of its training captions) and re-ranks candidates; a transformer and a dVAE
 that do not fit (another codebook or grid) refuse to compose, naming both.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from unclip.autoregressive import check_sampling
 from unclip.checkpoint import load_stage, read_stage_config
-from unclip.images import to_pil
-from unclip.pipeline import best_of, pipeline_from_spec, read_pipeline_file, save_pipeline
-from unclip.pipeline_inputs import check_count, check_output, check_prompts, check_seed, images_in, prompts_for
+from unclip.pipeline_inputs import check_count, check_output, images_in, prompts_for
+from unclip.pipelines.base import Pipeline, in_chunks, read_pipeline_file
 
 STAGES = ("clip", "dvae", "transformer")
 
@@ -38,8 +38,13 @@ class DalleSettings:
     rerank: int = 1  # DALL-E's CLIP re-ranking: candidates drawn per image, the CLIP's favourite kept (1: none)
     max_batch: int = 64  # images made at once: generate() makes more in chunks of this many (candidates count)
 
-    def check(self, vocab_size: int) -> None:
-        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, vocab_size=vocab_size)
+    def check(self, vocab_size: int | None = None) -> None:
+        """Each setting of its type and range (``vocab_size``: the transformer's image codebook, top_k's bound)."""
+        _check_types(self)
+        if isinstance(self.temperature, float) and not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       vocab_size=vocab_size or 2**62)
         check_count("rerank", self.rerank)
         check_count("max_batch", self.max_batch)
         if self.guidance_scale is not None and not (isinstance(self.guidance_scale, (int, float))
@@ -50,6 +55,21 @@ class DalleSettings:
         """The keyword arguments of ``TextImageTransformer.sample``."""
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "guidance_scale": self.guidance_scale}
+
+
+_NUMBER, _NONE = (int, float), type(None)
+# Each setting's types, and how an error names them.
+_TYPES = {"temperature": (_NUMBER, "a number"), "top_k": ((int, _NONE), "a whole number or None"),
+          "top_p": ((*_NUMBER, _NONE), "a number or None"), "guidance_scale": ((*_NUMBER, _NONE), "a number or None"),
+          "rerank": ((int,), "a whole number"), "max_batch": ((int,), "a whole number")}
+
+
+def _check_types(settings: DalleSettings) -> None:
+    """A setting of the wrong type (``temperature="hot"``, ``top_k=2.5``) named here, not deep in the sampler."""
+    for name, (allowed, kinds) in _TYPES.items():
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise TypeError(f"the DALL-E setting {name} must be {kinds}, got {value!r:.60} ({type(value).__name__})")
 
 
 def end_token_id(clip) -> int:
@@ -80,12 +100,19 @@ def _trained_with(transformer_path) -> str:
 
 
 @dataclass
-class DallePipeline:
+class DallePipeline(Pipeline):
     clip: torch.nn.Module
     dvae: torch.nn.Module
     transformer: torch.nn.Module
     settings: DalleSettings = field(default_factory=DalleSettings)
     sources: dict = field(default_factory=dict)  # stage name -> checkpoint directory
+
+    generator: ClassVar[str] = "dalle"
+    stages: ClassVar[tuple[str, ...]] = STAGES
+    settings_class: ClassVar[type] = DalleSettings
+    operations: ClassVar[frozenset[str]] = frozenset({"generate", "complete"})
+    demo_dir: ClassVar[str] = "demo-dalle"
+    autocast_dtype: ClassVar[torch.dtype | None] = None  # it samples (and re-ranks) in float32
 
     def __post_init__(self) -> None:
         check_pairing(self.transformer, self.dvae,
@@ -101,21 +128,9 @@ class DallePipeline:
             module.eval().requires_grad_(False)
 
     # -- construction -----------------------------------------------------------------------
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.clip, self.dvae, self.transformer]
-
     @property
     def image_size(self) -> int:
         return self.dvae.image_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device) -> "DallePipeline":
-        for module in self.modules():
-            module.to(device)
-        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, clip: str | Path | None = None,
@@ -126,7 +141,7 @@ class DallePipeline:
         directory replace its own."""
         settings, given = DalleSettings(), {"clip": clip, "dvae": dvae, "transformer": transformer}
         if path is not None:
-            stages, settings = read_pipeline_file(Path(path), "dalle", STAGES, DalleSettings)
+            stages, settings = read_pipeline_file(Path(path), cls)
             given = {name: given[name] or Path(path) / stages[name] for name in STAGES}
         missing = [name for name in STAGES if given[name] is None]
         if missing:
@@ -137,24 +152,9 @@ class DallePipeline:
                    sources={name: stage.path for name, stage in loaded.items()})
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    @classmethod
-    def from_config(cls, spec: dict, **kwargs) -> "DallePipeline":
-        """From a ``conf/pipeline/dalle.yaml`` node: ``path`` (a saved pipeline) or ``clip``/``dvae``/``transformer``
-        stage checkpoints, and ``settings`` (DalleSettings overrides)."""
-        return pipeline_from_spec(cls, spec, {name: spec.get(name) for name in STAGES}, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """As ``UnCLIPPipeline.save_pretrained``: a new, empty or saved-pipeline directory, replaced whole."""
-        return save_pipeline(directory, self.sources, vars(self.settings), generator="dalle")
-
     # -- shared steps -----------------------------------------------------------------------
-    def _settings(self, overrides: dict) -> DalleSettings:
-        unknown = set(overrides) - set(vars(self.settings))
-        if unknown:
-            raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(vars(self.settings))}")
-        settings = DalleSettings(**{**vars(self.settings), **overrides})
+    def _check_settings(self, settings: DalleSettings) -> None:
         settings.check(self.transformer.image_vocab_size)
-        return settings
 
     def _draw(self, text_tokens: torch.Tensor, config: DalleSettings, generator, prime=None) -> torch.Tensor:
         """Caption token rows [B, L] -> images [B, 3, S, S] in [-1, 1]."""
@@ -162,10 +162,6 @@ class DallePipeline:
                                          **config.sampling())
         grid = self.dvae.grid_size
         return self.dvae.decode(tokens.view(-1, grid, grid)).float()
-
-    @staticmethod
-    def _output(images: torch.Tensor, output: str):
-        return to_pil(images) if output == "pil" else images
 
     # -- text to image ------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,21 +173,13 @@ class DallePipeline:
         if negative_prompt is not None:
             raise ValueError("the DALL-E pipeline takes no negative_prompt (its guidance's other branch is the "
                              "null caption); leave it out")
-        prompts, output = check_prompts(prompts), check_output(output)
-        config, generator = self._settings(settings if rerank is None else {**settings, "rerank": rerank}), self._generator(seed)
-        rerank = config.rerank
-        per_prompt = check_count("num_images_per_prompt", num_images_per_prompt) * rerank
-        tokens = self.clip.tokenize(prompts)
-        embeds = self.clip.encode_text(prompts).embed if rerank > 1 else None
-        rows, chunk = len(prompts) * per_prompt, max(1, config.max_batch // rerank) * rerank
-        parts = []
-        for start in range(0, rows, chunk):
-            prompt_index = torch.arange(start, min(start + chunk, rows)) // per_prompt
-            images = self._draw(tokens[prompt_index], config, generator)
-            if rerank > 1:
-                images = best_of(self.clip, images, embeds[prompt_index.to(embeds.device)], rerank)
-            parts.append(self._output(images, output))
-        return torch.cat(parts) if output == "tensor" else [image for part in parts for image in part]
+        prompts = self._check_prompts(prompts)
+        count = check_count("num_images_per_prompt", num_images_per_prompt)
+        if rerank is not None:
+            settings = {**settings, "rerank": check_count("rerank", rerank)}
+        config, generator = self._prepare(seed, settings, output)
+        return self._ranked_images(prompts, count, config, output,
+                                   lambda text, _: self._draw(text.tokens, config, generator))
 
     @torch.no_grad()
     def complete(self, image, prompt: str | Sequence[str], rows: int, *, n: int = 1, seed: int = 0,
@@ -205,11 +193,13 @@ class DallePipeline:
                              f"{grid} would keep the whole image), got {rows!r}")
         check_count("n", n)
         images = images_in(image, self.image_size, self.device)
-        prompts = prompts_for(prompt, len(images))
-        config, generator = self._settings(settings), self._generator(seed)
-        prime = self.dvae.encode(images)[:, :rows].flatten(1).repeat_interleave(n, 0)
-        tokens = self.clip.tokenize(prompts).repeat_interleave(n, 0)
-        return self._output(self._draw(tokens, config, generator, prime=prime), output)
-
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(check_seed(seed))
+        prompts = prompts_for(self._check_prompts(prompt, "prompt"), len(images))
+        config, generator = self._prepare(seed, settings, output)
+        primes = in_chunks(lambda batch: self.dvae.encode(batch)[:, :rows].flatten(1), images, config.max_batch)
+        tokens = self.clip.tokenize(prompts)
+        index, parts = torch.arange(len(images) * n) // n, []
+        for start in range(0, len(index), config.max_batch):
+            rows_of = index[start:start + config.max_batch]
+            parts.append(self._output(self._draw(tokens[rows_of], config, generator,
+                                                 prime=primes[rows_of.to(primes.device)]), output))
+        return self._joined(parts, output)
