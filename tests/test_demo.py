@@ -56,6 +56,12 @@ def test_demo_trains_every_stage_on_a_folder_and_samples_its_captions(tmp_path):
     assert {"val_clip_score", "val_shuffled_clip_score", "passthrough_val_clip_score", "clip/image_to_text_R@1_val",
             "prior/retrieval_caption_val"} <= set(metrics)
     assert "colour_acc" not in " ".join(metrics)  # nothing judged as `shapes`
+    # distribution metrics in CLIP space beside the CLIP scores, with their calibration rows, and as the decoder's
+    assert {"distribution/val/fid_clip", "distribution/val/kid_clip_mean", "distribution/val/precision_clip",
+            "distribution/val/fid_clip_floor", "distribution/val/fid_clip_ceiling_mean"} <= set(metrics)
+    assert any(key.startswith("decoder/fid_clip_g") for key in metrics)
+    report = (out / "report.html").read_text()  # the demo's page: its stages, curves, grid and metrics
+    assert all(part in report for part in ("distribution metrics", "decoder: training curves", "samples", "fid_clip"))
     assert "composing the pipeline" in (out / "demo.log").read_text()
     # The demo's generation settings (conf/generation/reranked.yaml, then the command line's) reach its stages'
     # evaluations and are saved with its pipeline, so the pipeline samples as the demo measured it.

@@ -31,6 +31,7 @@ from unclip.config import build
 from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipelines import DallePipeline, Pipeline, UnCLIPPipeline, pipeline_class
+from unclip.report import REPORT_FILE, write_report
 
 TRAIN = Path(__file__).resolve().parent
 log = logging.getLogger("demo")  # to the console and <out>/demo.log
@@ -189,8 +190,9 @@ def main(job: Job) -> None:
         metrics.update({f"{stage}/{k}": v for k, v in stage_metrics.items() if isinstance(v, (int, float))})
     # Every stage's minutes (also those of earlier calls, whose stages were skipped now) and this evaluation's.
     metrics["minutes"] = sum(m.get("minutes", 0.0) for m in stages.values()) + (time.time() - evaluating) / 60
-    metrics.update(pipeline=str(out / "pipeline"), grid=str(out / "grid.png"))
-    job.finish(metrics)  # into the run directory, which is out (conf/demo.yaml: hydra.run.dir: ${out})
+    metrics.update(pipeline=str(out / "pipeline"), grid=str(out / "grid.png"), report=str(out / REPORT_FILE))
+    job.finish(metrics)  # into the run directory, which is out (conf/demo.yaml: hydra.run.dir: ${out}); printed last
+    write_report([out])  # reads metrics.json
 
 
 if __name__ == "__main__":

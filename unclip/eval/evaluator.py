@@ -11,7 +11,9 @@ import torch
 
 from unclip.data.collate import first_items
 from unclip.data.embeddings import EmbeddingShards
+from unclip.eval.clip_retrieval import clip_score
 from unclip.eval.decoder import evaluate_decoder, psnr
+from unclip.eval.distribution import MetricsSettings, calibration, image_set_metrics
 from unclip.eval.prior import evaluate_prior
 from unclip.images import resize
 
@@ -26,11 +28,30 @@ class DataEvaluator:
 
     retrieval_kind = "caption"  # the prior's metric: retrieval_<kind>_<split>
 
-    def __init__(self, splits: dict, pipeline_items: dict, clip_items: int = 512):
+    def __init__(self, splits: dict, pipeline_items: dict, clip_items: int = 512, metrics: dict | None = None):
         self.splits = dict(splits)
         self.pipeline_items = dict(pipeline_items)
         self.clip_items = clip_items
+        self.metrics = MetricsSettings.from_config(metrics)  # FID/KID/precision/recall; None: not computed
         self._first: dict[tuple[str, int], dict] = {}
+
+    def distribution_metrics(self, clip, generated: torch.Tensor, real: torch.Tensor, *, captions=None,
+                             calibration_sets: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> dict:
+        """FID, KID, precision/recall of ``generated`` against ``real`` images (of the same captions) in the feature
+        space ``metrics.features`` names; the calibration rows from ``calibration_sets`` (two disjoint real sets, as
+        large as can be had; with ``metrics.calibration``); the CLIP score against ``captions``. {} where metrics are
+        off. Real images are compared at the generated ones' size: resolution is not what is measured."""
+        if self.metrics is None:
+            return {}
+        size = generated.shape[-1]
+        features = self.metrics.space(clip, device=getattr(clip, "device", "cpu"))
+        metrics = image_set_metrics(features, generated, resize(real, size), kid_subsets=self.metrics.kid_subsets,
+                                    seed=seed)
+        if self.metrics.calibration and calibration_sets is not None:
+            metrics.update(calibration(features, *(resize(images, size) for images in calibration_sets), seed=seed))
+        if captions is not None:
+            metrics["clip_score"] = clip_score(clip, generated.to(clip.device), list(captions))
+        return metrics
 
     def items(self, split: str, n: int) -> dict:
         """The first ``n`` items of ``split``, collated (read once)."""
@@ -64,7 +85,8 @@ class DataEvaluator:
             batch = self.items(split, n)
             result, _ = evaluate_decoder(
                 decoder, clip, batch["image"].to(clip.device), batch["caption"],
-                lambda samples: self.score_decoded(samples, batch, clip),  # noqa: B023 (called at once)
+                lambda samples: {**self.score_decoded(samples, batch, clip),  # noqa: B023 (called at once)
+                                 **self.distribution_metrics(clip, samples, batch["image"])},  # noqa: B023
                 guidance_scales=guidance_scales, steps=steps, suffix=f"_{split}", metas=batch.get("meta"),
             )
             metrics.update(result)

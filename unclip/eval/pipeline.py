@@ -105,17 +105,25 @@ def evaluate_on_shapes(pipe, sets: dict[str, dict], *, seed: int = 0, prefix: st
     return metrics
 
 
-def evaluate_captions(pipe, captions: list[str], references, *, seed: int = 0, prefix: str = "", **settings) -> dict:
-    """Text -> image on any captioned data, judged by the pipeline's CLIP: one image per caption.
+def generate_for(pipe, captions: list[str], *, seed: int = 0, **settings) -> torch.Tensor:
+    """One image per caption [N, 3, S, S] on the CPU, 64 prompts a call (seeds ``seed + start``)."""
+    return torch.cat([
+        pipe.generate(captions[i : i + 64], seed=seed + i, output="tensor", **settings).float().cpu()
+        for i in range(0, len(captions), 64)
+    ])
+
+
+def evaluate_captions(pipe, captions: list[str], references, *, seed: int = 0, prefix: str = "",
+                      generated: torch.Tensor | None = None, **settings) -> dict:
+    """Text -> image on any captioned data, judged by the pipeline's CLIP: one image per caption (``generated``
+    where the caller made them already, by :func:`generate_for`).
 
     ``references`` are the data set's real images of those captions ([N, 3, S, S] in [-1, 1]). Metrics
     (see :func:`unclip.eval.clip_retrieval.clip_agreement`): ``image_cosine`` (generated vs real image of the
     caption), ``clip_score`` (generated image vs caption), each beside its ``shuffled_*`` baseline.
     """
-    generated = torch.cat([
-        pipe.generate(captions[i : i + 64], seed=seed + i, output="tensor", **settings).float().cpu()
-        for i in range(0, len(captions), 64)
-    ])
+    if generated is None:
+        generated = generate_for(pipe, captions, seed=seed, **settings)
     with pipe.autocast():
         metrics = clip_agreement(pipe.clip, generated, references.float(), captions, seed=seed)
     return {f"{prefix}{key}": value for key, value in metrics.items()}

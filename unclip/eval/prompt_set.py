@@ -229,12 +229,15 @@ def _in_batches(fn, items: Sequence, batch_size: int, seed: int) -> list:
 
 
 def text_to_image_fidelity(pipe, sets: dict[str, list[Scene]], *, seed: int = 0, batch_size: int = 64,
-                           prefix: str = "fidelity/", **settings) -> dict:
-    """Generate one image per prompt of each split (``pipe.generate``) and report per attribute value."""
+                           prefix: str = "fidelity/", images_out: dict | None = None, **settings) -> dict:
+    """Generate one image per prompt of each split (``pipe.generate``) and report per attribute value; the images
+    of each split also land in ``images_out[split]`` where given."""
     report = {}
     for split, scenes in sets.items():
         images = _in_batches(lambda chunk, s: pipe.generate([sc.caption for sc in chunk], seed=s, **settings),
                              scenes, batch_size, seed)
+        if images_out is not None:
+            images_out[split] = images
         report.update(fidelity_report(judge_batch(images), [sc.meta for sc in scenes], prefix=f"{prefix}{split}/"))
     return report
 

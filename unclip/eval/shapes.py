@@ -20,7 +20,7 @@ from unclip.eval.prompt_set import (
     text_to_image_fidelity,
     variations_fidelity,
 )
-from unclip.images import resize
+from unclip.images import from_pil, resize
 
 # The demo's sample grid: training compositions, held-out ones (purple triangle, orange circle, ...), pair scenes.
 SAMPLE_PROMPTS = (
@@ -53,7 +53,7 @@ class ShapesEvaluator(DataEvaluator):
     retrieval_kind = "colour_shape"
 
     def __init__(self, splits: dict, pipeline_items: dict | None = None, clip_items: int = 512,
-                 prompts: list[str] | None = None):
+                 prompts: list[str] | None = None, metrics: dict | None = None):
         pipeline_items = dict(DEFAULT_PIPELINE_ITEMS if pipeline_items is None else pipeline_items)
         unknown = sorted(set(pipeline_items) - set(PIPELINE_ITEMS))
         if unknown:
@@ -61,7 +61,7 @@ class ShapesEvaluator(DataEvaluator):
         for key in ("fidelity", "fidelity_variations"):
             if pipeline_items.get(key):
                 balanced_scenes(dict(pipeline_items[key]))  # a split it does not have is an error now, not later
-        super().__init__(splits, pipeline_items, clip_items)
+        super().__init__(splits, pipeline_items, clip_items, metrics)
         self.prompts = list(prompts or SAMPLE_PROMPTS)
 
     @cached_property
@@ -101,8 +101,9 @@ class ShapesEvaluator(DataEvaluator):
         prompted = self.pipeline_items.get("fidelity")
         decoded = self.pipeline_items.get("fidelity_variations") or prompted
         if fidelity and prompted:
-            scenes = balanced_scenes(dict(prompted), seed=seed)
-            metrics.update(text_to_image_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity/"))
+            scenes, images = balanced_scenes(dict(prompted), seed=seed), {}
+            metrics.update(text_to_image_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity/", images_out=images))
+            metrics.update(self._balanced_distribution(pipe, scenes, images, seed=seed, prefix=prefix))
         if fidelity and edits and decoded:
             scenes = balanced_scenes(dict(decoded), seed=seed)
             metrics.update(variations_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity_variations/"))
@@ -111,6 +112,24 @@ class ShapesEvaluator(DataEvaluator):
             edited = evaluate_edits(pipe, sets["val"]["images"][:k], sets["val"]["metas"][:k], seed=seed)
             metrics.update({f"{prefix}{key}": value for key, value in edited.items()})
         return metrics
+
+    def _balanced_distribution(self, pipe, scenes: dict, images: dict, *, seed: int, prefix: str) -> dict:
+        """``<prefix>distribution/...``: the balanced set's generated images (every split together) against the renders
+        of their scenes, calibrated against the renders of another draw of the same set; CLIP score to the prompts."""
+        if self.metrics is None:
+            return {}
+        ordered = [split for split in scenes if split in images]
+        size = pipe.image_size
+        generated = from_pil([image for split in ordered for image in images[split]])
+        real = from_pil([scene.render(size) for split in ordered for scene in scenes[split]])
+        counts = {split: len(scenes[split]) for split in ordered}
+        other = from_pil([scene.render(size) for split in ordered
+                          for scene in balanced_scenes(counts, seed=seed + 1)[split]])
+        captions = [scene.caption for split in ordered for scene in scenes[split]]
+        with pipe.autocast():
+            found = self.distribution_metrics(pipe.clip, generated, real, captions=captions, seed=seed,
+                                              calibration_sets=(real, other))
+        return {f"{prefix}distribution/{key}": value for key, value in found.items()}
 
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
         """PSNR, and the judge on every attribute of every object, named in the caption or not:
