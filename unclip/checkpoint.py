@@ -91,21 +91,14 @@ def commit_directory(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_stage(
-    directory: str | Path,
-    model: nn.Module,
-    *,
-    stage: str,
-    space: EmbeddingSpace | None,
-    ema_model: nn.Module | None = None,
-    extra: dict | None = None,
-) -> Path:
-    """Save a stage checkpoint atomically to ``directory``."""
+def save_stage(directory: str | Path, model: nn.Module, **files) -> Path:
+    """Save a stage checkpoint atomically to ``directory``: the files of :func:`save_stage_files` (``stage``,
+    ``space``, optionally ``ema_model`` and ``extra``) with their manifest, swapped in whole."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_stage_files(tmp, model, stage=stage, space=space, ema_model=ema_model, extra=extra)
+    save_stage_files(tmp, model, **files)
     write_manifest(tmp)
     commit_directory(tmp, final)
     return final
