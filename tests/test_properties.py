@@ -1,7 +1,7 @@
-"""Property tests: every shapes item keeps to SHAPES.md, and every prompt becomes a valid token sequence.
+"""Property tests: every shapes item keeps to docs/data.md, and every prompt becomes a valid token sequence.
 
 Bounded (50 examples each, no example database) so that they run in seconds; the geometry helpers are
-test_shapes.py's, which writes SHAPES.md's geometry out independently of the generator.
+test_shapes.py's, which writes docs/data.md's geometry out independently of the generator.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shapes generator keeps to SHAPES.md: geometry, palette, splits, captions, determinism."""
+"""The shapes generator keeps to docs/data.md: geometry, palette, splits, captions, determinism."""
 
 import hashlib
 import json
@@ -37,7 +37,7 @@ RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "a
 
 
 def inside(shape, dx, dy, half):
-    """SHAPES.md's geometry, written out independently: is (dx, dy) from the bbox centre inside?"""
+    """docs/data.md's geometry, written out independently: is (dx, dy) from the bbox centre inside?"""
     if shape == "square":
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if shape == "circle":
@@ -209,7 +209,7 @@ def test_captions_name_what_the_meta_says():
                 phrases = [p for p in POSITION_WORDS[meta["objects"][0]["position"]] if caption.endswith(p)]
                 assert bool(phrases) == meta["named_position"], caption
                 synonyms_used.update(phrases)
-    # every synonym of SHAPES.md occurs ("on the left" is a suffix of nothing else, so count exactly)
+    # every synonym of docs/data.md occurs ("on the left" is a suffix of nothing else, so count exactly)
     assert {"in the centre", "in the middle", "in the center", "on the left side", "in the upper part"} <= synonyms_used
 
 

@@ -1,6 +1,6 @@
 """Data sets and sources, each giving items {"image", "caption", "meta"} (plus "issues" for real files):
 
-``shapes`` (the embedded procedural default, SHAPES.md), ``emoji`` (rendered from the Noto Color Emoji font),
+``shapes`` (the embedded procedural default, docs/data.md), ``emoji`` (rendered from the Noto Color Emoji font),
 image folders and webdataset tar shards (with dirty-data cleaning, :mod:`unclip.data.cleaning`), and the
 CLIP embedding shards the prior trains on (:mod:`unclip.data.embeddings`).
 """

@@ -1,4 +1,4 @@
-"""The ``shapes`` data set: procedurally generated caption/image pairs (contract: SHAPES.md).
+"""The ``shapes`` data set: procedurally generated caption/image pairs (contract: docs/data.md).
 
 Every item is a pure function of ``(seed, split, index)``: it is drawn from its own
 ``random.Random(f"shapes/{seed}/{split}/{index}")`` (string seeding hashes with SHA-512, the same on
@@ -57,7 +57,7 @@ BACKGROUND = (255, 255, 255)
 MAX_JITTER = 0.03
 SUPERSAMPLE = 4
 
-# Caption vocabulary (SHAPES.md, "Captions"). Position phrases follow the object's noun phrase.
+# Caption vocabulary (docs/data.md, "Captions"). Position phrases follow the object's noun phrase.
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "centre": ("in the centre", "in the middle", "in the center"),
     "left": ("on the left", "on the left side"),
@@ -249,7 +249,7 @@ def _sample_single(rng: random.Random, config: ShapesConfig, combos) -> tuple[st
 
 
 def single_caption(rng: random.Random, obj: ShapeObject, named_size: bool, named_position: bool) -> str:
-    """A caption of one object from SHAPES.md's templates and synonyms (the template and synonyms drawn from ``rng``)."""
+    """A caption of one object from docs/data.md's templates and synonyms (the template and synonyms drawn from ``rng``)."""
     noun = _noun_phrase(obj, named_size)
     pos = " " + rng.choice(POSITION_PHRASES[obj.position]) if named_position else ""
     return rng.choice(SINGLE_TEMPLATES).format(a=_article(noun), np=noun, pos=pos)
@@ -279,7 +279,7 @@ def pair_position(relation: str) -> tuple[str, str]:
 
 
 def pair_caption(rng: random.Random, objects: Sequence[ShapeObject], relation: str, named_size: bool) -> str:
-    """A caption of a pair scene, "<first> <relation> <second>", from SHAPES.md's templates."""
+    """A caption of a pair scene, "<first> <relation> <second>", from docs/data.md's templates."""
     nouns = [_noun_phrase(obj, named_size) for obj in objects]
     return rng.choice(PAIR_TEMPLATES).format(
         a0=_article(nouns[0]), np0=nouns[0], rel=RELATION_PHRASES[relation], a1=_article(nouns[1]), np1=nouns[1]
@@ -430,7 +430,7 @@ def _parse_noun(text: str) -> dict | None:
 def parse_caption(caption: str) -> dict | None:
     """The metadata a caption states, in the items' ``meta`` form (objects without centres; ``size`` / ``position``
     None where the caption leaves them out), or None when the caption is not one this data set can draw: words
-    outside SHAPES.md's vocabulary, a large object off the centre, a pair of one colour or with a large object.
+    outside docs/data.md's vocabulary, a large object off the centre, a pair of one colour or with a large object.
 
     The inverse of the captions the generator writes: ``parse_caption(item["caption"])`` agrees with the item's
     ``meta`` on every attribute the caption names. Lets an evaluation judge any prompt a user writes.

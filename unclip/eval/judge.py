@@ -7,7 +7,7 @@ How it decides (any image size; tolerant of blur, noise, colour shift and grey s
    ``MAX_RESIDUAL`` of that line, and it is not grey (``MIN_CHROMA``). Segmentation runs on a lightly
    smoothed copy so that pixel noise averages out; white, grey and noise pixels stay background.
 2. Objects: 8-connected components of coloured pixels, at least ``MIN_AREA_FRACTION`` of the area of
-   the smallest object SHAPES.md allows. A component's colour is the palette line nearest its mean
+   the smallest object docs/data.md allows. A component's colour is the palette line nearest its mean
    core colour; at least ``MIN_CONSISTENCY`` of its pixels must agree (pure noise never does).
    An object lies on white and has a sharp edge: most of a ring 2 px and more outside it must be
    near-white (``MIN_WHITE_SURROUND``), and it does not touch the canvas border; this rejects blobs
@@ -16,7 +16,7 @@ How it decides (any image size; tolerant of blur, noise, colour shift and grey s
    the data set's own rasteriser (sharp, and blurred by ``FIT_BLURS``) and compared with the
    component's soft ink (alpha) map; the best soft IoU wins and must reach ``MIN_FIT``. Size is the
    template side (small 0.25 / large 0.5 of the canvas, split at their geometric mean); position is
-   the nearest of SHAPES.md's five centres.
+   the nearest of docs/data.md's five centres.
 
 Objects are returned largest first: for a single-object prompt ``objects[0]`` is "the" object, and
 ``len(objects)`` says how many the image holds.

@@ -6,11 +6,11 @@ gives each value its share:
 
 * ``val``: single objects of the training compositions, every (colour-shape pair, size-position cell) once,
   the cells being large-centre and small at each of the five positions (168 scenes);
-* ``heldout``: the held-out colour-shape pairs (SHAPES.md) in every cell (24 scenes, repeated with other
+* ``heldout``: the held-out colour-shape pairs (docs/data.md) in every cell (24 scenes, repeated with other
   captions and jitter);
 * ``pair``: two small objects of the training compositions, each of the four relations equally often.
 
-Captions come from SHAPES.md's templates and synonyms (always naming size and position for single objects), each
+Captions come from docs/data.md's templates and synonyms (always naming size and position for single objects), each
 scene with its rendered image, so that the same set measures text -> image and image -> image (variations).
 Everything is a function of the seed.
 
