@@ -122,8 +122,16 @@ def test_sampling_into_a_used_directory_needs_overwrite_and_then_replaces_only_i
            "overwrite=true" in again.stderr, again.stderr[-2000:]
     assert {name: (out / name).read_bytes() for name in _listed(out)} == before  # nothing touched
 
+    victim = tmp_path / "victim.png"  # symlinks planted where the new run writes: replaced, not written through
+    victim.write_bytes(b"my drawing")
+    for name in ("grid.png", "images/0000.png"):
+        (out / name).unlink()
+        (out / name).symlink_to(victim)
     replaced = _sample(stages, out, "prompts=[a green square]", "num_images_per_prompt=1", "overwrite=true")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert victim.read_bytes() == b"my drawing"
+    assert not (out / "grid.png").is_symlink() and Image.open(out / "grid.png").width == 32 + 4
+    assert not (out / "images" / "0000.png").is_symlink()
     assert _listed(out) == ["images/0000.png"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["0000.png", "favourite.png"]  # no stale images
     assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "metrics.json").read_text())["images"] == 1

@@ -13,13 +13,15 @@ lists, the grid, metrics.json) are replaced and nothing else there is touched.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from _job import hydra_job
 from PIL import Image
 
-from unclip.images import save_grid
+from unclip.files import replace_link, write_atomic
+from unclip.images import make_grid
 from unclip.jobs import Job
 from unclip.pipeline_inputs import check_count
 from unclip.pipelines import Pipeline, pipeline_from_config
@@ -130,18 +132,29 @@ def remove_earlier_samples(run_dir: Path) -> None:
         (run_dir / "images").rmdir()
 
 
-def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dict], config: dict) -> None:
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dict], config: dict) -> Path:
+    """The images, samples.jsonl and grid.png, each written by rename (a symlink planted there is replaced, never
+    written through); returns the grid's path."""
     n = config["num_images_per_prompt"]
     inputs = {key: config[key] for key in ("mode", "image", "mask", "strength", "negative_prompt", "mix", "jumps")}
     image_dir = run_dir / "images"
+    replace_link(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as log:
-        for i, (image, record) in enumerate(zip(images, made_by)):
-            name = f"{i:04d}.png"
-            image.save(image_dir / name)
-            record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
-                      "rerank": config["rerank"] or pipe.settings.rerank, **inputs, "settings": vars(pipe.settings)}
-            log.write(json.dumps(record) + "\n")
+    lines = []
+    for i, (image, record) in enumerate(zip(images, made_by)):
+        name = f"{i:04d}.png"
+        write_atomic(image_dir / name, _png(image))
+        record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
+                  "rerank": config["rerank"] or pipe.settings.rerank, **inputs, "settings": vars(pipe.settings)}
+        lines.append(json.dumps(record) + "\n")
+    write_atomic(run_dir / "samples.jsonl", "".join(lines))
+    return write_atomic(run_dir / "grid.png", _png(make_grid(images, n)))
 
 
 @hydra_job("train_sample")
@@ -154,8 +167,7 @@ def main(job: Job) -> None:
     pipe = pipeline_from_config(config["pipeline"])
     images, made_by = sample(pipe, config, prompts)
     remove_earlier_samples(run_dir)  # only now: a failed run leaves the earlier samples as they were
-    write_samples(run_dir, pipe, images, made_by, config)
-    grid = save_grid(images, run_dir / "grid.png", columns=config["num_images_per_prompt"])
+    grid = write_samples(run_dir, pipe, images, made_by, config)
     job.finish({"images": len(images), "grid": str(grid)})
 
 
