@@ -20,7 +20,7 @@ from test_distributed import ATOL, REL, differences
 
 from unclip.data.shapes import ShapesDataset
 
-STEPS = 24
+STEPS = 12  # checkpoints every 4: killed after step 8, resumed for 4
 COMMON = ["data.image_size=16", "data.pair_fraction=0.5", "data.val.length=16", "data.heldout.length=8",
           "trainer.batch_size=8", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=4", "trainer.warmup_steps=2",
           "trainer.ema_update_after_step=2", "trainer.progress=false", "trainer.preview_every=0"]
