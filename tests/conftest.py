@@ -10,6 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The jobs the tests start (train/*.py, bench/*.py) train tiny models too: one thread each, like this process
+# (`_one_thread`); two threads made test_jobs.py's decoder job 2x slower on the busy 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "train"))

@@ -20,7 +20,7 @@ from test_distributed import ATOL, REL, differences
 
 from unclip.data.shapes import ShapesDataset
 
-STEPS = 24
+STEPS = 12  # checkpoints every 4: killed after step 8, resumed for 4
 COMMON = ["data.image_size=16", "data.pair_fraction=0.5", "data.val.length=16", "data.heldout.length=8",
           "trainer.batch_size=8", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=4", "trainer.warmup_steps=2",
           "trainer.ema_update_after_step=2", "trainer.progress=false", "trainer.preview_every=0"]
@@ -149,11 +149,20 @@ def test_sample_and_evaluate_jobs_take_pipeline_dalle(tmp_path):
     assert "balanced prompt set, text to image" in (tmp_path / "evaluate" / "fidelity.txt").read_text()
 
 
+# The quick preset with test-sized stages (the micro CLIP, this file's dVAE and transformer, few evaluation items):
+# the quick ones' 256-token sequences and full evaluations cost minutes and test the same plumbing.
+TINY_DEMO = ["presets.quick.clip=['clip=micro_vit','trainer.eval_every=0','trainer.checkpoint_every=0']",
+             "dalle_presets.quick.dvae=['dvae.image_size=16','dvae.grid_size=4','dvae.codebook_size=32','dvae.codebook_dim=8',"
+             "'dvae.channels=[16,16]','trainer.preview_every=0','evaluation.val=8','evaluation.heldout=8']",
+             "dalle_presets.quick.dalle=['dalle.width=32','dalle.depth=1','dalle.heads=2','vocabulary_items=64',"
+             "'trainer.preview_every=0','evaluation.val_items=8','evaluation.sample_items=4']"]
+
+
 @pytest.mark.slow
 def test_the_demo_trains_dalle_end_to_end_and_judges_it(tmp_path):
     out = tmp_path / "demo"
     _run(["train/demo.py", "generator=dalle", "preset=quick", "steps.clip=2", "steps.dvae=2", "steps.dalle=2",
-          "images_per_prompt=1", f"out={out}"], out)
+          "images_per_prompt=1", f"out={out}", *TINY_DEMO], out)
     assert json.loads((out / "pipeline" / "pipeline.json").read_text())["generator"] == "dalle"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["generator"] == "dalle"

@@ -58,7 +58,7 @@ def test_upsampler_checks_its_input_trains_and_samples_at_the_output_size():
     data = collate([ShapesDataset(split="train", length=16, image_size=32)[i] for i in range(16)])["image"]
     opt = torch.optim.Adam(up.parameters(), lr=2e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(15):  # the last 5 losses are 0.27-0.33 of the first 5 at step 15 (seeds 0-2)
         loss = up.training_loss(data)["loss"]
         opt.zero_grad()
         loss.backward()

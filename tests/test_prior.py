@@ -24,7 +24,7 @@ def test_prior_learns_to_map_text_to_image_embeddings_and_beats_passthrough():
     prior.fit_normalisation(targets)
     batch = {"image_embed": targets, "text_embed": cond.embed.detach(), "token_embeds": cond.token_embeds.detach(), "mask": cond.mask}
     opt = torch.optim.AdamW(prior.parameters(), lr=2e-3)
-    for _ in range(300):
+    for _ in range(100):  # cosine 0.999 from step 100 (seeds 0-2)
         loss = prior.training_loss(batch)["loss"]
         opt.zero_grad()
         loss.backward()

@@ -158,7 +158,7 @@ def test_bad_trainer_settings_name_the_value():
 
 CLIP_JOB = [
     "train/clip.py", "experiment=shapes", "clip=micro_vit", "data.image_size=32", "trainer.batch_size=16",
-    "trainer.max_steps=24", "trainer.checkpoint_every=4", "trainer.warmup_steps=2", "trainer.eval_every=0",
+    "trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.warmup_steps=2", "trainer.eval_every=0",
     "trainer.ema_update_after_step=2", "trainer.progress=false", "data.val.length=32", "data.heldout.length=16",
 ]
 
@@ -189,9 +189,9 @@ def test_clip_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest.read_text() < "step-00000024", "the run ended before it could be killed"
+    assert latest.read_text() < "step-00000012", "the run ended before it could be killed"
     _run_clip(tmp_path / "killed", "trainer.resume=true")
-    final = "checkpoints/step-00000024"
+    final = "checkpoints/step-00000012"
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "straight" / final / name)
         b = load_file(tmp_path / "killed" / final / name)
