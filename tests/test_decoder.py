@@ -4,7 +4,7 @@ import pytest
 import torch
 from stages import TINY_UNET, micro_stages
 
-from unclip.checkpoint import load_stage, save_stage
+from unclip.checkpoint import load_stage, save_stage, write_manifest
 from unclip.decoder import Decoder, Upsampler
 from unclip.eval.decoder import psnr
 from unclip.images import resize
@@ -92,6 +92,7 @@ def test_the_image_embedding_settings_stand_beside_unet_and_a_checkpoint_saved_w
     saved = json.loads((path / "config.json").read_text())
     saved["model"]["unet"]["num_image_tokens"] = saved["model"].pop("num_image_tokens")
     (path / "config.json").write_text(json.dumps(saved))  # as a decoder saved when it stood in unet:
+    write_manifest(path)  # its save wrote a manifest of that config.json
     loaded = load_stage(path, stage="decoder").model
     assert loaded.config == decoder.config
     with pytest.raises(ValueError, match=r"unet: no longer takes num_image_tokens: the image-embedding conditioning's "

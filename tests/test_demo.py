@@ -15,7 +15,7 @@ TINY = ["preset=quick", "with_upsampler=true", "steps.clip=2", "steps.prior=2", 
         "images_per_prompt=1", "generation.prior_steps=2", "generation.decoder_steps=2", "generation.upsampler_steps=2",
         # test-sized stages: the micro CLIP, a one-layer prior, small batches and evaluations (the same plumbing)
         "presets.quick.clip=['clip=micro_vit','trainer.batch_size=8','trainer.eval_every=0','trainer.checkpoint_every=0']",
-        "presets.quick.prior=['prior.width=32','prior.depth=1','prior.heads=2','trainer.batch_size=8','eval_items=8']",
+        "presets.quick.prior=['prior.net.width=32','prior.net.depth=1','prior.net.heads=2','trainer.batch_size=8','eval_items=8']",
         "presets.quick.decoder=['trainer.batch_size=4','trainer.preview_every=0','evaluation.val_items=4',"
         "'evaluation.heldout_items=2','evaluation.guidance_scales=[3.0]']",
         "presets.quick.upsampler=['trainer.batch_size=4','trainer.preview_every=0','evaluation.val_items=4']"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from stages import micro_stages
 
-from unclip.checkpoint import load_stage, save_stage
+from unclip.checkpoint import load_stage, save_stage, write_manifest
 from unclip.data.embeddings import EmbeddingShards, write_embedding_shards
 from unclip.data.shapes import ShapesDataset, collate
 from unclip.embedding import EmbeddingSpace
@@ -103,6 +103,7 @@ def test_the_prior_takes_its_transformer_settings_in_net_and_loads_a_checkpoint_
     flat = {k: v for k, v in saved["model"].items() if k != "net"}
     saved["model"] = {**flat, "width": 32, "depth": 1, "heads": 2, "dropout": 0.0, "use_caption_tokens": True}
     (path / "config.json").write_text(json.dumps(saved))  # as a prior saved before net: existed
+    write_manifest(path)  # its save wrote a manifest of that config.json
     loaded = load_stage(path, stage="prior").model
     assert loaded.config == prior.config
     for name, weight in prior.state_dict().items():

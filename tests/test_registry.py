@@ -11,7 +11,7 @@ import pytest
 from conftest import MICRO_CLIP
 from stages import micro_stages, save_micro_pipeline
 
-from unclip.checkpoint import load_stage
+from unclip.checkpoint import load_stage, write_manifest
 from unclip.clip.open_clip_encoder import OPENAI_MEAN, OPENAI_STD
 from unclip.config import UnsafeConfigError, build
 from unclip.decoder import Decoder
@@ -89,6 +89,7 @@ def test_a_config_naming_a_function_is_refused_by_load_stage_and_from_pretrained
         config = json.loads(config_file.read_text())
         config["model"] = hostile
         config_file.write_text(json.dumps(config))
+        write_manifest(config_file.parent)  # whoever edits config.json can rewrite the manifest: the class check holds
     target = hostile["_target_"]
     with pytest.raises(CheckpointError, match=rf"(?s)refusing to load {stages['prior']}/config.json.*{target}"):
         load_stage(stages["prior"])

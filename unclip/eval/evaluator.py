@@ -5,6 +5,7 @@ conf/data/*.yaml), so that no job guesses what data it was given: `shapes` is ju
 
 from __future__ import annotations
 
+import warnings
 from typing import Hashable
 
 import torch
@@ -13,7 +14,7 @@ from unclip.data.collate import first_items
 from unclip.data.embeddings import EmbeddingShards
 from unclip.eval.clip_retrieval import clip_score
 from unclip.eval.decoder import evaluate_decoder, psnr
-from unclip.eval.distribution import MetricsSettings, calibration, image_set_metrics
+from unclip.eval.distribution import KNN_K, MetricsSettings, calibration, image_set_metrics
 from unclip.eval.prior import evaluate_prior
 from unclip.images import resize
 
@@ -42,6 +43,10 @@ class DataEvaluator:
         large as can be had; with ``metrics.calibration``); the CLIP score against ``captions``. {} where metrics are
         off. Real images are compared at the generated ones' size: resolution is not what is measured."""
         if self.metrics is None:
+            return {}
+        if min(len(generated), len(real)) <= KNN_K:  # e.g. a stage evaluation of 2 items: no distribution to speak of
+            warnings.warn(f"distribution metrics need more than {KNN_K} images, got {len(generated)} generated and "
+                          f"{len(real)} real; skipped (evaluate more items, or metrics.enabled=false)", stacklevel=2)
             return {}
         size = generated.shape[-1]
         features = self.metrics.space(clip, device=getattr(clip, "device", "cpu"))
