@@ -17,8 +17,10 @@ demo-quick:
 demo-emoji:
 	@PY=$$(bash scripts/setup.sh) && $$PY train/demo.py experiment=emoji
 
+# The tests run one thread each, spread over every core by pytest-xdist (-n auto); --dist loadgroup keeps the tests
+# that share accelerate's fixed port (xdist_group) in one worker.
 test:
-	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest -q $(PYTEST_ARGS)
+	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest -q -n auto --dist loadgroup $(PYTEST_ARGS)
 
 bench:
 	@PY=$$(bash scripts/setup.sh) && for b in bench/*.py; do $$PY $$b; done

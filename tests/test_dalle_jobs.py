@@ -116,6 +116,7 @@ def train(stage: str, run_dir: str, batch_size: int) -> None:
              lr=1e-3, after_step_fn=after_step_fn)
 
 
+@pytest.mark.xdist_group("debug_launcher_port")  # its fixed port: one such test at a time (test_distributed.py)
 @pytest.mark.parametrize("stage", ["dvae", "dalle"])
 def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(stage, tmp_path):
     train(stage, str(tmp_path / "one"), 2 * BATCH)

@@ -37,6 +37,9 @@ from unclip.embedding import TextCondition
 from unclip.prior import DiffusionPrior
 from unclip.training import StreamBatchSampler, Trainer, TrainerConfig
 
+# accelerate's debug_launcher joins its processes on a fixed port (29500): under pytest-xdist every test that uses
+# it runs in one worker, one after another (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("debug_launcher_port")
 STEPS = 4
 BATCH = 4  # per process; the one-process reference uses 2 * BATCH
 ITEMS = 2 * BATCH * STEPS  # one epoch: every item is seen once
