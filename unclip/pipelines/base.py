@@ -21,14 +21,20 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
-from unclip.checkpoint import MANIFEST, resolve_checkpoint, verify_stage_files, write_json_atomic, write_manifest
+from unclip.checkpoint import (  # STAGE_FILES: what loading a stage may read, so what a saved pipeline copies
+    MANIFEST,
+    STAGE_FILES,
+    resolve_checkpoint,
+    verify_stage_files,
+    write_json_atomic,
+    write_manifest,
+)
 from unclip.embedding import TextCondition
 from unclip.images import to_pil
 from unclip.pipeline_inputs import check_output, check_prompts, check_seed
 from unclip.weights import CheckpointError
 
 PIPELINE_FILE = "pipeline.json"
-STAGE_FILES = ("model.safetensors", "ema.safetensors", "config.json", "space.json")  # what a saved pipeline copies
 PIPELINE_KEYS = {"format", "stages", "settings", "generator"}
 
 
