@@ -228,3 +228,26 @@ def test_a_two_process_checkpoint_resumes_on_one_process_where_the_stream_stoppe
     stream = StreamBatchSampler(ITEMS, 1, seed=0)
     reached = STEPS * 2 * BATCH  # the two processes consumed 2 * BATCH items per step
     assert LoggedEmbeddings.seen == [stream.batch_indices(p)[0] for p in range(reached, reached + 2 * BATCH)]
+
+
+def test_accelerate_launch_multi_gpu_on_a_cpu_machine_trains_one_run_on_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` where no GPU is: accelerate (1.x) left each process alone
+    unless asked for the CPU, so both were "main" processes and the second was refused the run directory; the
+    Trainer asks for the CPU where CUDA is missing, and the two join over gloo."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run = tmp_path / "run"
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "train/clip.py", "clip=micro_vit",
+                           "data.image_size=32", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.eval_every=0",
+                           f"hydra.run.dir={run}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    state = json.loads((run / "checkpoints" / "step-00000002" / "trainer.json").read_text())
+    assert state["num_processes"] == 2

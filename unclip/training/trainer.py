@@ -130,7 +130,10 @@ class Trainer:
         self.collate_fn = collate_fn or collate_dicts
         # Before the Accelerator: `auto` counts the step's FLOPs on the CPU before the processes connect.
         precision = resolve_precision(config, model, loss_fn, dataset, self.collate_fn)
+        # cpu= where no GPU is: `accelerate launch --multi_gpu --num_processes N` then joins N processes over gloo;
+        # without it accelerate (1.x) leaves each process alone (DistributedType.NO), every one a "main" process.
         self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
             mixed_precision=precision.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             log_with=config.log_with, project_dir=self.run_dir / "tensorboard" if config.log_with else None,
         )
