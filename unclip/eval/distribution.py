@@ -27,8 +27,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from unclip.images import resize
-
 FEATURE_SPACES = ("clip", "inception", "open_clip")
 KNN_K = 3  # Kynkäänniemi et al.'s k for the manifolds' radii
 
@@ -48,11 +46,11 @@ class ImageFeatures:
         return torch.cat(parts) if parts else torch.zeros(0, self.dim, dtype=torch.float64)
 
 
-def clip_features(clip) -> ImageFeatures:
-    """The CLIP image tower's unit-norm image embeddings (images resized to the CLIP's input size)."""
+def clip_features(clip, name: str = "clip") -> ImageFeatures:
+    """A CLIP image tower's unit-norm image embeddings (images resized to the CLIP's input size)."""
     from unclip.clip.evaluation import embed_images
 
-    return ImageFeatures("clip", lambda images: embed_images(clip, images.float(), len(images)), clip.space.dim)
+    return ImageFeatures(name, lambda images: embed_images(clip, images.float(), len(images)), clip.space.dim)
 
 
 def inception_features(weights: str | Path | None, device: str | torch.device = "cpu") -> ImageFeatures:
@@ -81,26 +79,15 @@ def inception_features(weights: str | Path | None, device: str | torch.device = 
 
 
 def open_clip_features(model: str, weights: str | Path, device: str | torch.device = "cpu") -> ImageFeatures:
-    """Another open_clip model's image embeddings (e.g. a DINO-like or larger CLIP a user has as a local file)."""
-    import open_clip
+    """Another open_clip model's image embeddings (e.g. a larger CLIP a user has as a local file), through the
+    CLIP stage's own encoder (``OpenClipEncoder``: its weights loading and image preprocessing)."""
+    from unclip.clip import OpenClipEncoder
 
     if not Path(weights).expanduser().is_file():
         raise FileNotFoundError(f"metrics.open_clip_weights={weights}: no such file; give a local open_clip "
                                 f"checkpoint of {model} (nothing is downloaded)")
-    if model not in open_clip.list_models():
-        raise ValueError(f"metrics.open_clip_model={model!r} is not an open_clip model; e.g. ViT-B-32")
-    net, _, _ = open_clip.create_model_and_transforms(model, pretrained=str(Path(weights).expanduser()))
-    net = net.to(device).eval()
-    size = net.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device)[:, None, None]
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device)[:, None, None]
-
-    def extract(images: torch.Tensor) -> torch.Tensor:
-        pixels = (resize(images.float().to(device), size) + 1) / 2
-        return nn.functional.normalize(net.encode_image((pixels - mean) / std).float(), dim=-1)
-
-    return ImageFeatures("open_clip", extract, int(net.visual.output_dim))
+    encoder = OpenClipEncoder(model_name=model, checkpoint=str(Path(weights).expanduser()), name=model)
+    return clip_features(encoder.to(device).eval(), "open_clip")
 
 
 def feature_space(name: str, *, clip=None, inception_weights=None, open_clip_model: str | None = None,
