@@ -61,20 +61,53 @@ def resolve_preset(preset: str) -> str:
     return chosen
 
 
-def image_sizes(config: dict) -> tuple[int, int | None]:
-    """(the decoder's size, the upsampler's output size or None): the decoder works at ``decoder_size`` or the
-    data's size if smaller; the upsampler takes it up to the data's size."""
+def image_sizes(config: dict) -> tuple[int, list[int]]:
+    """(the decoder's size, each upsampler's output size): the decoder works at ``decoder_size`` or the data's size if
+    smaller; an upsampler takes it up to the data's size, or to ``cascade_size`` and a second one from there to the
+    data's size (DALL-E 2's cascade: conf/upsampler/unet_32_64.yaml, then unet_64_256.yaml)."""
     data_size = config["data"]["image_size"]
     decoder_size = min(config["decoder_size"], data_size)
     wanted = config["with_upsampler"]
     if wanted is None:  # the preset's choice (quick: none, its few steps would only add noise)
         wanted = config["presets"][config["preset"]].get("with_upsampler", True)
-    upsampled = data_size if wanted and data_size > decoder_size else None
-    return decoder_size, upsampled
+    if not wanted or data_size <= decoder_size:
+        return decoder_size, []
+    middle = config["cascade_size"]
+    return decoder_size, [middle, data_size] if decoder_size < middle < data_size else [data_size]
+
+
+def upsampler_stages(config: dict, preset: dict, decoder_size: int, sizes: list[int]) -> dict:
+    """The upsamplers' jobs: ``upsampler`` (decoder_size -> sizes[0]) and, in a cascade, ``upsampler_<size>`` (from
+    there, ``upsampler=unet_64_256``). Every stage before the last sees the data at the first upsampler's size (so
+    they are the jobs a ``cascade_size``-px demo runs); the last one at the data's."""
+    images, generation = _images(config), forwarded_overrides("generation")
+    stages, low = {}, decoder_size
+    for index, size in enumerate(sizes):
+        name = "upsampler" if index == 0 else f"upsampler_{size}"
+        conf = [] if index == 0 else ["upsampler=unet_64_256", *preset.get("upsampler_hr", [])]
+        at = [] if index == len(sizes) - 1 else [f"data.image_size={size}"]
+        steps = [f"evaluation.{key}={for_stage(config['generation'][f'upsampler_{key}'], index, len(sizes))}"
+                 for key in ("steps", "aug_level")]
+        stages[name] = ("upsampler", [*images, *generation, *at, *conf, f"upsampler.low_res_size={low}",
+                                      f"upsampler.image_size={size}", *(preset["upsampler"] if index == 0 else []),
+                                      *steps, *_steps(config, name)])
+        low = size
+    return stages
+
+
+def for_stage(value, index: int, count: int):
+    """A per-upsampler generation setting's value for upsampler ``index`` of ``count`` (one number: for all)."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != count:
+        raise ValueError(f"a per-upsampler generation setting {list(value)} has {len(value)} entries for a cascade "
+                         f"of {count} upsampler(s)")
+    return value[index]
 
 
 def _steps(config: dict, stage: str) -> list[str]:
-    return [] if config["steps"][stage] is None else [f"trainer.max_steps={config['steps'][stage]}"]
+    steps = config["steps"].get(stage)
+    return [] if steps is None else [f"trainer.max_steps={steps}"]
 
 
 def _images(config: dict) -> list[str]:
@@ -95,11 +128,13 @@ def dalle_stages(config: dict, preset: dict, out: Path) -> dict[str, tuple[str, 
 
 def unclip_stages(config: dict, preset: dict, out: Path) -> dict[str, tuple[str, list[str]]]:
     """unCLIP's stages: job script and command-line overrides, in the order they run."""
-    data, generation = forwarded_overrides("experiment", "data"), forwarded_overrides("generation")
-    images, clip = _images(config), f"clip_checkpoint={out / 'clip'}"
-    decoder_size, upsampled = image_sizes(config)
+    decoder_size, sizes = image_sizes(config)
+    # A cascade's earlier stages see the data at the first upsampler's size: the same jobs as a demo at that size.
+    at = [f"data.image_size={sizes[0]}"] if len(sizes) > 1 else []
+    data, generation = [*forwarded_overrides("experiment", "data"), *at], forwarded_overrides("generation")
+    images, clip = [*_images(config), *at], f"clip_checkpoint={out / 'clip'}"
     log.info(f"data={choice('data')} at {config['data']['image_size']} px: the decoder makes {decoder_size}-px "
-             f"images" + (f", the upsampler {upsampled}-px ones" if upsampled else ", no upsampler"))
+             f"images" + (f", upsampled to {' then '.join(f'{s}' for s in sizes)} px" if sizes else ", no upsampler"))
     stages = {
         "clip": ("clip", [*images, *preset["clip"], *_steps(config, "clip")]),
         "embed": ("embed", [*images, clip, *preset["embed"]]),
@@ -110,22 +145,39 @@ def unclip_stages(config: dict, preset: dict, out: Path) -> dict[str, tuple[str,
         "decoder": ("decoder", [*images, *generation, clip, f"decoder.image_size={decoder_size}", *preset["decoder"],
                                 *_steps(config, "decoder")]),
     }
-    if upsampled is not None:
-        stages["upsampler"] = ("upsampler", [*images, *generation, f"upsampler.low_res_size={decoder_size}",
-                                             f"upsampler.image_size={upsampled}", *preset["upsampler"],
-                                             *_steps(config, "upsampler")])
-    return stages
+    return {**stages, **upsampler_stages(config, preset, decoder_size, sizes)}
 
 
-def compose_unclip(out: Path, stages: dict, config: dict, prior: str = "prior") -> UnCLIPPipeline:
-    upsamplers = [out / "upsampler"] if "upsampler" in stages else []
+def upsampler_names(stages: dict) -> list[str]:
+    return [name for name in stages if name == "upsampler" or name.startswith("upsampler_")]
+
+
+def compose_unclip(out: Path, stages: dict, config: dict, prior: str = "prior", upsamplers: int | None = None
+                   ) -> UnCLIPPipeline:
+    """The pipeline of the stages in ``out``; ``upsamplers``: only the first this many (a cascade cut short)."""
+    names = upsampler_names(stages)[:upsamplers]
+    settings = dict(config["generation"])
+    for key in ("upsampler_steps", "upsampler_aug_level"):
+        if isinstance(settings[key], (list, tuple)):
+            settings[key] = list(settings[key])[: len(names)]
     return UnCLIPPipeline.from_config({"clip": out / "clip", "prior": out / prior, "decoder": out / "decoder",
-                                       "upsamplers": upsamplers, "settings": config["generation"]})
+                                       "upsamplers": [out / name for name in names], "settings": settings})
 
 
 def compose_dalle(out: Path, stages: dict, config: dict) -> DallePipeline:
     return DallePipeline.from_config({"clip": out / "clip", "dvae": out / "dvae", "transformer": out / "dalle",
                                       "settings": config["dalle_generation"]})
+
+
+def evaluate_cascade_cut(out: Path, stages: dict, config: dict, evaluator) -> dict:
+    """A cascade of two or more upsamplers is judged also without its last one (keys ``at_<size>px/...``), the same
+    seeds and prompts: what the last stage keeps of what the pipeline gets right."""
+    names = upsampler_names(stages)
+    if len(names) < 2:
+        return {}
+    cut = compose_unclip(out, stages, config, upsamplers=len(names) - 1)
+    log.info(f"evaluating the cascade without its last upsampler, at {cut.image_size} px")
+    return evaluator.pipeline_metrics(cut, seed=config["seed"], prefix=f"at_{cut.image_size}px/", edits=False)
 
 
 @dataclass(frozen=True)
@@ -181,6 +233,7 @@ def main(job: Job) -> None:
         passthrough = compose_unclip(out, stages, config, prior="prior_passthrough")
         metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False,
                                                   fidelity=False))
+    metrics.update(evaluate_cascade_cut(out, stages, config, evaluator))
     metrics.update(evaluator.prompt_metrics(images, [prompt for prompt in prompts for _ in range(n)]))
     summary = evaluator.summary(metrics)
     if summary:

@@ -24,6 +24,11 @@ def main(job: Job) -> None:
     data = build(job.config["data"])
     model = build(job.config["upsampler"])
     evaluation = job.config["evaluation"]
+    for key in ("steps", "aug_level"):
+        if isinstance(evaluation[key], (list, tuple)):
+            raise ValueError(f"evaluation.{key}={list(evaluation[key])} is a list (generation.upsampler_{key} gives one "
+                             f"per upsampler of a cascade): give this stage's, e.g. evaluation.{key}="
+                             f"{evaluation[key][-1]}")
     val = first_items(data["val"], evaluation["val_items"])
     truth = resize(val["image"], model.image_size)
     low_res = resize(truth, model.low_res_size)

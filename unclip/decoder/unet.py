@@ -68,14 +68,15 @@ def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
 class ResBlock(nn.Module):
     """GN-SiLU-conv, then GN with scale-shift from the embedding, SiLU, dropout, zero-init conv; plus skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, use_scale_shift_norm: bool):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, use_scale_shift_norm: bool,
+                 groups: int = GROUPS):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = nn.GroupNorm(GROUPS, in_channels)
+        self.norm1 = nn.GroupNorm(groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         # Takes SiLU(emb), computed once per forward by the UNet.
         self.emb_proj = nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
-        self.norm2 = nn.GroupNorm(GROUPS, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
@@ -95,12 +96,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the spatial tokens plus the context tokens (GLIDE's ``encoder_kv``)."""
 
-    def __init__(self, channels: int, head_channels: int, context_width: int | None):
+    def __init__(self, channels: int, head_channels: int, context_width: int | None, groups: int = GROUPS):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         if channels % self.heads:
             raise ValueError(f"attention channels {channels} must be divisible by heads {self.heads}")
-        self.norm = nn.GroupNorm(GROUPS, channels)
+        self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_width, 2 * channels) if context_width else None
         self.proj_out = _zero(nn.Linear(channels, channels))
@@ -164,16 +165,17 @@ def _check_positive(name: str, value: int) -> None:
 
 def _check_body(*, image_size: int, in_channels: int, out_channels: int, base_channels: int,
                 channel_mult: tuple[int, ...], num_res_blocks: int, attention_resolutions: tuple[int, ...],
-                head_channels: int, dropout: float, upsample_width: str) -> None:
+                head_channels: int, dropout: float, upsample_width: str, norm_groups: int = GROUPS) -> None:
     """The UNet body's settings (a ``unet:`` dict's), each error naming the setting."""
     for name, value in [("image_size", image_size), ("in_channels", in_channels), ("out_channels", out_channels),
                         ("base_channels", base_channels), ("num_res_blocks", num_res_blocks),
-                        ("head_channels", head_channels)]:
+                        ("head_channels", head_channels), ("norm_groups", norm_groups)]:
         _check_positive(name, value)
     if not channel_mult or not all(isinstance(m, int) and m > 0 for m in channel_mult):
         raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult!r}")
-    if base_channels % GROUPS:
-        raise ValueError(f"base_channels={base_channels} must be a multiple of {GROUPS} (GroupNorm groups)")
+    if base_channels % norm_groups:
+        raise ValueError(f"base_channels={base_channels} must be a multiple of norm_groups={norm_groups} (GroupNorm "
+                         f"groups)")
     factor = 2 ** (len(channel_mult) - 1)
     if image_size % factor:
         raise ValueError(
@@ -206,13 +208,15 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         upsample_width: str = DEFAULT_UPSAMPLE_WIDTH,
+        middle_attention: bool = True,
+        norm_groups: int = GROUPS,
     ):
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
         _check_body(image_size=image_size, in_channels=in_channels, out_channels=out_channels,
                     base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
                     attention_resolutions=attention_resolutions, head_channels=head_channels, dropout=dropout,
-                    upsample_width=upsample_width)
+                    upsample_width=upsample_width, norm_groups=norm_groups)
         self.conditions = nn.ModuleDict(conditions or {})
         widths = {part.context_width for part in self.conditions.values() if part.context_width}
         if len(widths) > 1:
@@ -225,23 +229,28 @@ class UNet(nn.Module):
         self.context_width = widths.pop() if widths else None  # what every attention layer's context_kv reads
         self._register_load_state_dict_pre_hook(_rename_old_conditioning_weights, with_module=True)
 
+        self.size_multiple = 2 ** (len(channel_mult) - 1)  # what the down path's halvings need of a side
         self.time_embed = _mlp(base_channels, self.emb_dim)
 
         def attention(channels: int, resolution: int) -> AttentionBlock | None:
             if resolution not in attention_resolutions:
                 return None
-            return AttentionBlock(channels, head_channels, self.context_width)
+            return AttentionBlock(channels, head_channels, self.context_width, norm_groups)
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, self.emb_dim, dropout, use_scale_shift_norm)
+            return ResBlock(cin, cout, self.emb_dim, dropout, use_scale_shift_norm, norm_groups)
 
         extra = sum(part.extra_channels for part in self.conditions.values())
         self.input_conv = nn.Conv2d(in_channels + extra, base_channels, 3, padding=1)
         skip_channels = self._build_down(channel_mult, num_res_blocks, res, attention)
         ch = skip_channels[-1]
-        self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels, self.context_width), res(ch, ch)])
+        # Without middle attention (and no attention_resolutions) the UNet is convolutional: it takes any square size
+        # that is a multiple of size_multiple, e.g. an upsampler trained on crops and sampled on whole images.
+        middle = [res(ch, ch), AttentionBlock(ch, head_channels, self.context_width, norm_groups)] if middle_attention \
+            else [res(ch, ch)]
+        self.middle = nn.ModuleList([*middle, res(ch, ch)])
         ch = self._build_up(channel_mult, num_res_blocks, res, attention, skip_channels, upsample_width)
-        self.output = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(),
+        self.output = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(),
                                     _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def _build_down(self, channel_mult: tuple[int, ...], num_res_blocks: int, res, attention) -> list[int]:
@@ -281,17 +290,33 @@ class UNet(nn.Module):
         assert not skip_channels
         return ch
 
+    @property
+    def convolutional(self) -> bool:
+        """No attention anywhere: the UNet takes any square image whose side is a multiple of ``size_multiple``."""
+        return len(self.middle) == 2 and all(level.attn is None for level in [*self.down, *self.up])
+
+    def check_input_size(self, size: int, name: str = "x") -> None:
+        """An error naming ``size`` unless this UNet can take ``size`` x ``size`` images."""
+        if size == self.image_size:
+            return
+        if not self.convolutional:
+            raise ValueError(f"{name} is {size}x{size} but this UNet attends (attention_resolutions or "
+                             f"middle_attention), so it takes only {self.image_size}x{self.image_size} images")
+        if size < 1 or size % self.size_multiple:
+            raise ValueError(f"{name} is {size}x{size}: a side must be a positive multiple of {self.size_multiple} "
+                             f"(2 ** (len(channel_mult) - 1))")
+
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def _conditioning(self, batch: int, device, inputs: dict) -> Conditioning:
+    def _conditioning(self, batch: int, size: int, device, inputs: dict) -> Conditioning:
         read = {name for part in self.conditions.values() for name in part.inputs}
         for name, value in inputs.items():
             if value is not None and name not in read:
                 hint = _MISSING_PART.get(name, "no conditioning part reads it")
                 raise ValueError(f"{name} given but this UNet was built without it ({hint}); its conditioning reads "
                                  f"{sorted(read) or 'nothing'}")
-        parts = [part(batch, self.image_size, device, **{name: inputs.get(name) for name in part.inputs})
+        parts = [part(batch, size, device, **{name: inputs.get(name) for name in part.inputs})
                  for part in self.conditions.values()]
         return combine(parts, batch, device)
 
@@ -299,14 +324,16 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, **inputs) -> Tensor:
         """x [B, in_channels, S, S] noisy image; t [B] (or scalar) timesteps, int or float; ``inputs`` for the
         conditioning parts (e.g. ``image_embed``, ``context``, ``drop_context``, ``low_res``, ``aug_level``)."""
-        batch, size = x.shape[0], self.image_size
+        batch, size = x.shape[0], x.shape[-1]
+        if x.ndim == 4:
+            self.check_input_size(size)
         check_shape("x", x, (None, self.in_channels, size, size))
         device = x.device
         t = torch.as_tensor(t, device=device)
         if t.ndim == 0:
             t = t.expand(batch)
         check_shape("t", t, (batch,))
-        cond = self._conditioning(batch, device, inputs)
+        cond = self._conditioning(batch, size, device, inputs)
 
         emb = self.time_embed(timestep_embedding(t, self.base_channels))
         if cond.emb is not None:
@@ -333,10 +360,10 @@ class UNet(nn.Module):
         for block in self.down:
             h = block(h, emb_act, ctx, key_mask_for(h) if block.attn is not None else None)
             skips.append(h)
-        res1, attn, res2 = self.middle
-        h = res1(h, emb_act)
-        h = attn(h, ctx, key_mask_for(h))
-        h = res2(h, emb_act)
+        h = self.middle[0](h, emb_act)
+        if len(self.middle) == 3:
+            h = self.middle[1](h, ctx, key_mask_for(h))
+        h = self.middle[-1](h, emb_act)
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb_act, ctx, key_mask_for(h) if block.attn is not None else None)

@@ -7,6 +7,7 @@ from torch import nn
 
 from unclip.configurable import configurable
 from unclip.decoder.conditioning import LowResCondition
+from unclip.decoder.degradation import check_degradation, degrade
 from unclip.decoder.unet import (
     UNet,
     embedding_width,
@@ -20,7 +21,14 @@ from unclip.images import resize
 @configurable
 class Upsampler(nn.Module):
     """``low_res_size`` -> ``image_size``. Training corrupts the conditioning image with Gaussian noise of a
-    random level in [0, ``max_aug_level``] (fed to the model), so that it tolerates the decoder's flaws.
+    random level in [0, ``max_aug_level``] (fed to the model), so that it tolerates the decoder's flaws, and first
+    with ``degradation`` (``unclip.decoder.degradation``: none, blur or bsr, DALL-E 2's choices for its first and
+    second upsampler).
+
+    ``train_crop`` (DALL-E 2's recipe for its upsamplers): train on random ``train_crop`` x ``train_crop`` crops of the
+    ``image_size`` target and of the upsampled conditioning image at the same place, a sixteenth of the work at a
+    quarter of the side; sampling runs on the whole image. It needs a convolutional UNet (``attention_resolutions:
+    []``, ``middle_attention: false``), which sees the same neighbourhoods either way.
 
     With ``predict_residual`` the diffusion runs on the difference between the high-resolution image and the
     bicubic upsampling of the low-resolution one: zero wherever the low-resolution image already says it
@@ -39,6 +47,8 @@ class Upsampler(nn.Module):
         loss_weighting: str = "min_snr",
         max_aug_level: float = 0.2,
         predict_residual: bool = True,
+        train_crop: int | None = None,
+        degradation: str = "none",
     ):
         super().__init__()
         if not 0 < low_res_size < image_size:
@@ -51,8 +61,24 @@ class Upsampler(nn.Module):
         conditions = {"low_res": LowResCondition(3, embedding_width(unet.get("base_channels", 64)),
                                                  unet.get("base_channels", 64))}
         self.unet = UNet(image_size=image_size, conditions=conditions, **unet)
+        self.degradation = check_degradation(degradation)
+        self.train_crop = self._check_crop(train_crop)
         bound = 2.0 if predict_residual else 1.0  # a residual of [-1, 1] images lies in [-2, 2]
         self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-bound, bound))
+
+    def _check_crop(self, crop: int | None) -> int | None:
+        if crop is None or crop == self.image_size:
+            return None
+        if not isinstance(crop, int) or not 0 < crop <= self.image_size:
+            raise ValueError(f"train_crop must be an int in (0, image_size={self.image_size}] or null, got {crop!r}")
+        if crop % self.unet.size_multiple:
+            raise ValueError(f"train_crop={crop} must be a multiple of the UNet's downsampling, "
+                             f"{self.unet.size_multiple} (2 ** (len(channel_mult) - 1))")
+        if not self.unet.convolutional:
+            raise ValueError(f"train_crop={crop} needs a convolutional UNet, which sees the same neighbourhoods on a "
+                             f"crop and on the whole image: set unet.attention_resolutions=[] and "
+                             f"unet.middle_attention=false (conf/upsampler/unet_64_256.yaml)")
+        return crop
 
     def _rebuild_arguments(self, given: dict) -> dict:
         """The saved config names the UNet's upsample_width, so a later change of its default cannot rebuild
@@ -72,15 +98,26 @@ class Upsampler(nn.Module):
         noise = torch.randn(up.shape, device=up.device, generator=generator)
         return up + aug_level.view(-1, 1, 1, 1) * noise
 
+    def _crops(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The same random ``train_crop`` square of each of ``images`` [B, C, S, S] (its own place per row)."""
+        batch, size, crop = images[0].shape[0], self.image_size, self.train_crop
+        top, left = torch.randint(0, size - crop + 1, (2, batch)).tolist()
+        return tuple(torch.stack([x[i, :, top[i]:top[i] + crop, left[i]:left[i] + crop] for i in range(batch)])
+                     for x in images)
+
     def training_loss(self, images: torch.Tensor) -> dict:
-        """images [B, 3, image_size, image_size] in [-1, 1]; the low-res input is made from them."""
+        """images [B, 3, image_size, image_size] in [-1, 1]; the low-res input is made from them (and degraded),
+        and with ``train_crop`` the loss is that of random crops."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
-        low_res = resize(images, self.low_res_size)
+        low_res = degrade(resize(images, self.low_res_size), self.degradation)
+        up = resize(low_res, self.image_size)
+        target = images.float() - up if self.predict_residual else images.float()
+        if self.train_crop is not None:
+            target, up = self._crops(target, up)
         aug_level = torch.rand(images.shape[0], device=images.device) * self.max_aug_level
-        cond = self.condition(low_res, aug_level)
+        cond = up + aug_level.view(-1, 1, 1, 1) * torch.randn_like(up)
         scaled = aug_level / max(self.max_aug_level, 1e-8)
-        target = images.float() - resize(low_res, self.image_size) if self.predict_residual else images.float()
         losses = self.diffusion.training_loss(lambda x, t: self.unet(x, t, low_res=cond, aug_level=scaled), target)
         return {"loss": losses.mean()}
 

@@ -18,7 +18,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,8 @@ class GenerationSettings:
     decoder_steps: int = 50
     decoder_guidance: float = 3.0
     decoder_eta: float = 0.0
-    upsampler_steps: int = 25
-    upsampler_aug_level: float = 0.05
+    upsampler_steps: Any = 25  # an int for every upsampler, or a list with one per upsampler (a cascade's later
+    upsampler_aug_level: Any = 0.05  # stages need fewer steps: DALL-E 2 used 27 and 15); a float or a list
     rerank: int = 1  # CLIP re-ranking: generate draws this many candidates (prior and decoder) per image and keeps the
                      # one the CLIP finds most similar to the prompt, ranked at the decoder's size (only it upsampled)
     cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
@@ -64,13 +64,49 @@ class GenerationSettings:
     def check(self) -> None:
         self.cuda_graphs = check_cuda_graphs(self.cuda_graphs)
         for name in ("prior_steps", "decoder_steps", "upsampler_steps", "prior_candidates", "rerank", "max_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            for value in per_stage(getattr(self, name), name):
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("prior_guidance", "decoder_guidance", "decoder_eta", "upsampler_aug_level"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            for value in per_stage(getattr(self, name), name):
+                if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+
+    def for_upsampler(self, name: str, index: int, count: int):
+        """The setting ``name`` (``upsampler_steps``, ``upsampler_aug_level``) for upsampler ``index`` of ``count``."""
+        value = getattr(self, name)
+        if not isinstance(value, (list, tuple)):
+            return value
+        if len(value) != count:
+            raise ValueError(f"{name}={list(value)} has {len(value)} entries but the pipeline has {count} "
+                             f"upsampler(s): give one number for all or one per upsampler")
+        return value[index]
+
+
+PER_UPSAMPLER = ("upsampler_steps", "upsampler_aug_level")
+
+
+def per_stage(value, name: str) -> list:
+    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists)."""
+    if isinstance(value, (list, tuple)):
+        if name not in PER_UPSAMPLER or not value:
+            raise ValueError(f"{name} takes one number" + (", or one per upsampler" if name in PER_UPSAMPLER else "")
+                             + f", got {list(value)!r}")
+        return list(value)
+    return [value]
+
+
+def check_cascade(decoder_size: int, upsamplers: Sequence[tuple[int, int]]) -> None:
+    """An error naming every stage's sizes unless each upsampler takes the size the stage before it makes."""
+    size = decoder_size
+    for i, (low, high) in enumerate(upsamplers):
+        if low != size:
+            stages = [f"decoder -> {decoder_size} px", *(f"upsampler {j}: {a} -> {b} px" for j, (a, b) in
+                                                       enumerate(upsamplers))]
+            raise ValueError(f"the cascade's sizes do not connect: upsampler {i} takes {low}-px images but the stage "
+                             f"before it makes {size}-px ones ({'; '.join(stages)}); each upsampler's low_res_size must "
+                             f"be the previous stage's image_size")
+        size = high
 
 
 def _rows(embeds, start: int, count: int, total: int):
@@ -140,13 +176,8 @@ class UnCLIPPipeline(Pipeline):
         for stage in [s for s in self.spaces if s.startswith("upsampler")]:
             if self.spaces[stage] is not None:
                 clip_space.check_same(self.spaces[stage], "the CLIP", f"the {stage}")
-        size = self.decoder.image_size
-        for i, upsampler in enumerate(self.upsamplers):
-            if upsampler.low_res_size != size:
-                raise ValueError(
-                    f"upsampler {i} takes {upsampler.low_res_size}-px images but the stage before it makes {size}-px ones"
-                )
-            size = upsampler.image_size
+        check_cascade(self.decoder.image_size, [(u.low_res_size, u.image_size) for u in self.upsamplers])
+        self._check_settings(self.settings)
         for module in self.modules():
             module.eval().requires_grad_(False)
 
@@ -284,16 +315,21 @@ class UnCLIPPipeline(Pipeline):
         """The upsamplers in turn, ``config.max_batch`` images at a time; with ``known``/``keep`` (at the last
         stage's size) each inpaints too, keeping the known image (resized to its size) where the mask (resized with
         ``keep_at``) keeps it."""
-        for upsampler in self.upsamplers:
+        for index, upsampler in enumerate(self.upsamplers):
             size, total, parts = upsampler.image_size, len(images), []
+            steps, aug_level = (config.for_upsampler(name, index, len(self.upsamplers)) for name in PER_UPSAMPLER)
             for rows in _chunks(total, config):
                 inpaint = None if known is None else Inpainting(resize(known[rows], size), keep_at(keep[rows], size))
-                parts.append(upsampler.sample(images[rows], steps=config.upsampler_steps,
-                                              aug_level=config.upsampler_aug_level, generator=generator,
+                parts.append(upsampler.sample(images[rows], steps=steps, aug_level=aug_level, generator=generator,
                                               inpaint=inpaint, eta=eta if known is not None else 0.0,
                                               cuda_graphs=config.cuda_graphs))
             images = torch.cat(parts)
         return images
+
+    def _check_settings(self, settings: GenerationSettings) -> None:
+        settings.check()
+        for name in PER_UPSAMPLER:
+            settings.for_upsampler(name, 0, len(self.upsamplers))
 
     def _render(self, image_embed, text, config, generator, **decode) -> torch.Tensor:
         """Decoder, then upsamplers (no inpainting)."""
