@@ -28,9 +28,10 @@ from PIL import Image
 
 DEGRADATIONS = ("none", "blur", "bsr")
 
-# blur: the paper's (Cascaded Diffusion Models') sigma range, in pixels of the low-resolution image whatever its size:
-# the flaws it imitates, the previous stage's softness, are a pixel wide at any size. A 5-tap kernel holds the
-# Gaussian out to 3 sigma at 0.6 px (a 3-tap one, DALLE2-pytorch's, cuts it at 1.7 sigma).
+# blur: the sigma range used at 64 px (Cascaded Diffusion Models; DALLE2-pytorch's default is 0.6), kept in pixels of
+# the low-resolution image whatever its size: the flaws it imitates, the previous stage's softness, are about a pixel
+# wide at any size. A 5-tap kernel holds the Gaussian out to 3 sigma at 0.6 px (DALLE2-pytorch's 3-tap one cuts it at
+# 1.7 sigma, nearer a box).
 BLUR_SIGMA = (0.4, 0.6)
 BLUR_KERNEL = 5
 BLUR_PROBABILITY = 0.5
