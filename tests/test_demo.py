@@ -78,10 +78,23 @@ def test_demo_trains_every_stage_on_a_folder_and_samples_its_captions(tmp_path):
         assert {key: generation[key] for key in ("rerank", "prior_steps", "decoder_steps")} == {
             key: settings[key] for key in ("rerank", "prior_steps", "decoder_steps")}, stage
 
-    # Again: every stage is skipped, and `minutes` still counts their training.
-    again = json.loads(_run("train/demo.py", "data=folder", f"data.root={folder}", "data.val_fraction=0.3",
-                            f"out={out}", *TINY).stdout.strip().splitlines()[-1])
-    assert again["minutes"] >= sum(metrics[f"{stage}/minutes"] for stage in STAGES)
+    # Again, at 128 px: a cascade. Every stage above is skipped (a 128-px demo's earlier stages are the 64-px demo's
+    # jobs) and a second upsampler, 64 -> 128 px, trains; the pipeline goes through both, and is judged also without
+    # the last one. `minutes` still counts every stage's training.
+    proc = _run("train/demo.py", "data=folder", f"data.root={folder}", "data.val_fraction=0.3", f"out={out}", *TINY,
+                "data.image_size=128", "generation.upsampler_steps=[2,1]",
+                "presets.quick.upsampler_hr=['trainer.batch_size=4','trainer.preview_every=0','evaluation.val_items=2']")
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    log = (out / "demo.log").read_text()
+    assert all(f"{stage}: done already" in log for stage in STAGES) and "upsampler_128: done already" not in log
+    cascade = OmegaConf.load(out / "upsampler_128" / ".hydra" / "config.yaml")
+    assert (cascade.upsampler.low_res_size, cascade.upsampler.image_size, cascade.data.image_size) == (64, 128, 128)
+    assert cascade.evaluation.steps == 1 and cascade.upsampler.train_crop == 64
+    settings = json.loads((out / "pipeline" / "pipeline.json").read_text())
+    assert len(settings["stages"]["upsamplers"]) == 2 and settings["settings"]["upsampler_steps"] == [2, 1]
+    assert Image.open(out / "grid.png").size[1] == 130 * len(prompts) + 2  # 128-px rows now
+    assert {"val_clip_score", "at_64px/val_clip_score", "upsampler_128/psnr_val"} <= set(again)
+    assert again["minutes"] >= sum(metrics[f"{stage}/minutes"] for stage in STAGES) + again["upsampler_128/minutes"]
 
 
 def test_a_data_choice_a_stage_cannot_use_is_an_error(tmp_path):
@@ -97,16 +110,17 @@ def test_image_sizes_follow_the_data():
 
     def sizes(data_size, upsampler=True, preset="full"):
         presets = {"full": {"with_upsampler": True}, "quick": {"with_upsampler": False}}
-        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "with_upsampler": upsampler,
-                            "preset": preset, "presets": presets})
+        return image_sizes({"data": {"image_size": data_size}, "decoder_size": 32, "cascade_size": 64,
+                            "with_upsampler": upsampler, "preset": preset, "presets": presets})
 
-    assert sizes(64) == (32, 64)  # the demo's shapes: 32-px decoder, upsampled to 64
-    assert sizes(128) == (32, 128)
-    assert sizes(32) == (32, None)  # nothing to upsample
-    assert sizes(16) == (16, None)  # the decoder never makes images larger than the data's
-    assert sizes(64, upsampler=False) == (32, None)
-    assert sizes(64, upsampler=None) == (32, 64) and sizes(64, upsampler=None, preset="quick") == (32, None)
-    assert sizes(64, upsampler=True, preset="quick") == (32, 64)  # the user's choice wins
+    assert sizes(64) == (32, [64])  # the demo's shapes: 32-px decoder, upsampled to 64
+    assert sizes(256) == (32, [64, 256])  # DALL-E 2's cascade: to 64 px, then a second upsampler to 256
+    assert sizes(128) == (32, [64, 128]) and sizes(48) == (32, [48])
+    assert sizes(32) == (32, [])  # nothing to upsample
+    assert sizes(16) == (16, [])  # the decoder never makes images larger than the data's
+    assert sizes(64, upsampler=False) == (32, []) and sizes(256, upsampler=False) == (32, [])
+    assert sizes(64, upsampler=None) == (32, [64]) and sizes(64, upsampler=None, preset="quick") == (32, [])
+    assert sizes(64, upsampler=True, preset="quick") == (32, [64])  # the user's choice wins
 
 
 def test_preset_auto_picks_the_gpu_preset_only_where_cuda_is(monkeypatch):
@@ -132,6 +146,11 @@ def test_every_presets_stage_settings_compose_into_their_jobs_and_build(preset):
         for stage in ("clip", "prior", "decoder", "upsampler"):
             cfg = compose(config_name=f"train_{stage}", overrides=["experiment=shapes", *presets[preset][stage]])
             assert cfg.trainer.max_steps >= 1
+        cascade = compose(config_name="train_upsampler", overrides=[
+            "experiment=shapes", "upsampler=unet_64_256", "data.image_size=256", *presets[preset]["upsampler_hr"]])
         decoder = compose(config_name="train_decoder", overrides=["experiment=shapes", *presets[preset]["decoder"]])
     model = build(OmegaConf.to_container(decoder.decoder, resolve=True), image_embed_dim=8, text_length=4, token_dim=8)
     assert model.config["unet"]["base_channels"] == decoder.decoder.unet.base_channels
+    upsampler = build(OmegaConf.to_container(cascade.upsampler, resolve=True))
+    assert (upsampler.low_res_size, upsampler.image_size, upsampler.train_crop) == (64, 256, 64)
+    assert upsampler.unet.convolutional and cascade.trainer.max_steps >= 1

@@ -236,6 +236,9 @@ def main(job: Job) -> None:
     metrics.update(evaluate_cascade_cut(out, stages, config, evaluator))
     metrics.update(evaluator.prompt_metrics(images, [prompt for prompt in prompts for _ in range(n)]))
     summary = evaluator.summary(metrics)
+    for cut in sorted({key.split("/")[0] for key in metrics if key.startswith("at_") and "/" in key}):
+        cut_summary = evaluator.summary(metrics, prefix=f"{cut}/")
+        summary += f"\n\nwithout the last upsampler ({cut[3:]}):\n{cut_summary}" if cut_summary else ""
     if summary:
         (out / "fidelity.txt").write_text(summary + "\n")
         log.info("\n" + summary)
