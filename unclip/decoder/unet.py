@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from unclip.activation_checkpointing import Checkpointed
 from unclip.decoder.conditioning import Condition, Conditioning, check_shape, combine
 from unclip.diffusion.timesteps import timestep_embedding
 
@@ -140,14 +141,21 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
-    """One UNet step: a ResBlock and/or attention and/or a resampler (any of them may be absent)."""
+class Level(Checkpointed, nn.Module):
+    """One UNet step: a ResBlock and/or attention and/or a resampler (any of them may be absent). With activation
+    checkpointing (``unclip.activation_checkpointing``) a step with a ResBlock recomputes its activations in the
+    backward; a lone resampler does not (its input is kept as a skip connection anyway)."""
 
     def __init__(self, res: ResBlock | None, attn: AttentionBlock | None = None, resample: nn.Module | None = None):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
     def forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        if self.res is None:
+            return self._forward(x, emb_act, context, key_mask)
+        return self.checkpointed(self._forward, x, emb_act, context, key_mask)
+
+    def _forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
         if self.res is not None:
             x = self.res(x, emb_act)
         if self.attn is not None:
@@ -155,6 +163,21 @@ class Level(nn.Module):
         if self.resample is not None:
             x = self.resample(x)
         return x
+
+
+class Middle(Checkpointed, nn.ModuleList):
+    """The middle block: ResBlock, attention, ResBlock (a ModuleList, so its weights keep their names
+    ``middle.0`` to ``middle.2``), checkpointed as one."""
+
+    def __init__(self, res1: ResBlock, attn: AttentionBlock, res2: ResBlock):
+        super().__init__([res1, attn, res2])
+
+    def forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        return self.checkpointed(self._forward, x, emb_act, context, key_mask)
+
+    def _forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        res1, attn, res2 = self
+        return res2(attn(res1(x, emb_act), context, key_mask), emb_act)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -239,7 +262,7 @@ class UNet(nn.Module):
         self.input_conv = nn.Conv2d(in_channels + extra, base_channels, 3, padding=1)
         skip_channels = self._build_down(channel_mult, num_res_blocks, res, attention)
         ch = skip_channels[-1]
-        self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels, self.context_width), res(ch, ch)])
+        self.middle = Middle(res(ch, ch), AttentionBlock(ch, head_channels, self.context_width), res(ch, ch))
         ch = self._build_up(channel_mult, num_res_blocks, res, attention, skip_channels, upsample_width)
         self.output = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(),
                                     _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
@@ -333,10 +356,7 @@ class UNet(nn.Module):
         for block in self.down:
             h = block(h, emb_act, ctx, key_mask_for(h) if block.attn is not None else None)
             skips.append(h)
-        res1, attn, res2 = self.middle
-        h = res1(h, emb_act)
-        h = attn(h, ctx, key_mask_for(h))
-        h = res2(h, emb_act)
+        h = self.middle(h, emb_act, ctx, key_mask_for(h))
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb_act, ctx, key_mask_for(h) if block.attn is not None else None)
