@@ -50,7 +50,7 @@ from unclip.training.optim import make_optimizer
 
 MODELS = ("decoder", "upsampler", "prior", "dalle")
 BATCHES = {None: {"decoder": 16, "upsampler": 32, "prior": 256, "dalle": 32},
-           "gpu": {"decoder": 128, "upsampler": 256, "prior": 4096, "dalle": 256}}
+           "gpu": {"decoder": 128, "upsampler": 256, "prior": 2048, "dalle": 256}}
 END = 49407  # CLIP's end-of-text id
 
 
