@@ -8,8 +8,10 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MICRO_CLIP
+from conftest import CONF, MICRO_CLIP
 from dalle_stages import TINY_DVAE
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from stages import TINY_UNET, enliven
 
@@ -22,8 +24,9 @@ from unclip.decoder import Decoder, Upsampler
 from unclip.decoder.unet import AttentionBlock, Downsample, ResBlock, Upsample
 from unclip.dvae import DiscreteVAE
 from unclip.embedding import TextCondition
+from unclip.jobs import start_job
 from unclip.prior import DiffusionPrior
-from unclip.training import Trainer, TrainerConfig
+from unclip.training import Trainer
 
 EMBED_DIM, TOKEN_DIM, TEXT_LENGTH, NUM_STEPS = 16, 8, 6, 50
 END_ID = 49407
@@ -207,12 +210,16 @@ def test_the_flag_changes_neither_the_saved_config_nor_the_weight_names():
     assert "unet.middle.0.norm1.weight" in names  # the middle block's weights keep their names
 
 
-def _trainer(model, loss_fn, run_dir, checkpointing: bool) -> Trainer:
-    config = TrainerConfig(max_steps=2, batch_size=4, lr=1e-3, warmup_steps=1, mixed_precision="no", ema_beta=0.5,
-                           ema_update_after_step=0, checkpoint_every=0, log_every=1, progress=False, seed=0,
-                           activation_checkpointing=checkpointing)
-    return Trainer(model, loss_fn, _embeddings(), config, run_dir, stage="prior", space_fn=lambda m: None,
-                   collate_fn=collate_dicts)
+def _trainer(job: str, model, loss_fn, run_dir, checkpointing: bool) -> Trainer:
+    """The Trainer a stage's job (``train/<stage>.py``) makes from its composed config with these overrides."""
+    overrides = [f"trainer.activation_checkpointing={str(checkpointing).lower()}", "trainer.max_steps=2",
+                 "trainer.batch_size=4", "trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.mixed_precision=no",
+                 "trainer.ema_beta=0.5", "trainer.ema_update_after_step=0", "trainer.checkpoint_every=0",
+                 "trainer.log_every=1", "trainer.progress=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        config = OmegaConf.to_container(compose(config_name=job, overrides=overrides), resolve=True)
+    return start_job(config, run_dir).trainer(model, loss_fn, _embeddings(), stage="prior", space_fn=lambda m: None,
+                                              collate_fn=collate_dicts)
 
 
 def _embeddings() -> list[dict]:
@@ -224,15 +231,15 @@ def _embeddings() -> list[dict]:
 
 
 def test_the_trainer_setting_turns_checkpointing_on_and_trains_the_same_weights(tmp_path):
-    """trainer.activation_checkpointing=true: the stage's blocks recompute in every step, the run ends with the
-    weights of a run without it, and saves the same model config."""
+    """python train/prior.py trainer.activation_checkpointing=true: the stage's blocks recompute in every step, the
+    run ends with the weights of a run without it, and saves the same model config (the trainer's records the flag)."""
     runs = {}
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model, loss_fn, twice, _ = prior_case()
         calls = _count_calls(twice)
-        trainer = _trainer(model, lambda model, batch: model.training_loss(batch), tmp_path / str(checkpointing),
-                           checkpointing)
+        trainer = _trainer("train_prior", model, lambda model, batch: model.training_loss(batch),
+                           tmp_path / str(checkpointing), checkpointing)
         trainer.fit()
         runs[checkpointing] = trainer
         assert set(calls.values()) == {2 * 2 if checkpointing else 2}  # 2 steps, each layer's forward once or twice
@@ -241,7 +248,7 @@ def test_the_trainer_setting_turns_checkpointing_on_and_trains_the_same_weights(
     saved = {c: tmp_path / str(c) / "checkpoints" / "step-00000002" for c in runs}
     configs = {c: json.loads((saved[c] / "config.json").read_text()) for c in runs}
     assert configs[True]["model"] == configs[False]["model"]
-    assert configs[True]["trainer"]["activation_checkpointing"] and not configs[False]["trainer"]["activation_checkpointing"]
+    assert [configs[c]["trainer"]["activation_checkpointing"] for c in (False, True)] == [False, True]
     plain, checkpointed = (load_file(saved[c] / "model.safetensors") for c in (False, True))
     assert checkpointed.keys() == plain.keys()
     for key in plain:
@@ -249,9 +256,10 @@ def test_the_trainer_setting_turns_checkpointing_on_and_trains_the_same_weights(
 
 
 def test_a_model_with_nothing_to_checkpoint_is_an_error_before_training(tmp_path):
+    """python train/dvae.py trainer.activation_checkpointing=true: refused, naming the model, before any step."""
     model = DiscreteVAE(**TINY_DVAE)
     with pytest.raises(ValueError, match=r"trainer.activation_checkpointing=true, but this stage's model, DiscreteVAE, "
                                          r"has no layers that can recompute their activations; it is supported by "
                                          r"the diffusion UNet .*Set trainer.activation_checkpointing=false"):
-        _trainer(model, lambda model, batch: {"loss": model(batch)}, tmp_path / "run", True)
+        _trainer("train_dvae", model, lambda model, batch: {"loss": model(batch)}, tmp_path / "run", True)
     assert not (tmp_path / "run").exists()
