@@ -45,7 +45,8 @@ def last_real_token(states: Tensor, mask: Tensor) -> Tensor:
 
 
 class Block(Checkpointed, nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); may checkpoint (unclip.activation_checkpointing)."""
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); in training it may recompute its activations
+    in the backward (``unclip.activation_checkpointing``)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()

@@ -20,6 +20,9 @@ configuration (64 px, 64 channels, mult 1-2-4) that is 11% fewer training FLOPs 
 Classifier-free guidance is learned null conditioning inside the parts (``drop_image_embed``,
 ``drop_context``); a guided step is one forward on a doubled batch with flags ``[False] * B + [True] * B``.
 
+With activation checkpointing on (``trainer.activation_checkpointing``, ``unclip.activation_checkpointing``) every
+level with a ResBlock and the middle block recompute their activations in the backward while training.
+
 The model works in either memory layout (attention uses ``[B, H*W, C]`` views, free in
 ``torch.channels_last``). Measured on a 2-core AVX512-BF16 CPU under bf16 autocast, plain NCHW trained
 faster than channels_last (GroupNorm's backward is slow in channels_last there), so NCHW is the default.
