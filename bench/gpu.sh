@@ -2,7 +2,8 @@
 # One call on a GPU machine measures what issue 16's acceptance lists, in about 8 minutes on one H100/H200:
 # the `cuda` tests, `bench/prior.py --suite gpu` and `bench/decoder.py --suite gpu` (prior batch 32/512, decoder
 # batch 8/64, both precisions, DALLE2-pytorch 1.15.6 in the same run and in paired rounds), the text -> 64-px
-# image latency (`bench/generate.py`) and the quick demo (`train/demo.py preset=quick`) within a time limit.
+# image latency (`bench/generate.py`), the quick demo (`train/demo.py preset=quick`) within a time limit, and
+# activation checkpointing's peak memory and slowdown per model (`bench/checkpointing.py --suite gpu`).
 #
 # 1. On a machine with network, from the repository root (the GPU machine has none):
 #      bash bench/gpu.sh prepare          # = bash ../shared/gpu/wheels.sh .whl reference, plus pytest's wheels
@@ -17,9 +18,9 @@
 # other packages come from .whl: unclip's into /tmp/site, DALLE2-pytorch's into /tmp/ref (`--reference /tmp/ref`),
 # pytest's into /tmp/site-test where the image has no pytest. Everything is written under $OUT: progress.log (what
 # ran, when, and its exit code), env.txt, one .log per step (stdout and stderr) and its closing JSON line as .json
-# (prior.json, decoder.json, generate.json, demo-metrics.json), the demo's grid, and summary.txt (every goal and
-# its verdict). A step that fails or runs out of time is logged and the script goes on. GPU_BUDGET_S (default
-# 550) bounds the whole run; WHEELS (default .whl) and PYTHON (default python3) may be set.
+# (prior.json, decoder.json, generate.json, checkpointing.json, demo-metrics.json), the demo's grid, and summary.txt
+# (every goal and its verdict). A step that fails or runs out of time is logged and the script goes on.
+# GPU_BUDGET_S (default 550) bounds the whole run; WHEELS (default .whl) and PYTHON (default python3) may be set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -119,9 +120,10 @@ for stage in /tmp/demo-quick/*/metrics.json; do
 done
 
 # -- benchmarks: the GPU to themselves -------------------------------------------------------------------
-step generate "$(cap 60 300)" "$PY" bench/generate.py
-step prior "$(cap 150 150)" "$PY" bench/prior.py --suite gpu --sample-runs 2 "${REFERENCE[@]}"
-step decoder "$(cap 240 0)" "$PY" bench/decoder.py --suite gpu --sample-runs 2 "${REFERENCE[@]}"
+step generate "$(cap 60 390)" "$PY" bench/generate.py
+step prior "$(cap 150 240)" "$PY" bench/prior.py --suite gpu --sample-runs 2 "${REFERENCE[@]}"
+step decoder "$(cap 240 90)" "$PY" bench/decoder.py --suite gpu --sample-runs 2 "${REFERENCE[@]}"
+step checkpointing "$(cap 120 0)" "$PY" bench/checkpointing.py --suite gpu --steps 3
 
 # -- summary --------------------------------------------------------------------------------------------
 "$PY" - "$OUT" >"$OUT/summary.txt" 2>&1 <<'EOF'
@@ -149,6 +151,11 @@ for name in ("generate", "prior", "decoder"):
         print(f"  goal: {goal['description']} (target {goal['target']:.3g}): {value} -> {goal['verdict']}")
     if name == "generate":
         print("  seconds:", data["seconds"])
+path = out / "checkpointing.json"
+print("\ncheckpointing:" + ("" if path.exists() else " no JSON line (see checkpointing.log)"))
+for run in json.loads(path.read_text())["runs"] if path.exists() else []:
+    off, on = run["off"]["memory"]["peak_mb"], run["on"]["memory"]["peak_mb"]
+    print(f"  {run['model']} batch {run['batch']}: peak {off:.0f} -> {on:.0f} MB, step x{run['slowdown']:.2f}")
 metrics = out / "demo-metrics.json"
 print("\ndemo:", metrics.read_text() if metrics.exists() else "no metrics.json (see demo.log)")
 for log in ("cuda-tests", "cpu-path-tests"):

@@ -100,6 +100,18 @@ def test_generate_quick_times_text_to_image():
     assert out["goals"][0]["verdict"] == "not comparable (settings differ from the goal's)"
 
 
+def test_checkpointing_quick_measures_each_model_without_and_with_it():
+    proc = run("checkpointing.py", "--quick", "--threads", "1", "--device", "cpu", "--models", "dalle")
+    out = last_json(proc)
+    assert out["benchmark"] == "checkpointing" and [r["model"] for r in out["runs"]] == ["dalle"]
+    for run_ in out["runs"]:
+        off, on = run_["off"], run_["on"]
+        assert off["checkpointed_layers"] == 0 and on["checkpointed_layers"] > 0
+        assert on["first_loss"] == off["first_loss"]  # the same model, batch and draws: only the memory differs
+        assert off["memory"]["tensor_peak_mb"] > 0 and on["step_s"] > 0 and run_["slowdown"] > 0
+    assert re.search(r"peak tensor memory \(MemTracker, MB\) +[0-9.]+ +[0-9.]+ +[0-9.]+", proc.stdout)
+
+
 def load_bench(name: str):
     sys.path.insert(0, str(BENCH))
     try:
@@ -133,6 +145,17 @@ def test_bad_flags_end_in_one_sentence(tmp_path, monkeypatch, capsys, flags, mes
     monkeypatch.setattr(sys, "argv", ["prior.py", *[f.format(fake=tmp_path) for f in flags]])
     with pytest.raises(SystemExit) as exit_:
         load_bench("prior").arguments()
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--models", "vae"], r"argument --models: invalid choice: 'vae' \(choose from '?decoder'?, '?upsampler'?"),
+])
+def test_checkpointing_bad_flags_end_in_one_sentence(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(sys, "argv", ["checkpointing.py", *flags])
+    with pytest.raises(SystemExit) as exit_:
+        load_bench("checkpointing").arguments()
     assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from unclip.activation_checkpointing import Checkpointed
+
 
 class KVCache:
     """Keys and values of the positions seen so far, per layer: [B, heads, max_length, head_dim] each."""
@@ -62,7 +64,10 @@ class CausalSelfAttention(nn.Module):
         return self.proj(rearrange(attended, "b h s d -> b s (h d)"))
 
 
-class Block(nn.Module):
+class Block(Checkpointed, nn.Module):
+    """Pre-LN block. Without a cache (training) it may checkpoint (``unclip.activation_checkpointing``); with one
+    it never does (recomputing would append the positions to the cache twice)."""
+
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
         self.norm_attention = nn.LayerNorm(width)
@@ -72,6 +77,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        if cache is not None:
+            return self._forward(x, cache, layer)
+        return self.checkpointed(self._forward, x, None, layer)
+
+    def _forward(self, x: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.norm_attention(x), cache, layer))
         return x + self.dropout(self.mlp(self.norm_mlp(x)))
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from unclip.activation_checkpointing import Checkpointed
 from unclip.configurable import configurable
 from unclip.embedding import TextCondition
 
@@ -43,8 +44,9 @@ def last_real_token(states: Tensor, mask: Tensor) -> Tensor:
     return states[torch.arange(states.shape[0], device=states.device), last]
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class Block(Checkpointed, nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); in training it may recompute its activations
+    in the backward (``unclip.activation_checkpointing``)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -56,6 +58,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        return self.checkpointed(self._forward, x, attn_mask)
+
+    def _forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         q, k, v = rearrange(self.qkv(self.ln_attn(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + self.attn_out(rearrange(out, "b h t d -> b t (h d)"))

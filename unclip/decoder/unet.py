@@ -20,6 +20,9 @@ configuration (64 px, 64 channels, mult 1-2-4) that is 11% fewer training FLOPs 
 Classifier-free guidance is learned null conditioning inside the parts (``drop_image_embed``,
 ``drop_context``); a guided step is one forward on a doubled batch with flags ``[False] * B + [True] * B``.
 
+With activation checkpointing on (``trainer.activation_checkpointing``, ``unclip.activation_checkpointing``) every
+level with a ResBlock and the middle block recompute their activations in the backward while training.
+
 The model works in either memory layout (attention uses ``[B, H*W, C]`` views, free in
 ``torch.channels_last``). Measured on a 2-core AVX512-BF16 CPU under bf16 autocast, plain NCHW trained
 faster than channels_last (GroupNorm's backward is slow in channels_last there), so NCHW is the default.
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from unclip.activation_checkpointing import Checkpointed
 from unclip.decoder.conditioning import Condition, Conditioning, check_shape, combine
 from unclip.diffusion.timesteps import timestep_embedding
 
@@ -141,14 +145,21 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
-    """One UNet step: a ResBlock and/or attention and/or a resampler (any of them may be absent)."""
+class Level(Checkpointed, nn.Module):
+    """One UNet step: a ResBlock and/or attention and/or a resampler (any of them may be absent). With activation
+    checkpointing (``unclip.activation_checkpointing``) a step with a ResBlock recomputes its activations in the
+    backward; a lone resampler does not (its input is kept as a skip connection anyway)."""
 
     def __init__(self, res: ResBlock | None, attn: AttentionBlock | None = None, resample: nn.Module | None = None):
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
     def forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        if self.res is None:
+            return self._forward(x, emb_act, context, key_mask)
+        return self.checkpointed(self._forward, x, emb_act, context, key_mask)
+
+    def _forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
         if self.res is not None:
             x = self.res(x, emb_act)
         if self.attn is not None:
@@ -156,6 +167,23 @@ class Level(nn.Module):
         if self.resample is not None:
             x = self.resample(x)
         return x
+
+
+class Middle(Checkpointed, nn.ModuleList):
+    """The middle block: ResBlock, attention, ResBlock (a ModuleList, so its weights keep their names
+    ``middle.0`` to ``middle.2``), checkpointed as one; without attention (``middle_attention=False``) two ResBlocks."""
+
+    def __init__(self, res1: ResBlock, attn: AttentionBlock | None, res2: ResBlock):
+        super().__init__([res1, res2] if attn is None else [res1, attn, res2])
+
+    def forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        return self.checkpointed(self._forward, x, emb_act, context, key_mask)
+
+    def _forward(self, x: Tensor, emb_act: Tensor, context: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        x = self[0](x, emb_act)
+        if len(self) == 3:  # with attention (a convolutional UNet's has none: middle_attention=false)
+            x = self[1](x, context, key_mask)
+        return self[-1](x, emb_act)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -246,9 +274,8 @@ class UNet(nn.Module):
         ch = skip_channels[-1]
         # Without middle attention (and no attention_resolutions) the UNet is convolutional: it takes any square size
         # that is a multiple of size_multiple, e.g. an upsampler trained on crops and sampled on whole images.
-        middle = [res(ch, ch), AttentionBlock(ch, head_channels, self.context_width, norm_groups)] if middle_attention \
-            else [res(ch, ch)]
-        self.middle = nn.ModuleList([*middle, res(ch, ch)])
+        attn = AttentionBlock(ch, head_channels, self.context_width, norm_groups) if middle_attention else None
+        self.middle = Middle(res(ch, ch), attn, res(ch, ch))
         ch = self._build_up(channel_mult, num_res_blocks, res, attention, skip_channels, upsample_width)
         self.output = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(),
                                     _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
@@ -360,10 +387,7 @@ class UNet(nn.Module):
         for block in self.down:
             h = block(h, emb_act, ctx, key_mask_for(h) if block.attn is not None else None)
             skips.append(h)
-        h = self.middle[0](h, emb_act)
-        if len(self.middle) == 3:
-            h = self.middle[1](h, ctx, key_mask_for(h))
-        h = self.middle[-1](h, emb_act)
+        h = self.middle(h, emb_act, ctx, key_mask_for(h))
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb_act, ctx, key_mask_for(h) if block.attn is not None else None)

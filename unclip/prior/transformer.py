@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from unclip.activation_checkpointing import Checkpointed
 from unclip.configurable import configurable
 from unclip.diffusion.timesteps import timestep_embedding
 
@@ -100,8 +101,9 @@ class CausalSelfAttention(nn.Module):
         return self.out(rearrange(attended, "b h s d -> b s (h d)"))
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class Block(Checkpointed, nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). Its full-sequence forward (training) may
+    checkpoint (``unclip.activation_checkpointing``); the cached sampling paths never do."""
 
     def __init__(self, width: int, heads: int, dropout: float, ff_mult: int):
         super().__init__()
@@ -116,6 +118,9 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, final_only: bool = False) -> torch.Tensor:
+        return self.checkpointed(self._forward, x, attn_mask, final_only)
+
+    def _forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, final_only: bool) -> torch.Tensor:
         attended = self.attn(self.norm_attn(x), attn_mask, final_only)
         x = (x[:, -1:] if final_only else x) + attended
         return x + self.ff(self.norm_ff(x))

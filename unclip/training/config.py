@@ -22,6 +22,7 @@ class TrainerConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = 1.0
     mixed_precision: str = "auto"  # bf16 where it is faster (unclip.training.precision)
+    activation_checkpointing: bool = False  # recompute activations in the backward: less memory, slower steps
     ema_beta: float = 0.999
     ema_update_after_step: int = 100
     ema_update_every: int = 1

@@ -33,6 +33,7 @@ from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from unclip.activation_checkpointing import checkpointable_layers, enable_activation_checkpointing
 from unclip.checkpoint import (
     CHECKPOINTS,
     LATEST,
@@ -128,6 +129,8 @@ class Trainer:
         self.extra_config = extra_config or {}
         self.dataset = dataset
         self.collate_fn = collate_fn or collate_dicts
+        if config.activation_checkpointing:
+            checkpointable_layers(model)  # a model without any: the error before anything is counted or built
         # Before the Accelerator: `auto` counts the step's FLOPs on the CPU before the processes connect.
         precision = resolve_precision(config, model, loss_fn, dataset, self.collate_fn)
         # cpu= where no GPU is: `accelerate launch --multi_gpu --num_processes N` then joins N processes over gloo;
@@ -153,6 +156,8 @@ class Trainer:
             use_foreach=True,  # one lerp over all parameters, not one kernel per parameter
         )
         self.ema.to(self.accelerator.device)
+        if config.activation_checkpointing:  # after the FLOP count (the MFU's are the model's) and the EMA copy
+            enable_activation_checkpointing(model)
         optimizer = make_optimizer(model, config)
         self.wrapped, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
         acc = self.accelerator
