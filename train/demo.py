@@ -99,9 +99,9 @@ def for_stage(value, index: int, count: int):
     """A per-upsampler generation setting's value for upsampler ``index`` of ``count`` (one number: for all)."""
     if not isinstance(value, (list, tuple)):
         return value
-    if len(value) != count:
+    if len(value) < count:
         raise ValueError(f"a per-upsampler generation setting {list(value)} has {len(value)} entries for a cascade "
-                         f"of {count} upsampler(s)")
+                         f"of {count} upsamplers: give one number for all or one per upsampler")
     return value[index]
 
 

@@ -202,8 +202,8 @@ def _check_body(*, image_size: int, in_channels: int, out_channels: int, base_ch
     if not channel_mult or not all(isinstance(m, int) and m > 0 for m in channel_mult):
         raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult!r}")
     if base_channels % norm_groups:
-        raise ValueError(f"base_channels={base_channels} must be a multiple of norm_groups={norm_groups} (GroupNorm "
-                         f"groups)")
+        raise ValueError(f"base_channels={base_channels} must be a multiple of {norm_groups} (GroupNorm groups, "
+                         f"norm_groups)")
     factor = 2 ** (len(channel_mult) - 1)
     if image_size % factor:
         raise ValueError(
@@ -323,12 +323,8 @@ class UNet(nn.Module):
         return len(self.middle) == 2 and all(level.attn is None for level in [*self.down, *self.up])
 
     def check_input_size(self, size: int, name: str = "x") -> None:
-        """An error naming ``size`` unless this UNet can take ``size`` x ``size`` images."""
-        if size == self.image_size:
-            return
-        if not self.convolutional:
-            raise ValueError(f"{name} is {size}x{size} but this UNet attends (attention_resolutions or "
-                             f"middle_attention), so it takes only {self.image_size}x{self.image_size} images")
+        """A convolutional UNet's check: an error naming ``size`` unless it can take ``size`` x ``size`` images (a
+        UNet that attends takes only ``image_size``, which its input's shape check says)."""
         if size < 1 or size % self.size_multiple:
             raise ValueError(f"{name} is {size}x{size}: a side must be a positive multiple of {self.size_multiple} "
                              f"(2 ** (len(channel_mult) - 1))")
@@ -351,8 +347,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, **inputs) -> Tensor:
         """x [B, in_channels, S, S] noisy image; t [B] (or scalar) timesteps, int or float; ``inputs`` for the
         conditioning parts (e.g. ``image_embed``, ``context``, ``drop_context``, ``low_res``, ``aug_level``)."""
-        batch, size = x.shape[0], x.shape[-1]
-        if x.ndim == 4:
+        batch, size = x.shape[0], x.shape[-1] if self.convolutional else self.image_size
+        if x.ndim == 4 and self.convolutional:
             self.check_input_size(size)
         check_shape("x", x, (None, self.in_channels, size, size))
         device = x.device

@@ -54,7 +54,7 @@ class GenerationSettings:
     decoder_steps: int = 50
     decoder_guidance: float = 3.0
     decoder_eta: float = 0.0
-    upsampler_steps: Any = 25  # an int for every upsampler, or a list with one per upsampler (a cascade's later
+    upsampler_steps: Any = 25  # an int for every upsampler, or a list: the i-th upsampler's steps (a cascade's later
     upsampler_aug_level: Any = 0.05  # stages need fewer steps: DALL-E 2 used 27 and 15); a float or a list
     rerank: int = 1  # CLIP re-ranking: generate draws this many candidates (prior and decoder) per image and keeps the
                      # one the CLIP finds most similar to the prompt, ranked at the decoder's size (only it upsampled)
@@ -77,9 +77,10 @@ class GenerationSettings:
         value = getattr(self, name)
         if not isinstance(value, (list, tuple)):
             return value
-        if len(value) != count:
+        if len(value) < count:
             raise ValueError(f"{name}={list(value)} has {len(value)} entries but the pipeline has {count} "
-                             f"upsampler(s): give one number for all or one per upsampler")
+                             f"upsamplers: give one number for all or one per upsampler (the i-th for the i-th; "
+                             f"entries past the last upsampler are unused)")
         return value[index]
 
 
