@@ -18,7 +18,7 @@
 # other packages come from .whl: unclip's into /tmp/site, DALLE2-pytorch's into /tmp/ref (`--reference /tmp/ref`),
 # pytest's into /tmp/site-test where the image has no pytest. Everything is written under $OUT: progress.log (what
 # ran, when, and its exit code), env.txt, one .log per step (stdout and stderr) and its closing JSON line as .json
-# (prior.json, decoder.json, generate.json, checkpointing.json, demo-metrics.json), the demo's grid, and summary.txt
+# (prior.json, decoder.json, generate.json, generate-256.json, checkpointing.json, demo-metrics.json), the demo's grid, and summary.txt
 # (every goal and its verdict). A step that fails or runs out of time is logged and the script goes on.
 # GPU_BUDGET_S (default 550) bounds the whole run; WHEELS (default .whl) and PYTHON (default python3) may be set.
 set -uo pipefail
@@ -120,7 +120,8 @@ for stage in /tmp/demo-quick/*/metrics.json; do
 done
 
 # -- benchmarks: the GPU to themselves -------------------------------------------------------------------
-step generate "$(cap 60 390)" "$PY" bench/generate.py
+step generate "$(cap 60 435)" "$PY" bench/generate.py
+step generate-256 "$(cap 45 390)" "$PY" bench/generate.py --size 256
 step prior "$(cap 150 240)" "$PY" bench/prior.py --suite gpu --sample-runs 2 "${REFERENCE[@]}"
 step decoder "$(cap 240 90)" "$PY" bench/decoder.py --suite gpu --sample-runs 2 "${REFERENCE[@]}"
 step checkpointing "$(cap 120 0)" "$PY" bench/checkpointing.py --suite gpu --steps 3
@@ -132,7 +133,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 print((out / "env.txt").read_text().strip().splitlines()[-1] if (out / "env.txt").exists() else "no env.txt")
-for name in ("generate", "prior", "decoder"):
+for name in ("generate", "generate-256", "prior", "decoder"):
     path = out / f"{name}.json"
     if not path.exists():
         print(f"\n{name}: no JSON line (see {name}.log)")
@@ -149,7 +150,7 @@ for name in ("generate", "prior", "decoder"):
     for goal in data.get("goals", []):
         value = "-" if goal["value"] is None else f"{goal['value']:.3f}"
         print(f"  goal: {goal['description']} (target {goal['target']:.3g}): {value} -> {goal['verdict']}")
-    if name == "generate":
+    if name.startswith("generate"):
         print("  seconds:", data["seconds"])
 path = out / "checkpointing.json"
 print("\ncheckpointing:" + ("" if path.exists() else " no JSON line (see checkpointing.log)"))

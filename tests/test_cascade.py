@@ -157,3 +157,4 @@ def test_crop_training_takes_the_same_place_of_the_target_and_the_condition():
 def test_bad_crop_or_degradation_is_an_error_naming_the_value(settings, message):
     with pytest.raises(ValueError, match=message):
         Upsampler(**{"low_res_size": 32, "image_size": 64, "unet": CONV_UNET, "num_steps": 50, **settings})
+

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from unclip.data.shapes import generate_item, to_tensor
+from unclip.data.shapes import generate_item
 from unclip.eval.decoder import psnr
 from unclip.eval.judge import judge_batch, score
-from unclip.images import resize
+from unclip.images import from_pil, resize
 
 JUDGED = ("colour_shape_acc", "size_acc", "position_acc", "pair_acc", "count_acc")
 
@@ -34,7 +34,7 @@ def shapes_pairs(count: int, sizes: Sequence[int], *, split: str = "val", pair_f
         if metas is not None and found != metas:
             raise RuntimeError("shapes rendered different scenes at different sizes")  # SHAPES.md says it never does
         metas = found
-        renders.append(torch.stack([to_tensor(item.image) for item in items]))
+        renders.append(from_pil([item.image for item in items]))
     return renders, metas
 
 
