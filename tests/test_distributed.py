@@ -32,7 +32,7 @@ from stages import TINY_UNET, final_weights, fit_tiny, on_each_process
 from unclip.clip import ContrastiveLoss, OpenClipEncoder, clamp_logit_scale
 from unclip.data.collate import collate_dicts
 from unclip.data.shapes import ShapesDataset, collate
-from unclip.decoder import Decoder
+from unclip.decoder import Decoder, Upsampler
 from unclip.embedding import TextCondition
 from unclip.prior import DiffusionPrior
 from unclip.training import StreamBatchSampler, Trainer, TrainerConfig
@@ -114,6 +114,24 @@ def decoder_loss(model, batch):
     )
 
 
+class RandomCropImages(torch.utils.data.Dataset):
+    """Upsampler training items (a 32-px image, trained on 16-px crops) and the item's own draws."""
+
+    def __len__(self):
+        return ITEMS
+
+    def __getitem__(self, index):
+        g = _item_generator(index)
+        return {"image": torch.rand(3, 32, 32, generator=g) * 2 - 1, "t": torch.randint(0, NUM_STEPS, (), generator=g),
+                "noise": torch.randn(3, 16, 16, generator=g), "aug_noise": torch.randn(3, 16, 16, generator=g),
+                "aug_level": torch.rand((), generator=g) * 0.2, "crop_at": torch.randint(0, 17, (2,), generator=g)}
+
+
+def upsampler_loss(model, batch):
+    return model.training_loss(batch["image"], **{key: batch[key] for key in ("t", "noise", "aug_noise", "aug_level",
+                                                                               "crop_at")})
+
+
 def local_contrastive_loss(encoder, batch):
     """The contrastive loss WITHOUT gathering: each process contrasts only its own slice of the batch."""
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=1)
@@ -138,6 +156,11 @@ def build_stage(name: str):
         model = Decoder(image_size=16, image_embed_dim=EMBED_DIM, text_length=TEXT_LENGTH, unet=TINY_UNET,
                         caption_width=32, caption_layers=1, caption_heads=2, vocab_size=64, num_steps=NUM_STEPS)
         return model, decoder_loss, RandomImages(), collate_dicts, None
+    if name == "upsampler_crops":  # the 64 -> 256 recipe in small: a convolutional UNet trained on crops
+        model = Upsampler(low_res_size=8, image_size=32, num_steps=NUM_STEPS, train_crop=16, degradation="none",
+                          unet={"base_channels": 16, "norm_groups": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                "attention_resolutions": [], "middle_attention": False})
+        return model, upsampler_loss, RandomCropImages(), collate_dicts, None
     raise ValueError(name)
 
 
@@ -182,7 +205,7 @@ def one_process_runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["clip", "prior", "decoder"])
+@pytest.mark.parametrize("name", ["clip", "prior", "decoder", "upsampler_crops"])
 def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(name, tmp_path, one_process_runs):
     debug_launcher(on_each_process, args=(train, name, str(tmp_path), BATCH), num_processes=2)
     model_2, ema_2, processes = final_weights(tmp_path, STEPS)

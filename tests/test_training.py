@@ -163,9 +163,18 @@ CLIP_JOB = [
 ]
 
 
-def _run_clip(run_dir, *extra, wait=True):
+# The 64 -> 256 upsampler's recipe (conf/upsampler/unet_64_256.yaml: convolutional, random crops, blurred input) in small.
+CROP_UPSAMPLER_JOB = [
+    "train/upsampler.py", "experiment=shapes", "upsampler=unet_64_256", "upsampler.low_res_size=16",
+    "upsampler.image_size=64", "upsampler.train_crop=32", "data.image_size=64", "trainer.batch_size=4",
+    "trainer.max_steps=20", "trainer.checkpoint_every=4", "trainer.warmup_steps=2", "trainer.ema_update_after_step=2",
+    "trainer.preview_every=0", "trainer.progress=false", "evaluation.val_items=2", "evaluation.steps=2",
+]
+
+
+def _run_clip(run_dir, *extra, wait=True, job=CLIP_JOB):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, *CLIP_JOB, f"hydra.run.dir={run_dir}", *extra]
+    cmd = [sys.executable, *job, f"hydra.run.dir={run_dir}", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
         out, _ = proc.communicate(timeout=600)
@@ -182,16 +191,28 @@ def test_clip_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     assert {"zero_shot_top1_val", "zero_shot_top1_heldout", "image_to_text_R@1_val", "text_to_image_R@1_val",
             "pair_binding", "pair_binding_beats_order_reversed"} <= set(metrics)
 
-    proc = _run_clip(tmp_path / "killed", wait=False)
+    _killed_resumes_as_straight(tmp_path, CLIP_JOB, steps=12)
+
+
+@pytest.mark.slow
+def test_crop_trained_upsampler_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    metrics = json.loads(_run_clip(tmp_path / "straight", job=CROP_UPSAMPLER_JOB).strip().splitlines()[-1])
+    assert {"psnr_val", "psnr_bicubic_val"} <= set(metrics)
+    _killed_resumes_as_straight(tmp_path, CROP_UPSAMPLER_JOB, steps=20)
+
+
+def _killed_resumes_as_straight(tmp_path, job, steps: int) -> None:
+    """``job`` SIGKILLed after its step-8 checkpoint and resumed ends with the weights of the run in ``straight``."""
+    proc = _run_clip(tmp_path / "killed", wait=False, job=job)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-00000008"):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest.read_text() < "step-00000012", "the run ended before it could be killed"
-    _run_clip(tmp_path / "killed", "trainer.resume=true")
-    final = "checkpoints/step-00000012"
+    assert latest.read_text() < f"step-{steps:08d}", "the run ended before it could be killed"
+    _run_clip(tmp_path / "killed", "trainer.resume=true", job=job)
+    final = f"checkpoints/step-{steps:08d}"
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "straight" / final / name)
         b = load_file(tmp_path / "killed" / final / name)

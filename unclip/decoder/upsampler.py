@@ -98,27 +98,34 @@ class Upsampler(nn.Module):
         noise = torch.randn(up.shape, device=up.device, generator=generator)
         return up + aug_level.view(-1, 1, 1, 1) * noise
 
-    def _crops(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The same random ``train_crop`` square of each of ``images`` [B, C, S, S] (its own place per row)."""
+    def _crops(self, *images: torch.Tensor, at: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The same ``train_crop`` square of each of ``images`` [B, C, S, S]: its own random place per row, or the
+        top-left corners ``at`` [B, 2] (rows, columns)."""
         batch, size, crop = images[0].shape[0], self.image_size, self.train_crop
-        top, left = torch.randint(0, size - crop + 1, (2, batch)).tolist()
+        at = torch.randint(0, size - crop + 1, (2, batch)).T if at is None else at
+        top, left = at.T.tolist()
         return tuple(torch.stack([x[i, :, top[i]:top[i] + crop, left[i]:left[i] + crop] for i in range(batch)])
                      for x in images)
 
-    def training_loss(self, images: torch.Tensor) -> dict:
+    def training_loss(self, images: torch.Tensor, *, t=None, noise=None, aug_level=None, aug_noise=None,
+                      crop_at=None) -> dict:
         """images [B, 3, image_size, image_size] in [-1, 1]; the low-res input is made from them (and degraded),
-        and with ``train_crop`` the loss is that of random crops."""
+        and with ``train_crop`` the loss is that of random crops. The random draws are made here unless given per
+        row (a test's data-parallel equality): ``t`` [B], ``noise`` and ``aug_noise`` [B, 3, C, C] (C: the crop's
+        side or image_size), ``aug_level`` [B] in [0, max_aug_level], ``crop_at`` [B, 2]."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
         low_res = degrade(resize(images, self.low_res_size), self.degradation)
         up = resize(low_res, self.image_size)
         target = images.float() - up if self.predict_residual else images.float()
         if self.train_crop is not None:
-            target, up = self._crops(target, up)
-        aug_level = torch.rand(images.shape[0], device=images.device) * self.max_aug_level
-        cond = up + aug_level.view(-1, 1, 1, 1) * torch.randn_like(up)
+            target, up = self._crops(target, up, at=crop_at)
+        if aug_level is None:
+            aug_level = torch.rand(images.shape[0], device=images.device) * self.max_aug_level
+        cond = up + aug_level.view(-1, 1, 1, 1) * (torch.randn_like(up) if aug_noise is None else aug_noise)
         scaled = aug_level / max(self.max_aug_level, 1e-8)
-        losses = self.diffusion.training_loss(lambda x, t: self.unet(x, t, low_res=cond, aug_level=scaled), target)
+        losses = self.diffusion.training_loss(lambda x, t: self.unet(x, t, low_res=cond, aug_level=scaled), target,
+                                              t=t, noise=noise)
         return {"loss": losses.mean()}
 
     @torch.no_grad()
