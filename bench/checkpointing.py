@@ -9,8 +9,8 @@ The models, at the sizes of the configs that train them:
 
 - ``decoder``: the 64-px decoder (conf/decoder/unet_64.yaml): UNet of 64 base channels, mult 1-2-4, 2 blocks a
   level, attention at 16 and 8 px and the middle, the caption transformer (width 256, 2 layers, 77 tokens);
-- ``upsampler``: a conv-only UNet as the 64 -> 256 upsampler trains it, on 64-px crops (16-px low-resolution
-  crops): 32 base channels, mult 1-2-2-4, 2 blocks a level, no attention;
+- ``upsampler``: the 64 -> 256 upsampler of conf/upsampler/unet_64_256.yaml as it trains, on random 64-px crops of
+  256-px images (convolutions only: 16 base channels, mult 1-2-4-4, 1 block a level);
 - ``prior``: the prior of bench/prior.py (width 512, depth 6, 77 caption tokens of width 512);
 - ``dalle``: the DALL-E transformer of conf/dalle (width 256, depth 4, 24 text + 256 image tokens).
 
@@ -35,19 +35,23 @@ import gc
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import common
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from unclip.activation_checkpointing import enable_activation_checkpointing
 from unclip.autoregressive import TextImageTransformer
-from unclip.decoder import Decoder, Upsampler
+from unclip.config import build
+from unclip.decoder import Decoder
 from unclip.embedding import TextCondition
 from unclip.prior import DiffusionPrior
 from unclip.training.config import TrainerConfig
 from unclip.training.optim import make_optimizer
 
+UPSAMPLER_256 = Path(__file__).resolve().parents[1] / "conf" / "upsampler" / "unet_64_256.yaml"
 MODELS = ("decoder", "upsampler", "prior", "dalle")
 BATCHES = {None: {"decoder": 16, "upsampler": 32, "prior": 256, "dalle": 32},
            "gpu": {"decoder": 128, "upsampler": 256, "prior": 2048, "dalle": 256}}
@@ -121,11 +125,11 @@ def decoder(args):
 
 
 def upsampler(args):
-    quick = args.quick
-    unet = dict(base_channels=32, channel_mult=[1, 2] if quick else [1, 2, 2, 4], num_res_blocks=1 if quick else 2,
-                attention_resolutions=[], head_channels=32)
-    pixels = 16 if quick else 64
-    model = Upsampler(low_res_size=pixels // 4, image_size=pixels, unet=unet)
+    config = OmegaConf.to_container(OmegaConf.load(UPSAMPLER_256))
+    if args.quick:
+        config.update(low_res_size=8, image_size=32, train_crop=16, unet={**config["unet"], "channel_mult": [1, 2]})
+    model = build(config)
+    pixels = model.image_size
 
     def make_batch(i: int, size: int) -> dict:
         return {"images": _images(_generator(args, i), size, pixels).to(args.device)}
