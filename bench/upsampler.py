@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import common
 import torch
@@ -28,7 +29,8 @@ GOAL_DB = 2.0  # issue 25: PSNR gain over bicubic of the 64 -> 256 stage
 def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="an upsampler stage's run directory or checkpoint")
+    p.add_argument("checkpoint", nargs="?", default="outputs/demo/upsampler_256",
+                   help="an upsampler stage's run directory or checkpoint")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--count", type=int, default=64, help="val scenes")
@@ -39,6 +41,8 @@ def arguments() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.count, args.steps = 2, [2]
+    if not Path(args.checkpoint).exists():
+        p.error(f"no upsampler at {args.checkpoint}: train one (python train/demo.py data.image_size=256) or name one")
     if args.count < 1 or min(args.steps) < 1:
         p.error(f"--count and --steps must be >= 1, got {args.count} and {args.steps}")
     if args.threads is not None:
