@@ -77,9 +77,11 @@ def test_the_upsampler_is_conditioned_on_the_images_the_decoder_learns_to_make(m
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     seen = {}
     monkeypatch.setattr(decoder, "training_loss", lambda target, *args, **kwargs: seen.setdefault("decoder", target))
-    condition = upsampler.condition
-    monkeypatch.setattr(upsampler, "condition",
-                        lambda low_res, *args, **kwargs: condition(seen.setdefault("upsampler", low_res), *args, **kwargs))
+    import unclip.decoder.upsampler as upsampler_module
+
+    degrade = upsampler_module.degrade  # what the low-resolution input is made of, before its training corruption
+    monkeypatch.setattr(upsampler_module, "degrade",
+                        lambda low_res, *args, **kwargs: degrade(seen.setdefault("upsampler", low_res), *args, **kwargs))
     _job_module("decoder").DecoderLoss(clip)(decoder, {"image": images, "caption": ["a red circle"] * 2})
     upsampler.training_loss(images)
     assert seen["decoder"].shape == (2, 3, 16, 16)

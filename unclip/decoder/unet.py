@@ -274,8 +274,9 @@ class UNet(nn.Module):
         ch = skip_channels[-1]
         # Without middle attention (and no attention_resolutions) the UNet is convolutional: it takes any square size
         # that is a multiple of size_multiple, e.g. an upsampler trained on crops and sampled on whole images.
+        first = res(ch, ch)  # built in this order, so that a seed builds the weights it always built
         attn = AttentionBlock(ch, head_channels, self.context_width, norm_groups) if middle_attention else None
-        self.middle = Middle(res(ch, ch), attn, res(ch, ch))
+        self.middle = Middle(first, attn, res(ch, ch))
         ch = self._build_up(channel_mult, num_res_blocks, res, attention, skip_channels, upsample_width)
         self.output = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(),
                                     _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
