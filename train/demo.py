@@ -30,7 +30,7 @@ from _job import choice, forwarded_overrides, hydra_job
 from unclip.config import build
 from unclip.images import save_grid
 from unclip.jobs import Job
-from unclip.pipelines import DallePipeline, Pipeline, UnCLIPPipeline, pipeline_class
+from unclip.pipelines import DallePipeline, GenerationSettings, Pipeline, UnCLIPPipeline, pipeline_class
 from unclip.report import REPORT_FILE, write_report
 
 TRAIN = Path(__file__).resolve().parent
@@ -81,28 +81,18 @@ def upsampler_stages(config: dict, preset: dict, decoder_size: int, sizes: list[
     there, ``upsampler=unet_64_256``). Every stage before the last sees the data at the first upsampler's size (so
     they are the jobs a ``cascade_size``-px demo runs); the last one at the data's."""
     images, generation = _images(config), forwarded_overrides("generation")
-    stages, low = {}, decoder_size
+    settings, stages, low = GenerationSettings(**config["generation"]), {}, decoder_size
     for index, size in enumerate(sizes):
         name = "upsampler" if index == 0 else f"upsampler_{size}"
         conf = [] if index == 0 else ["upsampler=unet_64_256", *preset.get("upsampler_hr", [])]
         at = [] if index == len(sizes) - 1 else [f"data.image_size={size}"]
-        steps = [f"evaluation.{key}={for_stage(config['generation'][f'upsampler_{key}'], index, len(sizes))}"
+        steps = [f"evaluation.{key}={settings.for_upsampler(f'upsampler_{key}', index, len(sizes))}"
                  for key in ("steps", "aug_level")]
         stages[name] = ("upsampler", [*images, *generation, *at, *conf, f"upsampler.low_res_size={low}",
                                       f"upsampler.image_size={size}", *(preset["upsampler"] if index == 0 else []),
                                       *steps, *_steps(config, name)])
         low = size
     return stages
-
-
-def for_stage(value, index: int, count: int):
-    """A per-upsampler generation setting's value for upsampler ``index`` of ``count`` (one number: for all)."""
-    if not isinstance(value, (list, tuple)):
-        return value
-    if len(value) < count:
-        raise ValueError(f"a per-upsampler generation setting {list(value)} has {len(value)} entries for a cascade "
-                         f"of {count} upsamplers: give one number for all or one per upsampler")
-    return value[index]
 
 
 def _steps(config: dict, stage: str) -> list[str]:
