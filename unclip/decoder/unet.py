@@ -280,6 +280,9 @@ class UNet(nn.Module):
         ch = self._build_up(channel_mult, num_res_blocks, res, attention, skip_channels, upsample_width)
         self.output = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(),
                                     _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        # No attention anywhere: the UNet takes any square image whose side is a multiple of size_multiple (fixed
+        # once built, so forward reads it instead of walking the levels).
+        self.convolutional = not middle_attention and all(level.attn is None for level in [*self.down, *self.up])
 
     def _build_down(self, channel_mult: tuple[int, ...], num_res_blocks: int, res, attention) -> list[int]:
         """The down path (ADM's input_blocks): every step's output is a skip connection for the up path, whose
@@ -317,11 +320,6 @@ class UNet(nn.Module):
                 resolution *= 2
         assert not skip_channels
         return ch
-
-    @property
-    def convolutional(self) -> bool:
-        """No attention anywhere: the UNet takes any square image whose side is a multiple of ``size_multiple``."""
-        return len(self.middle) == 2 and all(level.attn is None for level in [*self.down, *self.up])
 
     def check_input_size(self, size: int, name: str = "x") -> None:
         """A convolutional UNet's check: an error naming ``size`` unless it can take ``size`` x ``size`` images (a

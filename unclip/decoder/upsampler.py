@@ -28,7 +28,9 @@ class Upsampler(nn.Module):
     ``train_crop`` (DALL-E 2's recipe for its upsamplers): train on random ``train_crop`` x ``train_crop`` crops of the
     ``image_size`` target and of the upsampled conditioning image at the same place, a sixteenth of the work at a
     quarter of the side; sampling runs on the whole image. It needs a convolutional UNet (``attention_resolutions:
-    []``, ``middle_attention: false``), which sees the same neighbourhoods either way.
+    []``, ``middle_attention: false``), whose convolutions see the same neighbourhoods either way; its GroupNorm
+    statistics do not (a crop of `shapes` is often all white), which costs whole-image sampling steps
+    (docs/results.md#the-256-px-cascade).
 
     With ``predict_residual`` the diffusion runs on the difference between the high-resolution image and the
     bicubic upsampling of the low-resolution one: zero wherever the low-resolution image already says it
@@ -75,7 +77,7 @@ class Upsampler(nn.Module):
             raise ValueError(f"train_crop={crop} must be a multiple of the UNet's downsampling, "
                              f"{self.unet.size_multiple} (2 ** (len(channel_mult) - 1))")
         if not self.unet.convolutional:
-            raise ValueError(f"train_crop={crop} needs a convolutional UNet, which sees the same neighbourhoods on a "
+            raise ValueError(f"train_crop={crop} needs a convolutional UNet, whose convolutions see the same neighbourhoods on a "
                              f"crop and on the whole image: set unet.attention_resolutions=[] and "
                              f"unet.middle_attention=false (conf/upsampler/unet_64_256.yaml)")
         return crop
