@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from unclip.checkpoint import LoadedStage, load_stage
-from unclip.diffusion import Inpainting, strength_skip
+from unclip.diffusion import SAMPLERS, SPACINGS, Inpainting, strength_skip
+from unclip.diffusion.dpm_solver import ORDER
 from unclip.diffusion.graphs import check_cuda_graphs
+from unclip.diffusion.samplers import ODE_SOLVERS
 from unclip.diffusion.sampling import check_eta
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import resize
@@ -56,6 +58,16 @@ class GenerationSettings:
     decoder_eta: float = 0.0
     upsampler_steps: Any = 25  # an int for every upsampler, or a list: the i-th upsampler's steps (a cascade's later
     upsampler_aug_level: Any = 0.05  # stages need fewer steps: DALL-E 2 used 27 and 15); a float or a list
+    # How each stage takes its steps (unclip.diffusion.samplers): "ddim" (the default, with decoder_eta), "ddpm",
+    # "dpmpp_2m" or "dpmpp_2s" (DPM-Solver++, second order: fewer steps for the same image; no eta, steps >= 2);
+    # and which timesteps: "uniform" in t (the default), "logsnr" or "karras". The upsamplers' take one value for
+    # all or a list, one per upsampler, as upsampler_steps. Inpainting (RePaint) needs "ddim" or "ddpm".
+    prior_sampler: str = "ddim"
+    prior_spacing: str = "uniform"
+    decoder_sampler: str = "ddim"
+    decoder_spacing: str = "uniform"
+    upsampler_sampler: Any = "ddim"
+    upsampler_spacing: Any = "uniform"
     rerank: int = 1  # CLIP re-ranking: generate draws this many candidates (prior and decoder) per image and keeps the
                      # one the CLIP finds most similar to the prompt, ranked at the decoder's size (only it upsampled)
     cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
@@ -71,6 +83,24 @@ class GenerationSettings:
             for value in per_stage(getattr(self, name), name):
                 if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                     raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        self._check_samplers()
+
+    def _check_samplers(self) -> None:
+        """Each stage's sampler and spacing are known ones, and its sampler can take its steps (and eta)."""
+        for stage in SAMPLED_STAGES:
+            for key, choices in (("sampler", SAMPLERS), ("spacing", SPACINGS)):
+                name = f"{stage}_{key}"
+                if any(value not in choices for value in per_stage(getattr(self, name), name)):
+                    raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+            samplers, steps = per_stage(getattr(self, f"{stage}_sampler"), ""), per_stage(getattr(self, f"{stage}_steps"), "")
+            for sampler, count in zip(samplers * (len(steps) if len(samplers) == 1 else 1),
+                                      steps * (len(samplers) if len(steps) == 1 else 1)):
+                if sampler in ODE_SOLVERS and count < ORDER:
+                    raise ValueError(f"{stage}_sampler={sampler!r} is a second-order solver and needs {stage}_steps >= "
+                                     f"{ORDER}, got {count}; give more steps or {stage}_sampler='ddim'")
+        if self.decoder_sampler in ODE_SOLVERS and self.decoder_eta != 0:
+            raise ValueError(f"decoder_sampler={self.decoder_sampler!r} is a deterministic ODE solver and takes no eta, "
+                             f"got decoder_eta={self.decoder_eta!r}: set decoder_eta=0 or decoder_sampler='ddim'")
 
     def for_upsampler(self, name: str, index: int, count: int):
         """The setting ``name`` (``upsampler_steps``, ``upsampler_aug_level``) for upsampler ``index`` of ``count``."""
@@ -79,19 +109,22 @@ class GenerationSettings:
             return value
         if len(value) < count:
             raise ValueError(f"{name}={list(value)} has {len(value)} entries but the pipeline has {count} "
-                             f"upsamplers: give one number for all or one per upsampler (the i-th for the i-th; "
+                             f"upsamplers: give one value for all or one per upsampler (the i-th for the i-th; "
                              f"entries past the last upsampler are unused)")
         return value[index]
 
 
-PER_UPSAMPLER = ("upsampler_steps", "upsampler_aug_level")
+PER_UPSAMPLER = ("upsampler_steps", "upsampler_aug_level", "upsampler_sampler", "upsampler_spacing")
+SAMPLED_STAGES = ("prior", "decoder", "upsampler")  # each has <stage>_steps, <stage>_sampler and <stage>_spacing
 
 
 def per_stage(value, name: str) -> list:
-    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists)."""
+    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists;
+    ``name=""`` reads a value checked before)."""
     if isinstance(value, (list, tuple)):
-        if name not in PER_UPSAMPLER or not value:
-            raise ValueError(f"{name} takes one number" + (", or one per upsampler" if name in PER_UPSAMPLER else "")
+        if name and (name not in PER_UPSAMPLER or not value):
+            one = "one name" if name.endswith(("_sampler", "_spacing")) else "one number"
+            raise ValueError(f"{name} takes {one}" + (", or one per upsampler" if name in PER_UPSAMPLER else "")
                              + f", got {list(value)!r}")
         return list(value)
     return [value]
@@ -262,6 +295,7 @@ class UnCLIPPipeline(Pipeline):
         return torch.cat([self.prior.sample(
             text[rows], steps=config.prior_steps, guidance_scale=config.prior_guidance,
             num_candidates=config.prior_candidates, generator=generator, cuda_graphs=config.cuda_graphs,
+            sampler=config.prior_sampler, spacing=config.prior_spacing,
             **({"negative": _take(negative_text, rows, len(text))} if negative_text is not None else {}),
         ) for rows in _chunks(len(text), config)])
 
@@ -306,7 +340,7 @@ class UnCLIPPipeline(Pipeline):
                 generator=generator, noise=_take(noise, rows, total), inpaint=part,
                 negative_embed=None if negative is None else _take(negative.image_embed, rows, total),
                 negative_text=None if negative is None else _take(negative.text, rows, total),
-                cuda_graphs=config.cuda_graphs,
+                cuda_graphs=config.cuda_graphs, sampler=config.decoder_sampler, spacing=config.decoder_spacing,
                 **({"init_image": _take(init, rows, total), "strength": strength} if init is not None else {}),
             ))
         return torch.cat(parts)
@@ -318,12 +352,13 @@ class UnCLIPPipeline(Pipeline):
         ``keep_at``) keeps it."""
         for index, upsampler in enumerate(self.upsamplers):
             size, total, parts = upsampler.image_size, len(images), []
-            steps, aug_level = (config.for_upsampler(name, index, len(self.upsamplers)) for name in PER_UPSAMPLER)
+            run = {name.removeprefix("upsampler_"): config.for_upsampler(name, index, len(self.upsamplers))
+                   for name in PER_UPSAMPLER}  # steps, aug_level, sampler, spacing
             for rows in _chunks(total, config):
                 inpaint = None if known is None else Inpainting(resize(known[rows], size), keep_at(keep[rows], size))
-                parts.append(upsampler.sample(images[rows], steps=steps, aug_level=aug_level, generator=generator,
-                                              inpaint=inpaint, eta=eta if known is not None else 0.0,
-                                              cuda_graphs=config.cuda_graphs))
+                parts.append(upsampler.sample(images[rows], generator=generator, inpaint=inpaint,
+                                              eta=eta if known is not None else 0.0, cuda_graphs=config.cuda_graphs,
+                                              **run))
             images = torch.cat(parts)
         return images
 
