@@ -23,8 +23,8 @@ eta = 0, exactly), second order corrects it with a second prediction:
 
 x0 is ``sampling.denoise``'s (clamped to ``diffusion.clip_denoised`` where the diffusion clamps, which is the
 paper's thresholding for pixel models). Like DDIM the solvers make exactly ``steps - skip`` model calls, the last
-at t = 0, whose x0 they return; they draw no noise. ``steps`` must be at least 2 (the solvers' order); at 2 steps
-(one step into t = 0) both are first order, i.e. DDIM.
+at t = 0, whose x0 they return; they draw no noise. ``steps`` must be at least 2 (the solvers' order), though
+fewer than 4 (2M, whose first and last steps are first order) or 3 (2S) take first-order steps only: DDIM's.
 
 Written from the paper over our ``denoise`` and discrete ``alphas_cumprod`` rather than taken from diffusers'
 ``DPMSolverMultistepScheduler`` (the maintained implementation): diffusers is not a dependency, and would be a
