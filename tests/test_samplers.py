@@ -298,6 +298,9 @@ def test_every_stage_samples_with_the_settings_sampler_and_spacing(pipe, monkeyp
     assert calls == [("ddim", "uniform")] * 3 and not torch.allclose(ddim, images, atol=1e-3)
     variations = pipe.variations(torch.zeros(1, 3, 32, 32), 2, eta=0.0, output="tensor", **FAST, **DPM)  # no eta
     assert variations.shape == (2, 3, 32, 32)
+    calls.clear()
+    edited = pipe.img2img(torch.zeros(1, 3, 32, 32), "a red circle", strength=0.5, output="tensor", **FAST, **DPM)
+    assert edited.shape == (1, 3, 32, 32) and ("dpmpp_2m", "karras") in calls  # the decoder from its skip-th step
 
 
 def test_sampler_settings_round_trip_through_pipeline_json_and_old_files_load_as_ddim(pipe, tmp_path):
