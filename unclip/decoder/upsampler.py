@@ -15,6 +15,7 @@ from unclip.decoder.unet import (
     with_resolved_upsample_width,
 )
 from unclip.diffusion import GaussianDiffusion, Inpainting, check_sampler, sample, sample_repaint
+from unclip.diffusion.samplers import INPAINTING_SAMPLERS
 from unclip.images import resize
 
 
@@ -154,8 +155,10 @@ class Upsampler(nn.Module):
         image_size] is 1 (RePaint's sampler; the output equals the known image there). ``cuda_graphs``: see
         ``unclip.diffusion.graphs``."""
         self._check_low_res(low_res)
-        check_sampler(sampler, steps, eta, spacing, inpainting=inpaint is not None,
-                      setting="sampler" if inpaint is None else "sampler (to inpaint; in a pipeline upsampler_sampler)")
+        check_sampler(sampler, steps, eta, spacing)
+        if inpaint is not None and sampler not in INPAINTING_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} cannot inpaint: RePaint steps with DDIM; use one of "
+                             f"{list(INPAINTING_SAMPLERS)} (in a pipeline: upsampler_sampler=...)")
         if not 0 <= aug_level <= self.max_aug_level:
             raise ValueError(f"aug_level must be in [0, max_aug_level={self.max_aug_level}], got {aug_level}")
         device = next(self.parameters()).device
