@@ -55,7 +55,8 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny counts: check that the script runs")
     args = p.parse_args()
     if args.quick:
-        args.items, args.steps, args.spacings, args.rerank, args.fixed_decoder_steps = 2, [4], ["uniform", "karras"], 1, 3
+        args.items, args.steps, args.spacings = 2, [4], ["uniform", "karras"]
+        args.rerank, args.fixed_decoder_steps = 1, 3
     if not (Path(args.pipeline) / "pipeline.json").is_file():
         p.error(f"{args.pipeline} is not a saved pipeline (no pipeline.json): train one (make demo) or name one")
     if args.items < 1 or min(args.steps) < 1 or args.fixed_decoder_steps < 1 or (args.rerank or 1) < 1:

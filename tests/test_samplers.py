@@ -203,7 +203,8 @@ def test_dpmpp_starts_at_the_skip_th_step_for_image_to_image(gaussian, name):
         assert [(i, t) for i, t, _ in seen] == list(enumerate(timesteps_for(diffusion, 12, spacing).tolist()))[6:]
         assert torch.allclose(out, mu.expand_as(out), atol=1e-4)
         ddim = []
-        sample_ddim(model_fn, diffusion, x, 12, spacing=spacing, skip=skip, callback=lambda i, t, x_t, x0: ddim.append(x_t))
+        sample_ddim(model_fn, diffusion, x, 12, spacing=spacing, skip=skip,
+                    callback=lambda i, t, x_t, x0: ddim.append(x_t))
         torch.testing.assert_close(seen[1][2], ddim[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(sample(name, model_fn, diffusion, x_T, 12, skip=12), x_T)  # everything skipped
 
@@ -286,7 +287,8 @@ def test_every_stage_samples_with_the_settings_sampler_and_spacing(pipe, monkeyp
     import unclip.diffusion.samplers as samplers
 
     calls, run = [], samplers.sample
-    monkeypatch.setattr(samplers, "sample", lambda name, *a, **kw: calls.append((name, kw["spacing"])) or run(name, *a, **kw))
+    monkeypatch.setattr(samplers, "sample",
+                        lambda name, *a, **kw: calls.append((name, kw["spacing"])) or run(name, *a, **kw))
     for module in ("unclip.prior.diffusion_prior", "unclip.decoder.decoder", "unclip.decoder.upsampler"):
         monkeypatch.setattr(f"{module}.sample", samplers.sample)
     images = pipe.generate(["a red circle"], 2, seed=0, output="tensor", **FAST, **DPM)

@@ -294,8 +294,9 @@ class Decoder(nn.Module):
         the learned nulls. ``sampler`` (``unclip.diffusion.SAMPLERS``) and ``spacing`` (``SPACINGS``): how the steps
         are taken (see ``unclip.diffusion.samplers``). ``inpaint``: keep ``inpaint.known`` [B, 3, S, S] where
         ``inpaint.keep`` [B, 1, S, S] is 1 and fill the rest (RePaint's sampler, DDIM steps with ``eta``; an inpainting
-        decoder also sees them as input, and with no jumps samples with any sampler, the known region pasted in). ``init_image`` [B, 3, S, S] with ``strength`` in [0, 1]: image-to-image, starting from the image
-        noised ``strength`` of the way (1: plain sampling, 0: the image back). ``cuda_graphs``: see
+        decoder also sees them as input, and without jumps takes any sampler, the known region pasted in).
+        ``init_image`` [B, 3, S, S] with ``strength`` in [0, 1]: image-to-image, starting from the image noised
+        ``strength`` of the way (1: plain sampling, 0: the image back). ``cuda_graphs``: see
         ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph unless ``"off"``; not RePaint's).
         """
         check_sampler(sampler, steps, eta, spacing)

@@ -131,8 +131,9 @@ def noised_start(
     spacing: str = "uniform",
 ) -> tuple[torch.Tensor, int]:
     """Image-to-image's start: ``x0`` noised with ``noise`` to the sampling step ``strength`` of the way to pure
-    noise (of ``steps`` steps at ``spacing``: the sampler's), and the number of steps to ``skip`` there. ``strength == 1`` starts from ``noise`` itself (plain
-    sampling, the same draws); ``strength == 0`` returns ``x0`` with every step skipped (nothing to do)."""
+    noise (of ``steps`` steps at ``spacing``: the sampler's), and the number of steps to ``skip`` there.
+    ``strength == 1`` starts from ``noise`` itself (plain sampling, the same draws); ``strength == 0`` returns ``x0``
+    with every step skipped (nothing to do)."""
     skip = strength_skip(steps, strength)
     if skip == 0:
         return noise.float(), 0

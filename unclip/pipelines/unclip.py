@@ -61,7 +61,8 @@ class GenerationSettings:
     # How each stage takes its steps (unclip.diffusion.samplers): "ddim" (the default, with decoder_eta), "ddpm",
     # "dpmpp_2m" or "dpmpp_2s" (DPM-Solver++, second order: fewer steps for the same image; no eta, steps >= 2);
     # and which timesteps: "uniform" in t (the default), "logsnr" or "karras". The upsamplers' take one value for
-    # all or a list, one per upsampler, as upsampler_steps. Inpainting (RePaint) needs "ddim" or "ddpm".
+    # all or a list, one per upsampler, as upsampler_steps. Inpainting (RePaint) needs "ddim" or "ddpm" (an
+    # inpainting decoder without jumps takes any).
     prior_sampler: str = "ddim"
     prior_spacing: str = "uniform"
     decoder_sampler: str = "ddim"
@@ -92,18 +93,19 @@ class GenerationSettings:
                 name = f"{stage}_{key}"
                 if any(value not in choices for value in per_stage(getattr(self, name), name)):
                     raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-            samplers, steps = per_stage(getattr(self, f"{stage}_sampler"), ""), per_stage(getattr(self, f"{stage}_steps"), "")
+            samplers = per_stage(getattr(self, f"{stage}_sampler"), "")
+            steps = per_stage(getattr(self, f"{stage}_steps"), "")
             for sampler, count in zip(samplers * (len(steps) if len(samplers) == 1 else 1),
                                       steps * (len(samplers) if len(steps) == 1 else 1)):
                 if sampler in ODE_SOLVERS and count < ORDER:
                     raise ValueError(f"{stage}_sampler={sampler!r} is a second-order solver and needs {stage}_steps >= "
                                      f"{ORDER}, got {count}; give more steps or {stage}_sampler='ddim'")
         if self.decoder_sampler in ODE_SOLVERS and self.decoder_eta != 0:
-            raise ValueError(f"decoder_sampler={self.decoder_sampler!r} is a deterministic ODE solver and takes no eta, "
-                             f"got decoder_eta={self.decoder_eta!r}: set decoder_eta=0 or decoder_sampler='ddim'")
+            raise ValueError(f"decoder_sampler={self.decoder_sampler!r} is a deterministic ODE solver and takes no "
+                             f"eta, got decoder_eta={self.decoder_eta!r}: set decoder_eta=0 or decoder_sampler='ddim'")
 
     def for_upsampler(self, name: str, index: int, count: int):
-        """The setting ``name`` (``upsampler_steps``, ``upsampler_aug_level``) for upsampler ``index`` of ``count``."""
+        """The setting ``name`` (one of ``PER_UPSAMPLER``) for upsampler ``index`` of ``count``."""
         value = getattr(self, name)
         if not isinstance(value, (list, tuple)):
             return value

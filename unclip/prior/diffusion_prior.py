@@ -176,8 +176,8 @@ class DiffusionPrior(nn.Module):
             self._cached_net(), guidance_scale, negative=None if negative is None else inputs(negative), **inputs(text)
         )
         x_T = torch.randn(batch * num_candidates, self.embed_mean.shape[0], device=device, generator=generator)
-        x0 = sample(sampler, model_fn, self.diffusion, x_T, steps, eta=eta, generator=generator, cuda_graphs=cuda_graphs,
-                    spacing=spacing)
+        x0 = sample(sampler, model_fn, self.diffusion, x_T, steps, eta=eta, generator=generator,
+                    cuda_graphs=cuda_graphs, spacing=spacing)
         candidates = F.normalize(self.unstandardise(x0), dim=-1).view(batch, num_candidates, -1)
         scores = torch.einsum("bnd,bd->bn", candidates, text.embed.float())
         best = scores.argmax(dim=1)
