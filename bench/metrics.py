@@ -6,7 +6,9 @@ balanced prompt set, over sampling seeds and sample counts, with the seconds eac
     python bench/metrics.py outputs/demo/pipeline --quick                  # tiny counts: checks that it runs
 
 The prompts are the balanced set's scenes (val, held-out and pair in the demo's proportions 5 : 2 : 2, drawn once);
-the seeds vary only the sampling. Real images are the renders of the same scenes; the floor compares them with the
+the seeds vary only the sampling. Each seed generates the largest count once and every smaller count measures the
+first images of each split (nested sets, as FID-against-n curves are drawn), so ``gen s`` of a smaller count is its
+share of that one generation (seconds per image times the count). Real images are the renders of the same scenes; the floor compares them with the
 renders of another draw of the set, the ceilings with the mean image and with noise. Prints a row per (count, seed),
 then FID's mean and std over the seeds per count, then one JSON line. Features: the pipeline's CLIP (``--features``
 and ``--inception-weights`` as in conf/metrics/default.yaml).
@@ -15,6 +17,7 @@ and ``--inception-weights`` as in conf/metrics/default.yaml).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -53,26 +56,45 @@ def arguments() -> argparse.Namespace:
     return args
 
 
-def scenes(count: int, seed: int) -> list:
-    """``count`` balanced scenes, val : held-out : pair as 5 : 2 : 2 (the demo's 120 / 48 / 48)."""
+def split_counts(count: int) -> dict[str, int]:
+    """``count`` scenes as val : held-out : pair = 5 : 2 : 2 (the demo's 120 / 48 / 48)."""
     pair = heldout = 2 * count // 9
-    drawn = balanced_scenes({"val": count - pair - heldout, "heldout": heldout, "pair": pair}, seed=seed)
-    return [scene for split in drawn.values() for scene in split]
+    return {"val": count - pair - heldout, "heldout": heldout, "pair": pair}
 
 
-def measure(pipe, features, count: int, seed: int, settings: dict) -> dict:
-    prompts, others = scenes(count, 0), scenes(count, 1)
-    size = pipe.image_size
+def scenes(count: int, seed: int, largest: int | None = None) -> list:
+    """``count`` balanced scenes: the first of each split of the set drawn for ``largest`` (default ``count``)."""
+    drawn = balanced_scenes(split_counts(largest or count), seed=seed)
+    return [scene for split, n in split_counts(count).items() for scene in drawn[split][:n]]
+
+
+def rows_of(count: int, largest: int) -> list[int]:
+    """Where ``scenes(count, s, largest)`` lie in ``scenes(largest, s)``."""
+    starts = dict(zip(split_counts(largest), [0, *itertools.accumulate(split_counts(largest).values())]))
+    return [starts[split] + i for split, n in split_counts(count).items() for i in range(n)]
+
+
+def measure(pipe, features, counts: list[int], seed: int, settings: dict) -> list[dict]:
+    """One row per count: the seed generates the largest count's images once, smaller counts use their first ones."""
+    largest, size = max(counts), pipe.image_size
+    prompts = scenes(largest, 0)
     started = time.perf_counter()
-    generated = generate_for(pipe, [scene.caption for scene in prompts], seed=seed, **settings)
-    generating = time.perf_counter() - started
-    real = from_pil([scene.render(size) for scene in prompts])
-    started = time.perf_counter()
-    with pipe.autocast():
-        row = image_set_metrics(features, generated, real, seed=seed)
-        if seed == 0:
-            row.update(calibration(features, real, from_pil([scene.render(size) for scene in others]), seed=seed))
-    return {**row, "count": count, "seed": seed, "generate_s": generating, "metrics_s": time.perf_counter() - started}
+    images = generate_for(pipe, [scene.caption for scene in prompts], seed=seed, **settings)
+    per_image = (time.perf_counter() - started) / largest
+    real_all = from_pil([scene.render(size) for scene in prompts])
+    rows = []
+    for count in counts:
+        index = torch.tensor(rows_of(count, largest))
+        generated, real = images[index], real_all[index]
+        started = time.perf_counter()
+        with pipe.autocast():
+            row = image_set_metrics(features, generated, real, seed=seed)
+            if seed == 0:
+                others = from_pil([scene.render(size) for scene in scenes(count, 1, largest)])
+                row.update(calibration(features, real, others, seed=seed))
+        rows.append({**row, "count": count, "seed": seed, "generate_s": per_image * count,
+                     "metrics_s": time.perf_counter() - started})
+    return rows
 
 
 def main() -> None:
@@ -84,9 +106,8 @@ def main() -> None:
     print(f"pipeline {args.pipeline} ({pipe.image_size} px), features {space}, settings {args.settings or 'saved'}")
     print(f"{'n':>5} {'seed':>4} {'FID':>8} {'KID':>9} {'prec':>6} {'recall':>6} {'floor':>7} {'ceil mean':>9} "
           f"{'ceil noise':>10} {'gen s':>7} {'metric s':>8}")
-    for count in args.counts:
-        for seed in args.seeds:
-            row = measure(pipe, features, count, seed, args.settings)
+    for seed in args.seeds:
+        for row in measure(pipe, features, args.counts, seed, args.settings):
             rows.append(row)
             print(f"{row[f'n_fid_{space}']:>5} {seed:>4} {row[f'fid_{space}']:>8.4f} {row[f'kid_{space}_mean']:>9.5f} "
                   f"{row[f'precision_{space}']:>6.2f} {row[f'recall_{space}']:>6.2f} "

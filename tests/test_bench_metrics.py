@@ -1,5 +1,6 @@
 """bench/metrics.py: FID, KID, precision/recall of a saved pipeline over seeds and counts, with their seconds."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,3 +35,15 @@ def test_metrics_bench_quick_reports_each_seed_and_the_spread(tmp_path):
     bad = subprocess.run([sys.executable, "bench/metrics.py", str(tmp_path / "pipeline"), "--counts", "4"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--counts must be >= 9" in bad.stderr
+
+
+def test_metrics_bench_smaller_counts_are_the_first_scenes_of_each_split_of_the_largest():
+    spec = importlib.util.spec_from_file_location("bench_metrics", ROOT / "bench" / "metrics.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    largest = [scene.caption for scene in bench.scenes(45, 0)]
+    for count in (9, 18, 45):
+        nested = [scene.caption for scene in bench.scenes(count, 0, largest=45)]
+        assert len(nested) == count and [largest[i] for i in bench.rows_of(count, 45)] == nested
+        assert sum(bench.split_counts(count).values()) == count
+    assert bench.split_counts(18) == {"val": 10, "heldout": 4, "pair": 4}
