@@ -298,8 +298,8 @@ def test_every_stage_samples_with_the_settings_sampler_and_spacing(pipe, monkeyp
     calls.clear()
     ddim = pipe.generate(["a red circle"], 2, seed=0, output="tensor", **FAST)
     assert calls == [("ddim", "uniform")] * 3 and not torch.allclose(ddim, images, atol=1e-3)
-    variations = pipe.variations(torch.zeros(1, 3, 32, 32), 2, eta=0.0, output="tensor", **FAST, **DPM)  # no eta
-    assert variations.shape == (2, 3, 32, 32)
+    variations = pipe.variations(torch.zeros(1, 3, 32, 32), 2, output="tensor", **FAST, **DPM)  # eta: the sampler's
+    assert variations.shape == (2, 3, 32, 32) and not torch.allclose(variations[0], variations[1], atol=1e-3)
     calls.clear()
     edited = pipe.img2img(torch.zeros(1, 3, 32, 32), "a red circle", strength=0.5, output="tensor", **FAST, **DPM)
     assert edited.shape == (1, 3, 32, 32) and ("dpmpp_2m", "karras") in calls  # the decoder from its skip-th step
@@ -357,7 +357,7 @@ def test_inpainting_asks_for_a_sampler_that_can(pipe):
         pipe.inpaint(image, mask, "a red circle", eta=0.0, upsampler_sampler="dpmpp_2s", **FAST)
     with pytest.raises(ValueError, match=r"sampler 'dpmpp_2m' is a deterministic ODE solver and takes no eta, got "
                                          r"eta=1.0"):
-        pipe.variations(image, decoder_sampler="dpmpp_2m", **FAST)  # variations' eta = 1 is DDIM's
+        pipe.variations(image, eta=1.0, decoder_sampler="dpmpp_2m", **FAST)  # eta given: DDIM's, refused
 
 
 def test_an_inpainting_decoder_inpaints_with_dpmpp_and_keeps_the_known_part():

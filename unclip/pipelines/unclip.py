@@ -132,6 +132,14 @@ def per_stage(value, name: str) -> list:
     return [value]
 
 
+def stochastic_eta(eta: float | None, sampler: str) -> float:
+    """A call's ``eta`` where it gives one, else the sampler's default for editing: 1 (fresh noise each DDIM step,
+    what variations and RePaint want), 0 for an ODE solver (DPM-Solver++), which takes none."""
+    if eta is not None:
+        return eta
+    return 0.0 if sampler in ODE_SOLVERS else 1.0
+
+
 def check_cascade(decoder_size: int, upsamplers: Sequence[tuple[int, int]]) -> None:
     """An error naming every stage's sizes unless each upsampler takes the size the stage before it makes."""
     size = decoder_size
@@ -348,7 +356,7 @@ class UnCLIPPipeline(Pipeline):
         return torch.cat(parts)
 
     def _upsample(self, images: torch.Tensor, config: GenerationSettings, generator, *, known=None, keep=None,
-                  eta: float = 0.0) -> torch.Tensor:
+                  eta: float | None = 0.0) -> torch.Tensor:
         """The upsamplers in turn, ``config.max_batch`` images at a time; with ``known``/``keep`` (at the last
         stage's size) each inpaints too, keeping the known image (resized to its size) where the mask (resized with
         ``keep_at``) keeps it."""
@@ -359,7 +367,8 @@ class UnCLIPPipeline(Pipeline):
             for rows in _chunks(total, config):
                 inpaint = None if known is None else Inpainting(resize(known[rows], size), keep_at(keep[rows], size))
                 parts.append(upsampler.sample(images[rows], generator=generator, inpaint=inpaint,
-                                              eta=eta if known is not None else 0.0, cuda_graphs=config.cuda_graphs,
+                                              eta=stochastic_eta(eta, run["sampler"]) if known is not None else 0.0,
+                                              cuda_graphs=config.cuda_graphs,
                                               **run))
             images = torch.cat(parts)
         return images
@@ -422,18 +431,20 @@ class UnCLIPPipeline(Pipeline):
 
     # -- images to images -----------------------------------------------------------------------
     @torch.no_grad()
-    def variations(self, image, n: int = 4, *, seed: int = 0, eta: float = 1.0, strength: float = 1.0,
+    def variations(self, image, n: int = 4, *, seed: int = 0, eta: float | None = None, strength: float = 1.0,
                    negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
                    output: str = "pil", **settings):
-        """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (DDIM eta > 0).
-        ``strength < 1`` starts from the image itself noised that far (1: from pure noise; 0: the image)."""
+        """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (``eta``: DDIM's, default
+        1; a DPM-Solver++ decoder takes none, its variations differ by their starting noise alone). ``strength < 1``
+        starts from the image itself noised that far (1: from pure noise; 0: the image)."""
         check_count("n", n)
         strength_skip(1, strength)  # checks it
         with self._session(seed, settings, output) as (config, generator):
             embed = self.clip.encode_image(self._images_in(image)).float().repeat(n, 1)
             negative = self._negative(negative_prompt, negative_image_embed, n, config, seed)
             init = None if strength == 1 else self._images_in(image, self.decoder.image_size)[:1].repeat(n, 1, 1, 1)
-            images = self._render(embed, None, config, generator, eta=eta, negative=negative, init=init,
+            images = self._render(embed, None, config, generator, eta=stochastic_eta(eta, config.decoder_sampler),
+                                  negative=negative, init=init,
                                   strength=strength)
         return self._output(images, output)
 
@@ -541,7 +552,7 @@ class UnCLIPPipeline(Pipeline):
 
     @torch.no_grad()
     def inpaint(self, image, mask, prompt: str | Sequence[str] | None = None, *, image_embed: torch.Tensor | None = None,
-                n: int = 1, jumps: int | None = None, jump_length: int = 1, eta: float = 1.0, seed: int = 0,
+                n: int = 1, jumps: int | None = None, jump_length: int = 1, eta: float | None = None, seed: int = 0,
                 negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
                 output: str = "pil", **settings):
         """Fill the white part of ``mask`` in ``image`` (a PIL image, a list of them, or tensors [B, 3, H, W]); keep
@@ -551,7 +562,8 @@ class UnCLIPPipeline(Pipeline):
 
         A plain decoder inpaints with RePaint (``jumps`` resampling passes a step, default ``DEFAULT_JUMPS``; each
         costs another model call a step); an inpainting decoder (``inpaint=True``) sees the masked image and needs
-        none (default 0). The upsamplers inpaint too, keeping the image at their size. An all-black mask returns the
+        none (default 0). ``eta``: RePaint's DDIM steps' (default 1; an inpainting decoder sampled by DPM-Solver++
+        takes none). The upsamplers inpaint too, keeping the image at their size. An all-black mask returns the
         image; an all-white one is plain generation: ``generate(prompt, n)`` or ``decode(image_embed)``."""
         check_count("n", n)
         images = self._images_in(image, self.image_size)
@@ -571,7 +583,8 @@ class UnCLIPPipeline(Pipeline):
             text, embeds = self._edit_condition(prompt, image_embed, images, keep, n, config, generator, negative)
             known, keep = images.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)
             size = self.decoder.image_size
-            low = self._decode(embeds, text, config, generator, negative=negative, eta=eta, inpaint=Inpainting(
+            low = self._decode(embeds, text, config, generator, negative=negative,
+                               eta=stochastic_eta(eta, config.decoder_sampler), inpaint=Inpainting(
                 resize(known, size), keep_at(keep, size), jumps=jumps, jump_length=jump_length))
             out = self._upsample(low, config, generator, known=known, keep=keep, eta=eta)
             out = keep * known + (1 - keep) * out.float()  # exactly the image where kept
@@ -584,7 +597,8 @@ class UnCLIPPipeline(Pipeline):
         if image_embed is not None:
             unit_embeds(image_embed, count, self.clip.space.dim, self.device)
         Inpainting(torch.zeros(1), torch.zeros(1), jumps=jumps, jump_length=jump_length)  # checks them
-        check_eta(eta)
+        if eta is not None:
+            check_eta(eta)
 
     def _plain(self, prompt, image_embed, count, n, seed, negative_prompt, negative_image_embed, output, settings):
         """Inpainting with nothing kept: generation from the condition alone."""
