@@ -296,3 +296,14 @@ def test_a_clip_with_nan_embeddings_scores_no_retrieval():
     images[3] = float("nan")  # one image NaN: its pair a miss both ways, the others still found
     metrics = retrieval_metrics(clip, images, texts)
     assert metrics["image_to_text_R@1"] == pytest.approx(11 / 12) and metrics["text_to_image_R@1"] == 0.0
+
+
+def test_on_a_fresh_machine_the_default_cache_folder_is_created(monkeypatch, tmp_path):
+    """No ~/.cache/unclip/emoji yet (a fresh machine, `make demo-emoji`): the data set makes the folder and caches
+    there, instead of refusing its own default as if a config had named a missing folder."""
+    monkeypatch.delenv(emoji_data.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-home-cache"))
+    default = tmp_path / "fresh-home-cache" / "unclip" / "emoji"
+    data = EmojiDataset("val", image_size=SIZE, limit=4)
+    assert default.is_dir() and data.cache_dir == str(default) and len(data) == 4
+    assert any(default.glob("emoji-*.json"))  # the kept list cached there

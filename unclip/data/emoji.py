@@ -408,7 +408,10 @@ class EmojiDataset(torch.utils.data.Dataset):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         self.split, self.image_size, self.aliases, self.limit = split, check_image_size(image_size), aliases, limit
-        self.cache_dir = str(_cache_dir(cache_dir))
+        folder = _cache_dir(cache_dir)
+        if cache_dir in (None, ""):  # the default folder is the library's to create (a given one must exist)
+            folder.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = str(folder)
         self.font_path = str(find_font(font_path))
         everything = list_emoji("all", self.font_path, self.cache_dir)
         rows = [i for i, e in enumerate(everything) if split == "all" or e.split == split]
