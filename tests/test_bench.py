@@ -97,6 +97,9 @@ def test_decoder_with_the_reference_ends_with_its_json():
 def test_generate_quick_times_text_to_image():
     out = last_json(run("generate.py", "--quick", "--threads", "1", "--device", "cpu"))
     assert out["benchmark"] == "generate" and out["seconds"]["auto"] > 0 and "off" not in out["seconds"]
+    out = last_json(run("generate.py", "--quick", "--threads", "1", "--device", "cpu", "--settings",
+                        "decoder_sampler=dpmpp_2m", "prior_sampler=dpmpp_2s", "decoder_steps=3"))
+    assert out["config"]["settings"] == {"decoder_sampler": "dpmpp_2m", "prior_sampler": "dpmpp_2s", "decoder_steps": 3}
     assert out["goals"][0]["verdict"] == "not comparable (settings differ from the goal's)"
 
 
