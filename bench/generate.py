@@ -3,6 +3,7 @@
     python bench/generate.py            # 1 caption, prior 64 DDIM steps (guidance 2), decoder 64 (guidance 3)
     python bench/generate.py --size 256 # and the 64 -> 256 upsampler of conf/upsampler/unet_64_256.yaml, 15 steps
     python bench/generate.py --pipeline outputs/demo/pipeline   # a trained pipeline at its saved settings
+    python bench/generate.py --pipeline outputs/demo/pipeline --settings decoder_sampler=dpmpp_2m decoder_steps=10
     python bench/generate.py --quick    # tiny counts: checks that it runs, numbers mean nothing
 
 The stages have the benchmark sizes, at random weights (the time does not depend on them): open_clip's ViT-B-32
@@ -48,9 +49,14 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--size", type=int, choices=[64, 256], default=64, help="256: add the 64 -> 256 upsampler")
     p.add_argument("--upsampler-steps", type=int, default=None, help="(default: 15, or a --pipeline's own)")
     p.add_argument("--pipeline", default=None, help="a saved pipeline's directory, timed at its own settings")
+    p.add_argument("--settings", nargs="*", default=[],
+                   help="more generation settings (numbers and lists as JSON, else text), e.g. decoder_sampler=dpmpp_2m upsampler_steps=16")
     p.add_argument("--runs", type=int, default=5, help="timed calls (median)")
     p.add_argument("--quick", action="store_true", help="tiny counts: check that the script runs")
     args = p.parse_args()
+    if any("=" not in item for item in args.settings):
+        p.error(f"--settings takes name=value pairs, got {args.settings}")
+    args.settings = {key: _value(value) for key, value in (item.split("=", 1) for item in args.settings)}
     if args.pipeline is None:
         defaults = dict(prior_steps=64, prior_guidance=2.0, decoder_steps=64, decoder_guidance=3.0, upsampler_steps=15)
         for name, value in defaults.items():
@@ -66,6 +72,14 @@ def arguments() -> argparse.Namespace:
         torch.set_num_threads(args.threads)
     args.device = common.parse_device(p, args.device)
     return args
+
+
+def _value(text: str):
+    """A --settings value: JSON where it parses (10, 0.5, [16, 35]), else the text itself (dpmpp_2m)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def pipeline(device: torch.device, size: int, path: str | None) -> UnCLIPPipeline:
@@ -87,7 +101,7 @@ def pipeline(device: torch.device, size: int, path: str | None) -> UnCLIPPipelin
 def latency(pipe: UnCLIPPipeline, prompts: list[str], args, cuda_graphs: str) -> float:
     settings = dict(prior_steps=args.prior_steps, prior_guidance=args.prior_guidance, decoder_steps=args.decoder_steps,
                     decoder_guidance=args.decoder_guidance, upsampler_steps=args.upsampler_steps, cuda_graphs=cuda_graphs)
-    settings = {name: value for name, value in settings.items() if value is not None}
+    settings = {**{name: value for name, value in settings.items() if value is not None}, **args.settings}
     pipe.generate(prompts, seed=0, output="tensor", **settings)  # untimed: lazy initialisation, cuDNN's choices
     seconds = []
     for run in range(args.runs):
@@ -107,14 +121,15 @@ def main() -> None:
     for mode in modes:
         results[mode] = latency(pipe, prompts, args, mode)
         graphs = "with CUDA graphs" if mode == "auto" and args.device.type == "cuda" else "without CUDA graphs"
-        config = pipe._settings({k: v for k, v in vars(args).items() if k in vars(pipe.settings) and v is not None})
-        print(f"text -> {pipe.image_size} px, {len(prompts)} caption(s), prior {config.prior_steps} + decoder "
-              f"{config.decoder_steps} guided DDIM steps" + (f", upsamplers {config.upsampler_steps}" if pipe.upsamplers
-                                                               else "") + f", rerank {config.rerank}, {graphs}: "
-              f"{results[mode]:.3f} s (median of {args.runs})")
+        config = pipe._settings({**{k: v for k, v in vars(args).items() if k in vars(pipe.settings) and v is not None},
+                                 **args.settings})
+        print(f"text -> {pipe.image_size} px, {len(prompts)} caption(s), prior {config.prior_steps} "
+              f"{config.prior_sampler} + decoder {config.decoder_steps} {config.decoder_sampler} guided steps"
+              + (f", upsamplers {config.upsampler_steps} {config.upsampler_sampler}" if pipe.upsamplers else "")
+              + f", rerank {config.rerank}, {graphs}: {results[mode]:.3f} s (median of {args.runs})")
     value = results["auto"]
     comparable = args.device.type == "cuda" and not args.quick and args.prompts == 1 and pipe.image_size == 64 and (
-        args.prior_steps, args.decoder_steps, args.pipeline) == (64, 64, None)
+        args.prior_steps, args.decoder_steps, args.pipeline, args.settings) == (64, 64, None, {})
     goal = common.goal("guided text -> 64-px image at batch 1, s", value, GOAL_S, at_least=False, comparable=comparable)
     device = str(args.device) + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.type == "cuda" else "")
     config = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}

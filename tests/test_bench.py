@@ -97,6 +97,9 @@ def test_decoder_with_the_reference_ends_with_its_json():
 def test_generate_quick_times_text_to_image():
     out = last_json(run("generate.py", "--quick", "--threads", "1", "--device", "cpu"))
     assert out["benchmark"] == "generate" and out["seconds"]["auto"] > 0 and "off" not in out["seconds"]
+    out = last_json(run("generate.py", "--quick", "--threads", "1", "--device", "cpu", "--settings",
+                        "decoder_sampler=dpmpp_2m", "prior_sampler=dpmpp_2s", "decoder_steps=3"))
+    assert out["config"]["settings"] == {"decoder_sampler": "dpmpp_2m", "prior_sampler": "dpmpp_2s", "decoder_steps": 3}
     assert out["goals"][0]["verdict"] == "not comparable (settings differ from the goal's)"
 
 
@@ -196,3 +199,43 @@ def test_editing_bad_flags_end_in_one_sentence(tmp_path):
     proc = run("editing.py", str(tmp_path), "--quick")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{tmp_path} is not a saved pipeline (no pipeline.json)" in proc.stderr
+
+
+def test_samplers_quick_measures_every_stage_sampler_and_spacing(tmp_path):
+    from stages import save_micro_pipeline
+
+    from unclip.pipelines import GenerationSettings, UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_pretrained(**save_micro_pipeline(tmp_path / "stages"), device="cpu")
+    pipe.settings = GenerationSettings(prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    pipe.save_pretrained(tmp_path / "pipeline")
+    out = last_json(run("samplers.py", str(tmp_path / "pipeline"), "--quick", "--threads", "1", "--samplers",
+                        "dpmpp_2m", "dpmpp_2s"))
+    assert out["benchmark"] == "samplers" and out["config"]["items"] == 2 and out["config"]["steps"] == [4]
+    rows = {(row["stage"], row["sampler"], row["spacing"]): row for row in out["rows"]}
+    assert set(rows) == {(stage, sampler, spacing) for stage in ("decoder", "prior", "upsampler_0")
+                         for sampler in ("dpmpp_2m", "dpmpp_2s") for spacing in ("uniform", "karras")}
+    for (stage, *_), row in rows.items():
+        assert row["steps"] == 4 and row["seconds_per_image"] > 0
+        if stage == "upsampler_0":
+            assert row["psnr"] > 0 and "psnr_gain_db" in row
+        else:
+            assert all(0 <= row[split] <= 1 for split in ("val", "heldout", "pair"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samplers", "dpmpp_2m", "--steps", "1", "4"], "--steps 1 with --samplers dpmpp_2m: dpmpp_2m is a "
+                                                      "second-order solver and needs steps >= 2, got steps=1"),
+    (["--spacings", "cosine"], r"argument --spacings: invalid choice: 'cosine' \(choose from '?uniform'?"),
+    (["--items", "0"], r"--items, --steps, --rerank and --fixed-decoder-steps must be >= 1, got 0"),
+])
+def test_samplers_bad_flags_end_in_one_sentence(tmp_path, monkeypatch, capsys, flags, message):
+    (tmp_path / "pipeline.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["samplers.py", str(tmp_path), *flags])
+    with pytest.raises(SystemExit) as exit_:
+        load_bench("samplers").arguments()
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+    monkeypatch.setattr(sys, "argv", ["samplers.py", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        load_bench("samplers").arguments()
+    assert "none is not a saved pipeline (no pipeline.json)" in capsys.readouterr().err

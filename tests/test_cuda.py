@@ -168,7 +168,10 @@ def sample_all(stages, text, graphs: str, precision: str):
         images = decoder.sample(embed, text, steps=8, guidance_scale=3.0, generator=g, cuda_graphs=graphs)
         up = upsampler.sample(images, steps=8, generator=g, cuda_graphs=graphs)
         ddpm = decoder.sample(embed, text, steps=8, sampler="ddpm", generator=g, cuda_graphs=graphs)
-    return {"prior": embed, "decoder": images, "upsampler": up, "decoder ddpm": ddpm}
+        dpmpp = {name: decoder.sample(embed, text, steps=8, sampler=name, spacing="logsnr", generator=g,
+                                      cuda_graphs=graphs) for name in ("dpmpp_2m", "dpmpp_2s")}
+    return {"prior": embed, "decoder": images, "upsampler": up, "decoder ddpm": ddpm,
+            **{f"decoder {name}": out for name, out in dpmpp.items()}}
 
 
 @pytest.mark.parametrize("precision, atol", [("fp32", 2e-3), ("bf16", 3e-2)])
@@ -181,11 +184,11 @@ def test_sampling_replayed_from_cuda_graphs_gives_the_eager_samples(monkeypatch,
     eager = sample_all(stages, text, "off", precision)
     assert not captured
     graphed = sample_all(stages, text, "on", precision)
-    assert len(captured) == 4  # prior, decoder, upsampler, decoder with DDPM: each captured once, then replayed
+    assert len(captured) == 6  # prior, decoder, upsampler, decoder with DDPM, 2M, 2S: each captured once, replayed
     for name in eager:
         torch.testing.assert_close(graphed[name], eager[name], rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     auto = sample_all(stages, text, "auto", precision)  # auto is on for CUDA
-    assert len(captured) == 8
+    assert len(captured) == 12
     torch.testing.assert_close(auto["decoder"], graphed["decoder"], rtol=0, atol=atol)
 
 

@@ -13,6 +13,8 @@ from unclip.diffusion import (
     classifier_free_guidance,
     sample_ddim,
     sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2s,
 )
 from unclip.diffusion.graphs import MIN_STEPS, check_cuda_graphs, use_cuda_graphs
 from unclip.embedding import TextCondition
@@ -41,7 +43,7 @@ def model_fn(x, t):
     return 0.1 * x + t.float()[:, None] / 1000
 
 
-@pytest.mark.parametrize("sampler", [sample_ddim, sample_ddpm])
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2s])
 def test_graphs_asked_for_on_the_cpu_warn_once_and_sample_the_same(sampler):
     diffusion = GaussianDiffusion(100, "cosine", "eps")
     x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))

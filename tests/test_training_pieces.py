@@ -122,3 +122,15 @@ def test_an_unknown_tracker_is_an_error_naming_the_setting():
 
     with pytest.raises(ValueError, match=r"trainer.log_with must be one of \('tensorboard'.* got 'tensorbored'"):
         TrainerConfig(log_with="tensorbored")
+
+
+def test_curves_put_a_metrics_sample_count_in_its_panels_title_not_in_a_panel_of_its_own():
+    from unclip.training.curves import panels, series
+
+    records = [{"step": 1, "loss": 0.5, "samples_per_s": 10.0},
+               {"step": 100, "eval": {"fid_clip_g3_val": 0.7, "n_fid_clip_g3_val": 48, "colour_acc_g3_val": 0.2}},
+               {"step": 200, "eval": {"fid_clip_g3_val": 0.3, "n_fid_clip_g3_val": 48, "colour_acc_g3_val": 0.5}}]
+    other = [{"step": 100, "eval": {"fid_clip_g3_val": 0.9, "n_fid_clip_g3_val": 24}}]
+    assert panels([series(records)]) == {"loss": "loss", "fid_clip_g3_val": "fid_clip_g3_val (n=48)",
+                                         "colour_acc_g3_val": "colour_acc_g3_val"}
+    assert panels([series(records), series(other)])["fid_clip_g3_val"] == "fid_clip_g3_val (n=24, 48)"

@@ -24,17 +24,17 @@ from unclip.decoder.unet import (
 from unclip.diffusion import (
     GaussianDiffusion,
     Inpainting,
+    check_sampler,
     classifier_free_guidance,
     noised_start,
-    sample_ddim,
-    sample_ddpm,
+    sample,
     sample_repaint,
 )
+from unclip.diffusion.samplers import INPAINTING_SAMPLERS
 from unclip.embedding import TextCondition
 
 CAPTION_MODES = ("transformer", "clip_tokens", "none")
 IMAGE_EMBED_SETTINGS = ("num_image_tokens", "spatial_embed_grid")  # the image-embedding conditioning's, not the UNet's
-SAMPLERS = ("ddim", "ddpm")
 
 
 def _caption_encoder(caption: str, vocab_size: int, text_length: int, token_dim: int | None, width: int,
@@ -277,6 +277,7 @@ class Decoder(nn.Module):
         guidance_scale: float = 3.0,
         sampler: str = "ddim",
         eta: float = 0.0,
+        spacing: str = "uniform",
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         progress: bool = False,
@@ -290,14 +291,15 @@ class Decoder(nn.Module):
         """Images [B, 3, S, S] in [-1, 1] for unit-norm image embeddings [B, D].
 
         ``negative_embed`` [B, D] / ``negative_text``: guidance's unconditional branch (a negative prompt) instead of
-        the learned nulls. ``inpaint``: keep ``inpaint.known`` [B, 3, S, S] where ``inpaint.keep`` [B, 1, S, S] is 1
-        and fill the rest (RePaint's sampler, DDIM steps with ``eta``; an inpainting decoder also sees them as
-        input). ``init_image`` [B, 3, S, S] with ``strength`` in [0, 1]: image-to-image, starting from the image
-        noised ``strength`` of the way (1: plain sampling, 0: the image back). ``cuda_graphs``: see
+        the learned nulls. ``sampler`` (``unclip.diffusion.SAMPLERS``) and ``spacing`` (``SPACINGS``): how the steps
+        are taken (see ``unclip.diffusion.samplers``). ``inpaint``: keep ``inpaint.known`` [B, 3, S, S] where
+        ``inpaint.keep`` [B, 1, S, S] is 1 and fill the rest (RePaint's sampler, DDIM steps with ``eta``; an inpainting
+        decoder also sees them as input, and without jumps takes any sampler, the known region pasted in).
+        ``init_image`` [B, 3, S, S] with ``strength`` in [0, 1]: image-to-image, starting from the image noised
+        ``strength`` of the way (1: plain sampling, 0: the image back). ``cuda_graphs``: see
         ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph unless ``"off"``; not RePaint's).
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_sampler(sampler, steps, eta, spacing)
         self._check_embed(image_embed)
         if image_embed.shape[0] == 0:
             raise ValueError("the decoder got zero image embeddings; expected at least one")
@@ -324,21 +326,34 @@ class Decoder(nn.Module):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         noise = sampling_layout(noise.to(device))
-        run = dict(steps=steps, generator=generator, progress=progress)
-        if inpaint is not None:
+        run = dict(steps=steps, generator=generator, progress=progress, spacing=spacing)
+        if inpaint is not None and self._repaints(sampler, inpaint):
             return sample_repaint(model_fn, self.diffusion, noise, inpaint, eta=eta, **run).contiguous()
-        x, skip = self._start(noise, init_image, strength, steps)
-        if sampler == "ddpm":
-            return sample_ddpm(model_fn, self.diffusion, x, skip=skip, cuda_graphs=cuda_graphs, **run).contiguous()
-        return sample_ddim(model_fn, self.diffusion, x, eta=eta, skip=skip, cuda_graphs=cuda_graphs, **run).contiguous()
+        x, skip = self._start(noise, init_image, strength, steps, spacing)
+        out = sample(sampler, model_fn, self.diffusion, x, eta=eta, skip=skip, cuda_graphs=cuda_graphs, **run)
+        return (out if inpaint is None else inpaint.paste(out)).contiguous()
 
-    def _start(self, noise: torch.Tensor, init_image: torch.Tensor | None, strength: float, steps: int):
+    def _repaints(self, sampler: str, inpaint: Inpainting) -> bool:
+        """Whether inpainting runs RePaint (with DDIM steps). A sampler that cannot (DPM-Solver++) inpaints only with an
+        inpainting decoder, whose network sees the known image and the mask, and no resampling jumps: it samples as
+        usual and the known region is pasted into its output."""
+        if sampler in INPAINTING_SAMPLERS:
+            return True
+        if not self.inpaints or inpaint.jumps:
+            why = "this decoder does not inpaint by itself" if not self.inpaints else f"jumps={inpaint.jumps} > 0"
+            raise ValueError(f"sampler {sampler!r} cannot inpaint here ({why}): RePaint steps with DDIM; use one of "
+                             f"{list(INPAINTING_SAMPLERS)} (in a pipeline: decoder_sampler=...)")
+        return False
+
+    def _start(self, noise: torch.Tensor, init_image: torch.Tensor | None, strength: float, steps: int,
+               spacing: str = "uniform"):
         """Where sampling starts: (x, steps to skip); image-to-image noises ``init_image`` by ``strength``."""
         if init_image is None:
             return noise, 0
         if tuple(init_image.shape) != tuple(noise.shape):
             raise ValueError(f"init_image must have shape {tuple(noise.shape)}, got {tuple(init_image.shape)}")
-        return noised_start(self.diffusion, sampling_layout(init_image.to(noise.device).float()), noise, steps, strength)
+        image = sampling_layout(init_image.to(noise.device).float())
+        return noised_start(self.diffusion, image, noise, steps, strength, spacing)
 
     def _checked_inpainting(self, inpaint: Inpainting | None, shape: tuple, device) -> Inpainting | None:
         if inpaint is None:

@@ -14,7 +14,8 @@ from unclip.decoder.unet import (
     sampling_layout,
     with_resolved_upsample_width,
 )
-from unclip.diffusion import GaussianDiffusion, Inpainting, sample_ddim, sample_repaint
+from unclip.diffusion import GaussianDiffusion, Inpainting, check_sampler, sample, sample_repaint
+from unclip.diffusion.samplers import INPAINTING_SAMPLERS
 from unclip.images import resize
 
 
@@ -142,13 +143,22 @@ class Upsampler(nn.Module):
         progress: bool = False,
         inpaint: Inpainting | None = None,
         cuda_graphs: str | bool | None = "auto",
+        sampler: str = "ddim",
+        spacing: str = "uniform",
     ) -> torch.Tensor:
         """Upsample [B, 3, low_res_size, low_res_size] in [-1, 1] to [B, 3, image_size, image_size].
+
+        ``sampler`` / ``spacing``: see ``unclip.diffusion.samplers`` (inpainting needs one of its
+        ``INPAINTING_SAMPLERS``).
 
         ``inpaint``: keep ``inpaint.known`` [B, 3, image_size, image_size] where ``inpaint.keep`` [B, 1, image_size,
         image_size] is 1 (RePaint's sampler; the output equals the known image there). ``cuda_graphs``: see
         ``unclip.diffusion.graphs``."""
         self._check_low_res(low_res)
+        check_sampler(sampler, steps, eta, spacing)
+        if inpaint is not None and sampler not in INPAINTING_SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} cannot inpaint: RePaint steps with DDIM; use one of "
+                             f"{list(INPAINTING_SAMPLERS)} (in a pipeline: upsampler_sampler=...)")
         if not 0 <= aug_level <= self.max_aug_level:
             raise ValueError(f"aug_level must be in [0, max_aug_level={self.max_aug_level}], got {aug_level}")
         device = next(self.parameters()).device
@@ -165,8 +175,8 @@ class Upsampler(nn.Module):
         cond = sampling_layout(cond)
         base = resize(low_res, self.image_size) if self.predict_residual else torch.zeros_like(noise)
         if inpaint is None:
-            out = sample_ddim(model_fn, self.diffusion, sampling_layout(noise), steps=steps, eta=eta, generator=generator,
-                              progress=progress, cuda_graphs=cuda_graphs)
+            out = sample(sampler, model_fn, self.diffusion, sampling_layout(noise), steps, eta=eta, generator=generator,
+                         progress=progress, cuda_graphs=cuda_graphs, spacing=spacing)
         else:
             if tuple(inpaint.known.shape) != tuple(noise.shape) or tuple(inpaint.keep.shape) != (batch, 1, *noise.shape[2:]):
                 raise ValueError(f"inpaint needs known {list(noise.shape)} and keep [B, 1, S, S], got "
@@ -174,5 +184,5 @@ class Upsampler(nn.Module):
             known = sampling_layout(inpaint.known.to(device).float() - base)  # in the diffusion's (residual) space
             inpaint = Inpainting(known, inpaint.keep.to(device).float(), inpaint.jumps, inpaint.jump_length)
             out = sample_repaint(model_fn, self.diffusion, sampling_layout(noise), inpaint, steps=steps, eta=eta,
-                                 generator=generator, progress=progress)
+                                 generator=generator, progress=progress, spacing=spacing)
         return (base + out.contiguous()).clamp(-1, 1) if self.predict_residual else out.contiguous().clamp(-1, 1)

@@ -27,7 +27,7 @@ from .sampling import (
     denoise,
     noise_like,
     progress_bar,
-    respaced_timesteps,
+    timesteps_for,
 )
 
 
@@ -90,16 +90,17 @@ def sample_repaint(
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callback | None = None,
+    spacing: str = "uniform",
 ) -> torch.Tensor:
     """Fill where ``inpainting.keep`` is 0, keep ``inpainting.known`` elsewhere; DDIM steps with ``eta`` (RePaint's
     own sampler is the ancestral one, ``eta = 1``). Returns x0 (float32) equal to ``known`` where keep is 1.
 
     Noise (the known region's at every step, the jumps' and DDIM's) is drawn from ``generator``; ``callback``
-    gets the model calls' count (0 first) as its step index."""
+    gets the model calls' count (0 first) as its step index. ``spacing``: which timesteps (``timesteps_for``)."""
     if inpainting.known.shape != x_T.shape:
         raise ValueError(f"the known image has shape {list(inpainting.known.shape)}, x_T {list(x_T.shape)}")
     check_eta(eta)
-    timesteps = respaced_timesteps(diffusion.num_steps, steps).tolist()
+    timesteps = timesteps_for(diffusion, steps, spacing).tolist()
     alphas_cumprod = diffusion.alphas_cumprod.tolist()
     order = repaint_schedule(steps, inpainting.jumps, inpainting.jump_length)
     known = inpainting.known.to(x_T.device).float()

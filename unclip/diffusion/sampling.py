@@ -5,9 +5,13 @@ timestep as a LongTensor [B]. Both samplers make exactly ``steps - skip`` model 
 from ``generator`` (on x_T's device) and return the final x0 as float32. Wrap a conditional network with
 ``functools.partial`` / a lambda, or with ``classifier_free_guidance`` for guided sampling.
 
+Which training timesteps ``steps`` sampling steps visit is the ``spacing`` (``timesteps_for``): ``"uniform"`` in t
+(``respaced_timesteps``, the default), ``"logsnr"`` (uniform in log-SNR) or ``"karras"`` (Karras et al. 2022).
+
 Image-to-image (SDEdit): ``x, skip = noised_start(diffusion, image, noise, steps, strength)`` noises an image
 to the step ``strength`` of the way to pure noise, and ``sample_ddim(..., x, steps, skip=skip)`` denoises it
-from there. Inpainting is ``repaint.sample_repaint``.
+from there. Inpainting is ``repaint.sample_repaint``. DPM-Solver++ is in ``dpm_solver``; ``samplers.sample``
+picks any of them by name.
 
 ``cuda_graphs`` (``"auto"``, ``"on"``, ``"off"``; see ``unclip.diffusion.graphs``) captures a step's model call
 and prediction in a CUDA graph on CUDA tensors: ``"auto"`` does so there (from 4 steps) and nowhere else.
@@ -52,6 +56,58 @@ def respaced_timesteps(num_train_steps: int, num_sample_steps: int) -> torch.Ten
     return torch.tensor(ascending[::-1], dtype=torch.long)
 
 
+SPACINGS = ("uniform", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. 2022's rho: sigma^(1/rho) is uniform, so steps crowd towards low noise
+
+
+def check_spacing(spacing: str) -> str:
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {list(SPACINGS)}")
+    return spacing
+
+
+def log_snr(diffusion: GaussianDiffusion) -> torch.Tensor:
+    """lambda_t = log(alpha_t / sigma_t) = log(abar_t / (1 - abar_t)) / 2 at every training step, float64 [T]
+    (decreasing in t)."""
+    return 0.5 * (diffusion.alphas_cumprod.log() - diffusion.one_minus_alphas_cumprod.log())
+
+
+def timesteps_for(diffusion: GaussianDiffusion, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """The ``steps`` training timesteps that sampling visits, distinct and descending from num_steps - 1 to 0,
+    LongTensor [steps].
+
+    ``"uniform"``: evenly strided in t (``respaced_timesteps``). ``"logsnr"``: evenly spaced in lambda (log-SNR / 2)
+    between the two ends. ``"karras"``: sigma = sqrt((1 - abar) / abar) spaced as Karras et al. 2022 (rho = 7:
+    sigma^(1/7) uniform between the ends). Both are mapped to the training step of nearest lambda; where several
+    land on one step, the repeats move to the nearest free steps (so the low-noise end of a long run is strided by
+    1). Fewer than 3 steps are the ends alone, whatever the spacing."""
+    timesteps = respaced_timesteps(diffusion.num_steps, steps)  # checks steps
+    if check_spacing(spacing) == "uniform" or steps < 3:
+        return timesteps
+    lam = log_snr(diffusion)
+    if spacing == "logsnr":
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+    else:
+        rho, ramp = KARRAS_RHO, torch.linspace(0, 1, steps, dtype=torch.float64)
+        sigma_max, sigma_min = (-lam[-1]).exp() ** (1 / rho), (-lam[0]).exp() ** (1 / rho)
+        targets = -torch.log((sigma_max + ramp * (sigma_min - sigma_max)) ** rho)
+    nearest = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    return torch.tensor(_distinct_descending(nearest, diffusion.num_steps), dtype=torch.long)
+
+
+def _distinct_descending(timesteps: list[int], num_steps: int) -> list[int]:
+    """``timesteps`` (descending, maybe repeating) made strictly descending from num_steps - 1 to 0, each repeat
+    moved to the nearest free step: up from the clean end, then down from the noisy end."""
+    out = list(timesteps)
+    out[-1] = 0
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = max(out[i], out[i + 1] + 1)
+    out[0] = num_steps - 1
+    for i in range(1, len(out)):
+        out[i] = min(out[i], out[i - 1] - 1)
+    return out
+
+
 def _check_inputs(x_T: torch.Tensor, generator: torch.Generator | None, skip: int = 0, steps: int | None = None) -> None:
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
         raise TypeError(f"x_T must be a float tensor [B, ...], got {type(x_T).__name__} {getattr(x_T, 'shape', '')}")
@@ -71,17 +127,19 @@ def strength_skip(steps: int, strength: float) -> int:
 
 
 def noised_start(
-    diffusion: GaussianDiffusion, x0: torch.Tensor, noise: torch.Tensor, steps: int, strength: float
+    diffusion: GaussianDiffusion, x0: torch.Tensor, noise: torch.Tensor, steps: int, strength: float,
+    spacing: str = "uniform",
 ) -> tuple[torch.Tensor, int]:
     """Image-to-image's start: ``x0`` noised with ``noise`` to the sampling step ``strength`` of the way to pure
-    noise, and the number of steps to ``skip`` there. ``strength == 1`` starts from ``noise`` itself (plain
-    sampling, the same draws); ``strength == 0`` returns ``x0`` with every step skipped (nothing to do)."""
+    noise (of ``steps`` steps at ``spacing``: the sampler's), and the number of steps to ``skip`` there.
+    ``strength == 1`` starts from ``noise`` itself (plain sampling, the same draws); ``strength == 0`` returns ``x0``
+    with every step skipped (nothing to do)."""
     skip = strength_skip(steps, strength)
     if skip == 0:
         return noise.float(), 0
     if skip == steps:
         return x0.float(), skip
-    t = respaced_timesteps(diffusion.num_steps, steps)[skip].item()
+    t = timesteps_for(diffusion, steps, spacing)[skip].item()
     t_batch = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
     return diffusion.q_sample(x0, t_batch, noise), skip
 
@@ -144,6 +202,7 @@ def sample_ddpm(
     callback: Callback | None = None,
     skip: int = 0,
     cuda_graphs: str | bool | None = "auto",
+    spacing: str = "uniform",
 ) -> torch.Tensor:
     """Ancestral sampling: x_{s} ~ q(x_s | x_t, x0 = predicted x0) from x_T (standard normal) down to x0.
 
@@ -154,7 +213,7 @@ def sample_ddpm(
     """
     steps = diffusion.num_steps if steps is None else steps
     _check_inputs(x_T, generator, skip, steps)
-    timesteps = respaced_timesteps(diffusion.num_steps, steps)
+    timesteps = timesteps_for(diffusion, steps, spacing)
     spaced = diffusion.respace(timesteps)  # its index j has the alphas_cumprod of the j-th smallest kept step
 
     def step(i, t, x, x0, eps):
@@ -178,8 +237,9 @@ def sample_ddim(
     skip: int = 0,
     cuda_graphs: str | bool | None = "auto",
     eta: float = 0.0,
+    spacing: str = "uniform",
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021) over ``steps`` evenly strided timesteps.
+    """DDIM (Song et al. 2021) over ``steps`` timesteps at ``spacing`` (``timesteps_for``; default evenly strided).
 
     ``eta = 0`` is deterministic given x_T; ``eta = 1`` has the ancestral sampler's variance. The last
     step returns the predicted x0. ``skip > 0`` starts at the ``skip``-th step: x_T is then x at that step
@@ -187,7 +247,7 @@ def sample_ddim(
     """
     _check_inputs(x_T, generator, skip, steps)
     check_eta(eta)
-    timesteps = respaced_timesteps(diffusion.num_steps, steps).tolist()
+    timesteps = timesteps_for(diffusion, steps, spacing).tolist()
     alphas_cumprod = diffusion.alphas_cumprod.tolist()  # python floats (float64)
 
     def step(i, t, x, x0, eps):

@@ -46,9 +46,10 @@ def _judged(images: torch.Tensor, metas: list[dict]) -> dict:
 @torch.no_grad()
 def super_resolution(upsampler, *, count: int = 64, steps: Sequence[int] = (15,), aug_level: float = 0.05,
                      split: str = "val", pair_fraction: float = 0.2, seed: int = 0, batch: int = 16,
-                     autocast=None) -> dict:
+                     autocast=None, sampler: str = "ddim", spacing: str = "uniform") -> dict:
     """Rows ``input`` (the low-resolution render, judged), ``bicubic``, ``steps=N`` for each of ``steps`` (PSNR, the
-    judge, seconds per image) and ``truth`` (the large render, judged); ``psnr_gain_db`` of each row over bicubic."""
+    judge, seconds per image) and ``truth`` (the large render, judged); ``psnr_gain_db`` of each row over bicubic.
+    ``sampler`` / ``spacing``: how the upsampler samples (``unclip.diffusion.samplers``)."""
     (low, truth), metas = shapes_pairs(count, (upsampler.low_res_size, upsampler.image_size), split=split,
                                        pair_fraction=pair_fraction, seed=seed)
     bicubic = resize(low, upsampler.image_size)
@@ -58,8 +59,8 @@ def super_resolution(upsampler, *, count: int = 64, steps: Sequence[int] = (15,)
         generator = torch.Generator(device=device).manual_seed(seed)
         started = time.perf_counter()
         with autocast or torch.autocast(device.type, enabled=False):
-            out = torch.cat([upsampler.sample(low[i:i + batch], steps=n, aug_level=aug_level, generator=generator).cpu()
-                             for i in range(0, count, batch)])
+            out = torch.cat([upsampler.sample(low[i:i + batch], steps=n, aug_level=aug_level, generator=generator,
+                                              sampler=sampler, spacing=spacing).cpu() for i in range(0, count, batch)])
         seconds = (time.perf_counter() - started) / count
         rows[f"steps={n}"] = {"psnr": psnr(out, truth), "seconds_per_image": seconds, **_judged(out, metas)}
     rows["truth"] = _judged(truth, metas)

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from unclip.checkpoint import LoadedStage, load_stage
-from unclip.diffusion import Inpainting, strength_skip
+from unclip.diffusion import SAMPLERS, SPACINGS, Inpainting, strength_skip
+from unclip.diffusion.dpm_solver import ORDER
 from unclip.diffusion.graphs import check_cuda_graphs
+from unclip.diffusion.samplers import ODE_SOLVERS
 from unclip.diffusion.sampling import check_eta
 from unclip.embedding import EmbeddingSpace, TextCondition
 from unclip.images import resize
@@ -56,6 +58,17 @@ class GenerationSettings:
     decoder_eta: float = 0.0
     upsampler_steps: Any = 25  # an int for every upsampler, or a list: the i-th upsampler's steps (a cascade's later
     upsampler_aug_level: Any = 0.05  # stages need fewer steps: DALL-E 2 used 27 and 15); a float or a list
+    # How each stage takes its steps (unclip.diffusion.samplers): "ddim" (the default, with decoder_eta), "ddpm",
+    # "dpmpp_2m" or "dpmpp_2s" (DPM-Solver++, second order: fewer steps for the same image; no eta, steps >= 2);
+    # and which timesteps: "uniform" in t (the default), "logsnr" or "karras". The upsamplers' take one value for
+    # all or a list, one per upsampler, as upsampler_steps. Inpainting (RePaint) needs "ddim" or "ddpm" (an
+    # inpainting decoder without jumps takes any).
+    prior_sampler: str = "ddim"
+    prior_spacing: str = "uniform"
+    decoder_sampler: str = "ddim"
+    decoder_spacing: str = "uniform"
+    upsampler_sampler: Any = "ddim"
+    upsampler_spacing: Any = "uniform"
     rerank: int = 1  # CLIP re-ranking: generate draws this many candidates (prior and decoder) per image and keeps the
                      # one the CLIP finds most similar to the prompt, ranked at the decoder's size (only it upsampled)
     cuda_graphs: str = "auto"  # every sampling loop replayed from a CUDA graph on CUDA (unclip.diffusion.graphs)
@@ -71,30 +84,60 @@ class GenerationSettings:
             for value in per_stage(getattr(self, name), name):
                 if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                     raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        self._check_samplers()
+
+    def _check_samplers(self) -> None:
+        """Each stage's sampler and spacing are known ones, and its sampler can take its steps (and eta)."""
+        for stage in SAMPLED_STAGES:
+            for key, choices in (("sampler", SAMPLERS), ("spacing", SPACINGS)):
+                name = f"{stage}_{key}"
+                if any(value not in choices for value in per_stage(getattr(self, name), name)):
+                    raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+            samplers = per_stage(getattr(self, f"{stage}_sampler"), "")
+            steps = per_stage(getattr(self, f"{stage}_steps"), "")
+            for sampler, count in zip(samplers * (len(steps) if len(samplers) == 1 else 1),
+                                      steps * (len(samplers) if len(steps) == 1 else 1)):
+                if sampler in ODE_SOLVERS and count < ORDER:
+                    raise ValueError(f"{stage}_sampler={sampler!r} is a second-order solver and needs {stage}_steps >= "
+                                     f"{ORDER}, got {count}; give more steps or {stage}_sampler='ddim'")
+        if self.decoder_sampler in ODE_SOLVERS and self.decoder_eta != 0:
+            raise ValueError(f"decoder_sampler={self.decoder_sampler!r} is a deterministic ODE solver and takes no "
+                             f"eta, got decoder_eta={self.decoder_eta!r}: set decoder_eta=0 or decoder_sampler='ddim'")
 
     def for_upsampler(self, name: str, index: int, count: int):
-        """The setting ``name`` (``upsampler_steps``, ``upsampler_aug_level``) for upsampler ``index`` of ``count``."""
+        """The setting ``name`` (one of ``PER_UPSAMPLER``) for upsampler ``index`` of ``count``."""
         value = getattr(self, name)
         if not isinstance(value, (list, tuple)):
             return value
         if len(value) < count:
             raise ValueError(f"{name}={list(value)} has {len(value)} entries but the pipeline has {count} "
-                             f"upsamplers: give one number for all or one per upsampler (the i-th for the i-th; "
+                             f"upsamplers: give one value for all or one per upsampler (the i-th for the i-th; "
                              f"entries past the last upsampler are unused)")
         return value[index]
 
 
-PER_UPSAMPLER = ("upsampler_steps", "upsampler_aug_level")
+PER_UPSAMPLER = ("upsampler_steps", "upsampler_aug_level", "upsampler_sampler", "upsampler_spacing")
+SAMPLED_STAGES = ("prior", "decoder", "upsampler")  # each has <stage>_steps, <stage>_sampler and <stage>_spacing
 
 
 def per_stage(value, name: str) -> list:
-    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists)."""
+    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists;
+    ``name=""`` reads a value checked before)."""
     if isinstance(value, (list, tuple)):
-        if name not in PER_UPSAMPLER or not value:
-            raise ValueError(f"{name} takes one number" + (", or one per upsampler" if name in PER_UPSAMPLER else "")
+        if name and (name not in PER_UPSAMPLER or not value):
+            one = "one name" if name.endswith(("_sampler", "_spacing")) else "one number"
+            raise ValueError(f"{name} takes {one}" + (", or one per upsampler" if name in PER_UPSAMPLER else "")
                              + f", got {list(value)!r}")
         return list(value)
     return [value]
+
+
+def stochastic_eta(eta: float | None, sampler: str) -> float:
+    """A call's ``eta`` where it gives one, else the sampler's default for editing: 1 (fresh noise each DDIM step,
+    what variations and RePaint want), 0 for an ODE solver (DPM-Solver++), which takes none."""
+    if eta is not None:
+        return eta
+    return 0.0 if sampler in ODE_SOLVERS else 1.0
 
 
 def check_cascade(decoder_size: int, upsamplers: Sequence[tuple[int, int]]) -> None:
@@ -262,6 +305,7 @@ class UnCLIPPipeline(Pipeline):
         return torch.cat([self.prior.sample(
             text[rows], steps=config.prior_steps, guidance_scale=config.prior_guidance,
             num_candidates=config.prior_candidates, generator=generator, cuda_graphs=config.cuda_graphs,
+            sampler=config.prior_sampler, spacing=config.prior_spacing,
             **({"negative": _take(negative_text, rows, len(text))} if negative_text is not None else {}),
         ) for rows in _chunks(len(text), config)])
 
@@ -306,24 +350,26 @@ class UnCLIPPipeline(Pipeline):
                 generator=generator, noise=_take(noise, rows, total), inpaint=part,
                 negative_embed=None if negative is None else _take(negative.image_embed, rows, total),
                 negative_text=None if negative is None else _take(negative.text, rows, total),
-                cuda_graphs=config.cuda_graphs,
+                cuda_graphs=config.cuda_graphs, sampler=config.decoder_sampler, spacing=config.decoder_spacing,
                 **({"init_image": _take(init, rows, total), "strength": strength} if init is not None else {}),
             ))
         return torch.cat(parts)
 
     def _upsample(self, images: torch.Tensor, config: GenerationSettings, generator, *, known=None, keep=None,
-                  eta: float = 0.0) -> torch.Tensor:
+                  eta: float | None = 0.0) -> torch.Tensor:
         """The upsamplers in turn, ``config.max_batch`` images at a time; with ``known``/``keep`` (at the last
         stage's size) each inpaints too, keeping the known image (resized to its size) where the mask (resized with
         ``keep_at``) keeps it."""
         for index, upsampler in enumerate(self.upsamplers):
             size, total, parts = upsampler.image_size, len(images), []
-            steps, aug_level = (config.for_upsampler(name, index, len(self.upsamplers)) for name in PER_UPSAMPLER)
+            run = {name.removeprefix("upsampler_"): config.for_upsampler(name, index, len(self.upsamplers))
+                   for name in PER_UPSAMPLER}  # steps, aug_level, sampler, spacing
             for rows in _chunks(total, config):
                 inpaint = None if known is None else Inpainting(resize(known[rows], size), keep_at(keep[rows], size))
-                parts.append(upsampler.sample(images[rows], steps=steps, aug_level=aug_level, generator=generator,
-                                              inpaint=inpaint, eta=eta if known is not None else 0.0,
-                                              cuda_graphs=config.cuda_graphs))
+                parts.append(upsampler.sample(images[rows], generator=generator, inpaint=inpaint,
+                                              eta=stochastic_eta(eta, run["sampler"]) if known is not None else 0.0,
+                                              cuda_graphs=config.cuda_graphs,
+                                              **run))
             images = torch.cat(parts)
         return images
 
@@ -385,18 +431,20 @@ class UnCLIPPipeline(Pipeline):
 
     # -- images to images -----------------------------------------------------------------------
     @torch.no_grad()
-    def variations(self, image, n: int = 4, *, seed: int = 0, eta: float = 1.0, strength: float = 1.0,
+    def variations(self, image, n: int = 4, *, seed: int = 0, eta: float | None = None, strength: float = 1.0,
                    negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
                    output: str = "pil", **settings):
-        """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (DDIM eta > 0).
-        ``strength < 1`` starts from the image itself noised that far (1: from pure noise; 0: the image)."""
+        """``n`` images sharing the CLIP image embedding of ``image``, decoded with fresh noise (``eta``: DDIM's, default
+        1; a DPM-Solver++ decoder takes none, its variations differ by their starting noise alone). ``strength < 1``
+        starts from the image itself noised that far (1: from pure noise; 0: the image)."""
         check_count("n", n)
         strength_skip(1, strength)  # checks it
         with self._session(seed, settings, output) as (config, generator):
             embed = self.clip.encode_image(self._images_in(image)).float().repeat(n, 1)
             negative = self._negative(negative_prompt, negative_image_embed, n, config, seed)
             init = None if strength == 1 else self._images_in(image, self.decoder.image_size)[:1].repeat(n, 1, 1, 1)
-            images = self._render(embed, None, config, generator, eta=eta, negative=negative, init=init,
+            images = self._render(embed, None, config, generator, eta=stochastic_eta(eta, config.decoder_sampler),
+                                  negative=negative, init=init,
                                   strength=strength)
         return self._output(images, output)
 
@@ -504,7 +552,7 @@ class UnCLIPPipeline(Pipeline):
 
     @torch.no_grad()
     def inpaint(self, image, mask, prompt: str | Sequence[str] | None = None, *, image_embed: torch.Tensor | None = None,
-                n: int = 1, jumps: int | None = None, jump_length: int = 1, eta: float = 1.0, seed: int = 0,
+                n: int = 1, jumps: int | None = None, jump_length: int = 1, eta: float | None = None, seed: int = 0,
                 negative_prompt: str | None = None, negative_image_embed: torch.Tensor | None = None,
                 output: str = "pil", **settings):
         """Fill the white part of ``mask`` in ``image`` (a PIL image, a list of them, or tensors [B, 3, H, W]); keep
@@ -514,7 +562,8 @@ class UnCLIPPipeline(Pipeline):
 
         A plain decoder inpaints with RePaint (``jumps`` resampling passes a step, default ``DEFAULT_JUMPS``; each
         costs another model call a step); an inpainting decoder (``inpaint=True``) sees the masked image and needs
-        none (default 0). The upsamplers inpaint too, keeping the image at their size. An all-black mask returns the
+        none (default 0). ``eta``: RePaint's DDIM steps' (default 1; an inpainting decoder sampled by DPM-Solver++
+        takes none). The upsamplers inpaint too, keeping the image at their size. An all-black mask returns the
         image; an all-white one is plain generation: ``generate(prompt, n)`` or ``decode(image_embed)``."""
         check_count("n", n)
         images = self._images_in(image, self.image_size)
@@ -534,7 +583,8 @@ class UnCLIPPipeline(Pipeline):
             text, embeds = self._edit_condition(prompt, image_embed, images, keep, n, config, generator, negative)
             known, keep = images.repeat_interleave(n, 0), keep.repeat_interleave(n, 0)
             size = self.decoder.image_size
-            low = self._decode(embeds, text, config, generator, negative=negative, eta=eta, inpaint=Inpainting(
+            low = self._decode(embeds, text, config, generator, negative=negative,
+                               eta=stochastic_eta(eta, config.decoder_sampler), inpaint=Inpainting(
                 resize(known, size), keep_at(keep, size), jumps=jumps, jump_length=jump_length))
             out = self._upsample(low, config, generator, known=known, keep=keep, eta=eta)
             out = keep * known + (1 - keep) * out.float()  # exactly the image where kept
@@ -547,7 +597,8 @@ class UnCLIPPipeline(Pipeline):
         if image_embed is not None:
             unit_embeds(image_embed, count, self.clip.space.dim, self.device)
         Inpainting(torch.zeros(1), torch.zeros(1), jumps=jumps, jump_length=jump_length)  # checks them
-        check_eta(eta)
+        if eta is not None:
+            check_eta(eta)
 
     def _plain(self, prompt, image_embed, count, n, seed, negative_prompt, negative_image_embed, output, settings):
         """Inpainting with nothing kept: generation from the condition alone."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.configurable import configurable
-from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample_ddim
+from unclip.diffusion import GaussianDiffusion, check_sampler, classifier_free_guidance, sample
 from unclip.embedding import TextCondition
 from unclip.prior.transformer import PriorTransformer
 
@@ -150,11 +150,15 @@ class DiffusionPrior(nn.Module):
         generator: torch.Generator | None = None,
         negative: TextCondition | None = None,
         cuda_graphs: str | bool | None = "auto",
+        sampler: str = "ddim",
+        spacing: str = "uniform",
     ) -> torch.Tensor:
         """Unit-norm image embeddings [B, D] for the captions in ``text``. ``negative`` (captions [B]): guidance's
         unconditional branch (a negative prompt) instead of the learned null; used when ``guidance_scale != 1``.
-        ``cuda_graphs``: see ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph)."""
+        ``cuda_graphs``: see ``unclip.diffusion.graphs`` (on CUDA the steps are replayed from a CUDA graph).
+        ``sampler`` / ``spacing``: see ``unclip.diffusion.samplers``."""
         check_prompts(text)
+        check_sampler(sampler, steps, eta, spacing)
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         device = self.embed_mean.device
@@ -172,7 +176,8 @@ class DiffusionPrior(nn.Module):
             self._cached_net(), guidance_scale, negative=None if negative is None else inputs(negative), **inputs(text)
         )
         x_T = torch.randn(batch * num_candidates, self.embed_mean.shape[0], device=device, generator=generator)
-        x0 = sample_ddim(model_fn, self.diffusion, x_T, steps=steps, eta=eta, generator=generator, cuda_graphs=cuda_graphs)
+        x0 = sample(sampler, model_fn, self.diffusion, x_T, steps, eta=eta, generator=generator,
+                    cuda_graphs=cuda_graphs, spacing=spacing)
         candidates = F.normalize(self.unstandardise(x0), dim=-1).view(batch, num_candidates, -1)
         scores = torch.einsum("bnd,bd->bn", candidates, text.embed.float())
         best = scores.argmax(dim=1)

@@ -43,6 +43,17 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+def panels(runs: Sequence[dict]) -> dict[str, str]:
+    """The curves to draw (of runs' ``series``) and their titles. A metric's sample count (``n_fid_clip_g3_val``)
+    is no curve: it goes into the title of the curve it counts (``fid_clip_g3_val (n=48)``)."""
+    names = list(dict.fromkeys(name for run in runs for name in run if not name.startswith("n_"))) or ["loss"]
+    titles = {}
+    for name in names:
+        counts = sorted({int(v) for run in runs for v in run.get(f"n_{name}", ([], []))[1]})
+        titles[name] = name + (f" (n={', '.join(map(str, counts))})" if counts else "")
+    return titles
+
+
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
               columns: int = 4) -> Path:
     """One panel per curve (the training loss first, then each evaluation metric), one line per run."""
@@ -51,7 +62,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
 
     runs = [series(read_log(run_dir)) for run_dir in run_dirs]
     labels = list(labels or [Path(run_dir).name or str(run_dir) for run_dir in run_dirs])
-    names = list(dict.fromkeys(name for run in runs for name in run)) or ["loss"]
+    panel_titles = panels(runs)
+    names = list(panel_titles)
     columns = min(columns, len(names))
     rows = math.ceil(len(names) / columns)
     figure = Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
@@ -62,7 +74,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
             if name in run:
                 steps, values = run[name]
                 axes.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
-        axes.set_title(name, fontsize=9)
+        axes.set_title(panel_titles[name], fontsize=9)
         axes.set_xlabel("step", fontsize=8)
         if name == "loss" and all(v > 0 for run in runs for v in run.get("loss", ([], []))[1]):
             axes.set_yscale("log")
