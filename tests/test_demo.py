@@ -154,3 +154,18 @@ def test_every_presets_stage_settings_compose_into_their_jobs_and_build(preset):
     upsampler = build(OmegaConf.to_container(cascade.upsampler, resolve=True))
     assert (upsampler.low_res_size, upsampler.image_size, upsampler.train_crop) == (64, 256, 64)
     assert upsampler.unet.convolutional and cascade.trainer.max_steps >= 1
+
+
+def test_a_pipeline_without_upsamplers_keeps_a_per_upsampler_setting_as_its_first_entry():
+    """`make demo-quick` (no upsampler) with the demo's upsampler_steps: [16, 35] saved [] and refused to compose."""
+    from demo import pipeline_settings
+
+    from unclip.pipelines import GenerationSettings
+
+    generation = {"upsampler_steps": [16, 35], "upsampler_sampler": ["ddim", "dpmpp_2m"], "upsampler_aug_level": 0.05,
+                  "decoder_steps": 10}
+    assert pipeline_settings(generation, 0) == {**generation, "upsampler_steps": [16],
+                                                "upsampler_sampler": ["ddim"]}
+    assert pipeline_settings(generation, 1)["upsampler_steps"] == [16]
+    assert pipeline_settings(generation, 2)["upsampler_steps"] == [16, 35]
+    GenerationSettings(**pipeline_settings(generation, 0)).check()  # what composing a quick demo's pipeline checks

@@ -31,6 +31,7 @@ from unclip.config import build
 from unclip.images import save_grid
 from unclip.jobs import Job
 from unclip.pipelines import DallePipeline, GenerationSettings, Pipeline, UnCLIPPipeline, pipeline_class
+from unclip.pipelines.unclip import PER_UPSAMPLER
 from unclip.report import REPORT_FILE, write_report
 
 TRAIN = Path(__file__).resolve().parent
@@ -146,12 +147,20 @@ def compose_unclip(out: Path, stages: dict, config: dict, prior: str = "prior", 
                    ) -> UnCLIPPipeline:
     """The pipeline of the stages in ``out``; ``upsamplers``: only the first this many (a cascade cut short)."""
     names = upsampler_names(stages)[:upsamplers]
-    settings = dict(config["generation"])
-    for key in ("upsampler_steps", "upsampler_aug_level"):
-        if isinstance(settings[key], (list, tuple)):
-            settings[key] = list(settings[key])[: len(names)]
     return UnCLIPPipeline.from_config({"clip": out / "clip", "prior": out / prior, "decoder": out / "decoder",
-                                       "upsamplers": [out / name for name in names], "settings": settings})
+                                       "upsamplers": [out / name for name in names],
+                                       "settings": pipeline_settings(config["generation"], len(names))})
+
+
+def pipeline_settings(generation: dict, upsamplers: int) -> dict:
+    """The generation settings a pipeline of ``upsamplers`` upsamplers saves: per-upsampler lists (the 32 -> 64
+    stage's, then a cascade's) cut to its upsamplers, and to their first entry where it has none (a 32-px or
+    `preset=quick` pipeline: an empty list is no setting)."""
+    settings = dict(generation)
+    for key in PER_UPSAMPLER:
+        if isinstance(settings.get(key), (list, tuple)):
+            settings[key] = list(settings[key])[: max(upsamplers, 1)]
+    return settings
 
 
 def compose_dalle(out: Path, stages: dict, config: dict) -> DallePipeline:
