@@ -93,8 +93,8 @@ class GenerationSettings:
                 name = f"{stage}_{key}"
                 if any(value not in choices for value in per_stage(getattr(self, name), name)):
                     raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-            samplers = per_stage(getattr(self, f"{stage}_sampler"), "")
-            steps = per_stage(getattr(self, f"{stage}_steps"), "")
+            samplers = per_stage(getattr(self, f"{stage}_sampler"), f"{stage}_sampler")
+            steps = per_stage(getattr(self, f"{stage}_steps"), f"{stage}_steps")
             for sampler, count in zip(samplers * (len(steps) if len(samplers) == 1 else 1),
                                       steps * (len(samplers) if len(steps) == 1 else 1)):
                 if sampler in ODE_SOLVERS and count < ORDER:
@@ -121,10 +121,9 @@ SAMPLED_STAGES = ("prior", "decoder", "upsampler")  # each has <stage>_steps, <s
 
 
 def per_stage(value, name: str) -> list:
-    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists;
-    ``name=""`` reads a value checked before)."""
+    """A setting's values: the one given, or a per-upsampler list's (only ``PER_UPSAMPLER`` settings take lists)."""
     if isinstance(value, (list, tuple)):
-        if name and (name not in PER_UPSAMPLER or not value):
+        if name not in PER_UPSAMPLER or not value:
             one = "one name" if name.endswith(("_sampler", "_spacing")) else "one number"
             raise ValueError(f"{name} takes {one}" + (", or one per upsampler" if name in PER_UPSAMPLER else "")
                              + f", got {list(value)!r}")
