@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from unclip.data.shapes import (
     class_prompts,
     collate,
     generate_item,
+    parse_caption,
     render,
     write_folder,
 )
@@ -302,3 +304,109 @@ def test_rendering_is_fast_enough_for_on_the_fly_training():
         dataset[i]
     per_item = (time.perf_counter() - start) / 200
     assert per_item < 0.01, f"{per_item * 1e3:.2f} ms per 64 px item (target < 1 ms; 10 ms allows a busy machine)"
+
+
+CORNER_CENTRES = {(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)}
+COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "2": 2, "3": 3, "4": 4}
+
+
+def test_count_scenes_keep_to_shapes_md():
+    seen = {"numbers": set(), "templates": set(), "combos": set()}
+    for split in ("train", "val", "heldout"):
+        for index in range(150):
+            item = generate_item(index, split=split, image_size=32, count_fraction=1.0)
+            meta, caption = item.meta, item.caption
+            objects = meta["objects"]
+            assert meta["scene"] == "count" and meta["count"] == len(objects) and 2 <= len(objects) <= 4
+            assert (meta["relation"], meta["named_size"], meta["named_position"]) == (None, False, False)
+            assert len({(o["colour"], o["shape"], o["size"]) for o in objects}) == 1 and objects[0]["size"] == "small"
+            corners = set()
+            for obj in objects:  # distinct corners, jittered by at most 0.03
+                corner = min(CORNER_CENTRES, key=lambda c: abs(c[0] - obj["centre"][0]) + abs(c[1] - obj["centre"][1]))
+                assert max(abs(corner[0] - obj["centre"][0]), abs(corner[1] - obj["centre"][1])) <= 0.03 + 1e-9
+                corners.add(corner)
+            assert len(corners) == len(objects)
+            heldout = (objects[0]["colour"], objects[0]["shape"]) in DEFAULT_HELDOUT
+            assert heldout == (split == "heldout"), (split, caption)
+            # "three red circles", "a picture of 2 blue squares", "there are four green triangles": no size, no place
+            words = caption.split()
+            number = next(w for w in words if w in COUNT_WORDS)
+            assert COUNT_WORDS[number] == len(objects)
+            assert caption.endswith(f"{number} {objects[0]['colour']} {objects[0]['shape']}s"), caption
+            seen["numbers"].add(number)
+            seen["templates"].add(caption[: caption.index(number)])
+            seen["combos"].add((split, objects[0]["colour"], objects[0]["shape"]))
+            image = np.asarray(item.image).astype(int)
+            assert (np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]) == 255).all()
+    assert seen["numbers"] == set(COUNT_WORDS) and seen["templates"] == {"", "a picture of ", "there are "}
+    assert len(seen["combos"]) == 2 * 28 + 4
+
+
+def test_count_fraction_leaves_every_other_item_unchanged():
+    """With count_fraction=0 the stream is byte for byte the one before count scenes existed (images, captions,
+    metas, twins; the hashes were taken from the code of that time), and a count_fraction moves no pair."""
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        for pair_fraction in (0.0, 0.2, 0.5):
+            data = ShapesDataset(split, length=8, image_size=32, pair_fraction=pair_fraction, twins=True)
+            for i in range(8):
+                item = data[i]
+                digest.update(item["image"].numpy().tobytes())
+                digest.update(item["twin_image"].numpy().tobytes())
+                digest.update(item["caption"].encode())
+                digest.update(item["twin_caption"].encode())
+                digest.update(json.dumps(item["meta"], sort_keys=True).encode())
+    assert digest.hexdigest() == "1a0902e3978bb86aaaaeede12146488a1163ad430e1499872dd6d1194de43946"
+    digest = hashlib.sha256()
+    for pair_fraction in (0.0, 0.5):
+        data = ShapesDataset("heldout", length=8, image_size=32, pair_fraction=pair_fraction)
+        for i in range(8):
+            item = data[i]
+            digest.update(item["image"].numpy().tobytes())
+            digest.update(item["caption"].encode())
+            digest.update(json.dumps(item["meta"], sort_keys=True).encode())
+    assert digest.hexdigest() == "61e01674c6d7ed70c5974b6774626d463616d55b2c36f58ceb679c60893c9871"
+    scenes = set()
+    for i in range(60):
+        before = generate_item(i, split="val", image_size=16, pair_fraction=0.3)
+        after = generate_item(i, split="val", image_size=16, pair_fraction=0.3, count_fraction=0.3)
+        scenes.add(after.meta["scene"])
+        if after.meta["scene"] != "count":  # pairs stay pairs; singles stay singles
+            assert after.image.tobytes() == before.image.tobytes() and after.caption == before.caption
+            assert after.meta == before.meta
+        else:
+            assert before.meta["scene"] == "single"
+    assert scenes == {"single", "pair", "count"}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"count_fraction": 1.5}, ["count_fraction", "1.5"]),
+    ({"count_fraction": -0.1}, ["count_fraction", "-0.1"]),
+    ({"pair_fraction": 0.6, "count_fraction": 0.5}, ["pair_fraction=0.6", "count_fraction=0.5", "<= 1"]),
+])
+def test_count_fraction_validation_names_the_values(kwargs, words):
+    for make in (lambda: ShapesDataset(**kwargs), lambda: generate_item(0, **kwargs)):
+        with pytest.raises(ValueError) as error:
+            make()
+        for word in words:
+            assert word in str(error.value)
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_count_twins_change_the_number_or_the_object_within_the_split(split):
+    data = ShapesDataset(split, length=120, image_size=32, count_fraction=1.0, twins=True)
+    kinds = Counter()
+    for i in range(len(data)):
+        item = data[i]
+        before, after = parse_caption(item["caption"]), parse_caption(item["twin_caption"])
+        assert after is not None and after["scene"] == "count", item["twin_caption"]
+        obj, was = after["objects"][0], before["objects"][0]
+        assert ((obj["colour"], obj["shape"]) in DEFAULT_HELDOUT) == (split == "heldout")
+        changed = [k for k, a, b in (("count", after["count"], before["count"]), ("colour", obj["colour"], was["colour"]),
+                                     ("shape", obj["shape"], was["shape"])) if a != b]
+        assert len(changed) == 1, (item["caption"], item["twin_caption"])
+        kinds[changed[0]] += 1
+        twin = np.asarray(item["twin_image"].permute(1, 2, 0))
+        assert not torch.equal(item["image"], item["twin_image"]) and (twin[0] == 1).all()  # border stays white
+    assert kinds["count"] > kinds["colour"] + kinds["shape"]
+    assert set(kinds) == ({"count", "colour", "shape"} if split == "train" else {"count"})

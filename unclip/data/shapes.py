@@ -50,6 +50,15 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "top": (0.5, 0.25),
     "bottom": (0.5, 0.75),
 }
+# count scenes: the objects stand at distinct corners (docs/data.md, "Scenes")
+CORNERS: dict[str, tuple[float, float]] = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+}
+COUNTS = (2, 3, 4)
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 DEFAULT_HELDOUT = (("purple", "triangle"), ("orange", "circle"), ("cyan", "square"), ("pink", "diamond"))
 SPLITS = ("train", "val", "heldout")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -70,6 +79,8 @@ RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", 
 SINGLE_TEMPLATES = ("{a} {np}{pos}", "{np}{pos}", "a picture of {a} {np}{pos}", "there is {a} {np}{pos}")
 PAIR_TEMPLATES = ("{a0} {np0} {rel} {a1} {np1}", "a picture of {a0} {np0} {rel} {a1} {np1}",
                   "there is {a0} {np0} {rel} {a1} {np1}")
+COUNT_TEMPLATES = ("{n} {np}", "a picture of {n} {np}", "there are {n} {np}")  # {np}: "colour shapes"
+P_DIGIT = 0.3  # probability that a count caption writes the number as a digit ("3 red circles")
 P_NAME = 0.6  # probability that a caption names the size, and (single scenes) the position
 
 
@@ -140,6 +151,7 @@ class ShapesConfig:
     heldout: tuple = DEFAULT_HELDOUT
     jitter: float = MAX_JITTER
     name_probability: float = P_NAME  # of naming size and position; only the captions depend on it
+    count_fraction: float = 0.0  # share of count scenes; pair_fraction + count_fraction <= 1
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -149,6 +161,13 @@ class ShapesConfig:
         check_image_size(self.image_size)
         if not 0.0 <= self.pair_fraction <= 1.0:
             raise ValueError(f"pair_fraction must be in [0, 1], got {self.pair_fraction!r}")
+        if not 0.0 <= self.count_fraction <= 1.0:
+            raise ValueError(f"count_fraction must be in [0, 1], got {self.count_fraction!r}")
+        if self.pair_fraction + self.count_fraction > 1.0:
+            raise ValueError(
+                f"pair_fraction + count_fraction must be <= 1 (the rest are single objects), got pair_fraction="
+                f"{self.pair_fraction!r} + count_fraction={self.count_fraction!r}; lower one of them"
+            )
         if not 0.0 <= self.name_probability <= 1.0:
             raise ValueError(f"name_probability must be in [0, 1], got {self.name_probability!r}")
         if not 0.0 <= self.jitter <= MAX_JITTER:
@@ -228,7 +247,7 @@ def _article(word: str) -> str:
 
 
 def jittered_centre(rng: random.Random, position: str, jitter: float) -> tuple[float, float]:
-    x, y = POSITIONS[position]
+    x, y = POSITIONS[position] if position in POSITIONS else CORNERS[position]
     # rounded so that the recorded centre is exactly the rendered one and reads well
     return (round(x + rng.uniform(-jitter, jitter), 6), round(y + rng.uniform(-jitter, jitter), 6))
 
@@ -291,6 +310,50 @@ def pair_meta(objects: Sequence[ShapeObject], relation: str, named_size: bool) -
             "named_size": named_size, "named_position": False}
 
 
+def _sample_count(rng: random.Random, config: ShapesConfig, combos) -> tuple[str, dict, list[ShapeObject]]:
+    colour, shape = rng.choice(combos)
+    objects = count_objects(rng, colour, shape, rng.choice(COUNTS), config.jitter)
+    caption = count_caption(rng, colour, shape, len(objects))
+    return caption, count_meta(objects), objects
+
+
+def count_objects(rng: random.Random, colour: str, shape: str, n: int, jitter: float,
+                  keep: Sequence[ShapeObject] = ()) -> list[ShapeObject]:
+    """``n`` small objects of one colour and shape at distinct corners drawn at random (``keep``: objects that stay
+    where they are, as many of them as fit), listed in the corners' order."""
+    kept = {obj.position: obj for obj in rng.sample(list(keep), min(n, len(keep)))}
+    free = [corner for corner in CORNERS if corner not in kept]
+    chosen = set(kept) | set(rng.sample(free, n - len(kept)))
+    return [ShapeObject(colour, shape, "small", corner, kept[corner].centre if corner in kept
+                        else jittered_centre(rng, corner, jitter)) for corner in CORNERS if corner in chosen]
+
+
+def count_caption(rng: random.Random, colour: str, shape: str, n: int) -> str:
+    """A caption of a count scene, "three red circles", from docs/data.md's templates (the number a word or a digit)."""
+    number = str(n) if rng.random() < P_DIGIT else COUNT_WORDS[n]
+    return rng.choice(COUNT_TEMPLATES).format(n=number, np=f"{colour} {shape}s")
+
+
+def count_meta(objects: Sequence[ShapeObject]) -> dict:
+    return {"scene": "count", "objects": [obj.to_meta() for obj in objects], "count": len(objects), "relation": None,
+            "named_size": False, "named_position": False}
+
+
+def _twin_count(rng: random.Random, objects: Sequence[ShapeObject], combos, jitter: float) -> list[ShapeObject]:
+    first = objects[0]
+    n = rng.choice([k for k in COUNTS if k != len(objects)])
+    options = [(3, count_objects(rng, first.colour, first.shape, n, jitter, keep=objects))]  # another number
+    colours = [c for c, s in combos if s == first.shape and c != first.colour]
+    if colours:
+        colour = rng.choice(colours)
+        options.append((1, [ShapeObject(colour, o.shape, o.size, o.position, o.centre) for o in objects]))
+    shapes = [s for c, s in combos if c == first.colour and s != first.shape]
+    if shapes:
+        shape = rng.choice(shapes)
+        options.append((1, [ShapeObject(o.colour, shape, o.size, o.position, o.centre) for o in objects]))
+    return rng.choices([o for _, o in options], weights=[w for w, _ in options])[0]
+
+
 def _twin_single(rng: random.Random, obj: ShapeObject, meta: dict, combos, jitter: float) -> list[ShapeObject]:
     options = []  # (weight, changed object)
     if meta["named_position"] and obj.size == "small":
@@ -324,7 +387,8 @@ def _twin_pair(rng: random.Random, objects: Sequence[ShapeObject], combos, jitte
 def twin_scene(index: int, config: ShapesConfig, meta: dict) -> tuple[np.ndarray, str]:
     """A hard negative for item ``index``: the same scene with one attribute its caption names changed (a single
     object's position, size, colour or shape; a pair's relation reversed, or its colours or shapes swapped between
-    the two objects), drawn within the split's compositions. Its own random stream: items do not shift."""
+    the two objects; a count scene's number, most often, or its colour or shape), drawn within the split's
+    compositions. Its own random stream: items do not shift."""
     rng = random.Random(f"shapes/{config.seed}/{config.split}/{int(index)}/twin")
     combos = allowed_combos(config.split, config.heldout)
     objects = [ShapeObject(o["colour"], o["shape"], o["size"], o["position"], tuple(o["centre"]))
@@ -333,6 +397,9 @@ def twin_scene(index: int, config: ShapesConfig, meta: dict) -> tuple[np.ndarray
         twin = _twin_pair(rng, objects, combos, config.jitter)
         relation = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}[twin[0].position]
         caption = pair_caption(rng, twin, relation, meta["named_size"])
+    elif meta["scene"] == "count":
+        twin = _twin_count(rng, objects, combos, config.jitter)
+        caption = count_caption(rng, twin[0].colour, twin[0].shape, len(twin))
     else:
         twin = _twin_single(rng, objects[0], meta, combos, config.jitter)
         caption = single_caption(rng, twin[0], meta["named_size"], meta["named_position"])
@@ -344,16 +411,19 @@ def _generate(index: int, config: ShapesConfig) -> tuple[np.ndarray, str, dict]:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
     rng = random.Random(f"shapes/{config.seed}/{config.split}/{int(index)}")
     combos = allowed_combos(config.split, config.heldout)
-    pair = rng.random() < config.pair_fraction  # always drawn: items do not shift with pair_fraction
-    caption, meta, objects = (_sample_pair if pair else _sample_single)(rng, config, combos)
+    # one draw picks the scene, always made: the items of the other scenes do not shift with the fractions
+    u = rng.random()
+    sample = (_sample_pair if u < config.pair_fraction else
+              _sample_count if u < config.pair_fraction + config.count_fraction else _sample_single)
+    caption, meta, objects = sample(rng, config, combos)
     return _render_array(objects, config.image_size), caption, meta
 
 
 def generate_item(index: int, *, split: str = "train", seed: int = 0, image_size: int = 64,
                   pair_fraction: float = 0.0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
-                  name_probability: float = P_NAME) -> ShapesItem:
+                  name_probability: float = P_NAME, count_fraction: float = 0.0) -> ShapesItem:
     """The item ``index`` of the stream (seed, split): the same image and caption on every machine."""
-    config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability)
+    config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability, count_fraction)
     array, caption, meta = _generate(index, config)
     return ShapesItem(Image.fromarray(array), caption, meta)
 
@@ -364,10 +434,11 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 64,
                  pair_fraction: float = 0.0, seed: int = 0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
-                 twins: bool = False, name_probability: float = P_NAME):
+                 twins: bool = False, name_probability: float = P_NAME, count_fraction: float = 0.0):
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
-        self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability)
+        self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability,
+                                   count_fraction)
         self.length = length
         self.twins = bool(twins)  # items also carry "twin_image" / "twin_caption": a hard negative (twin_scene)
 
@@ -409,7 +480,13 @@ def write_folder(out_dir, n: int, **dataset_kwargs) -> Path:
     return out
 
 
-_CAPTION_PREFIXES = ("a picture of ", "there is ")
+_CAPTION_PREFIXES = ("a picture of ", "there is ", "there are ")
+# any number a user may write, so that one the data set cannot draw ("five red circles") is told apart from words it
+# does not know; only COUNTS are drawn
+_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+            "ten": 10}
+_COUNT = re.compile(r"^(?P<n>\d+|{words}) (?P<colour>{colours}) (?P<shape>{shapes})s?$".format(
+    words="|".join(_NUMBERS), colours="|".join(COLOURS), shapes="|".join(SHAPES)))
 _POSITION_BY_PHRASE = {phrase: position for position, phrases in POSITION_PHRASES.items() for phrase in phrases}
 _NOUN = re.compile(
     r"^(?:(?:a|an) )?(?:(?P<size>{sizes}) )?(?P<colour>{colours}) (?P<shape>{shapes})(?: (?P<pos>{positions}))?$".format(
@@ -427,10 +504,40 @@ def _parse_noun(text: str) -> dict | None:
     return {"colour": match["colour"], "shape": match["shape"], "size": match["size"], "position": position}
 
 
+def _parse_count(text: str) -> dict | None:
+    """A count caption's meta ("three red circles", "3 red circles"), or None where ``text`` is none."""
+    match = _COUNT.match(text)
+    if match is None:
+        return None
+    n = int(match["n"]) if match["n"].isdigit() else _NUMBERS[match["n"]]
+    if n not in COUNTS or not text.endswith("s"):
+        return None
+    objects = [{"colour": match["colour"], "shape": match["shape"], "size": "small", "position": None}
+               for _ in range(n)]
+    return {"scene": "count", "objects": objects, "count": n, "relation": None, "named_size": False,
+            "named_position": False}
+
+
+def _parse_pair(first: str, relation: str, second: str) -> dict | None:
+    """A pair caption's meta from its two noun phrases, or None where the data set cannot draw it."""
+    objects = [_parse_noun(first), _parse_noun(second)]
+    if None in objects or any(o["position"] or o["size"] == "large" for o in objects):
+        return None
+    if objects[0]["colour"] == objects[1]["colour"]:
+        return None
+    for obj, position in zip(objects, pair_position(relation)):
+        obj["size"], obj["position"] = "small", position
+    named_size = "small" in (first.split() + second.split())
+    return {"scene": "pair", "objects": objects, "relation": relation, "named_size": named_size,
+            "named_position": False}
+
+
 def parse_caption(caption: str) -> dict | None:
     """The metadata a caption states, in the items' ``meta`` form (objects without centres; ``size`` / ``position``
     None where the caption leaves them out), or None when the caption is not one this data set can draw: words
-    outside docs/data.md's vocabulary, a large object off the centre, a pair of one colour or with a large object.
+    outside docs/data.md's vocabulary, a large object off the centre, a pair of one colour or with a large object,
+    a number of objects other than 2, 3 or 4 ("five red circles", "one red circle": outside the vocabulary, so an
+    evaluation lists such a prompt rather than counting it).
 
     The inverse of the captions the generator writes: ``parse_caption(item["caption"])`` agrees with the item's
     ``meta`` on every attribute the caption names. Lets an evaluation judge any prompt a user writes.
@@ -442,20 +549,12 @@ def parse_caption(caption: str) -> dict | None:
         if text.startswith(prefix):
             text = text[len(prefix):]
             break
+    if _COUNT.match(text):
+        return _parse_count(text)
     for relation, phrase in RELATION_PHRASES.items():
         first, sep, second = text.partition(f" {phrase} ")
-        if not sep:
-            continue
-        objects = [_parse_noun(first), _parse_noun(second)]
-        if None in objects or any(o["position"] or o["size"] == "large" for o in objects):
-            return None
-        if objects[0]["colour"] == objects[1]["colour"]:
-            return None
-        for obj, position in zip(objects, pair_position(relation)):
-            obj["size"], obj["position"] = "small", position
-        named_size = "small" in (first.split() + second.split())
-        return {"scene": "pair", "objects": objects, "relation": relation, "named_size": named_size,
-                "named_position": False}
+        if sep:
+            return _parse_pair(first, relation, second)
     obj = _parse_noun(text)
     if obj is None:
         return None

@@ -324,6 +324,16 @@ def _find(judgement: Judgement, colour: str, shape: str, exclude: int | None = N
     return None
 
 
+def count_checks(judgement: Judgement, meta: dict) -> dict[str, bool]:
+    """A count scene ("three red circles"): ``count`` (exactly the named number of objects found), ``colour`` and
+    ``shape`` (every object found has the named colour / shape, and there is one), ``all`` (the three)."""
+    target, found = meta["objects"][0], judgement.objects
+    colour = bool(found) and all(obj.colour == target["colour"] for obj in found)
+    shape = bool(found) and all(obj.shape == target["shape"] for obj in found)
+    count = judgement.count == meta.get("count", len(meta["objects"]))
+    return {"count": count, "colour": colour, "shape": shape, "all": count and colour and shape}
+
+
 def score(judgements: Sequence[Judgement], metas: Sequence[dict]) -> dict[str, float]:
     """Accuracy of judged images against the metadata of the captions they were made from.
 
@@ -331,13 +341,15 @@ def score(judgements: Sequence[Judgement], metas: Sequence[dict]) -> dict[str, f
     ``colour_shape_acc`` over ``n_single``; ``size_acc`` over the ``n_named_size`` captions that named
     the size, ``position_acc`` over the ``n_named_position`` that named the position. Pair scenes:
     ``pair_acc`` (both colour-shape objects found and their relation right), ``pair_objects_acc`` (both
-    found) over ``n_pair``. Every scene: ``count_acc`` (as many objects as the meta has) and
+    found) over ``n_pair``. Count scenes: ``count_scene_acc`` (every object the named colour and shape, exactly the
+    named number; :func:`count_checks`) over ``n_count``. Every scene: ``count_acc`` (as many objects as the meta has) and
     ``mean_objects``. An accuracy is present only when its count is positive.
     """
     if len(judgements) != len(metas):
         raise ValueError(f"got {len(judgements)} judgements for {len(metas)} metas")
-    tallies = {key: 0 for key in ("colour", "shape", "colour_shape", "size", "position", "pair", "pair_objects")}
-    counts = {"n_single": 0, "n_named_size": 0, "n_named_position": 0, "n_pair": 0}
+    tallies = {key: 0 for key in ("colour", "shape", "colour_shape", "size", "position", "pair", "pair_objects",
+                                         "count_scene")}
+    counts = {"n_single": 0, "n_named_size": 0, "n_named_position": 0, "n_pair": 0, "n_count": 0}
     count_right = 0
     total_objects = 0
     for judgement, meta in zip(judgements, metas):
@@ -352,6 +364,10 @@ def score(judgements: Sequence[Judgement], metas: Sequence[dict]) -> dict[str, f
                 tallies["pair_objects"] += 1
                 a, b = judgement.objects[first], judgement.objects[second]
                 tallies["pair"] += relation_between(a.centre, b.centre) == meta["relation"]
+            continue
+        if meta["scene"] == "count":
+            counts["n_count"] += 1
+            tallies["count_scene"] += count_checks(judgement, meta)["all"]
             continue
         counts["n_single"] += 1
         target = wanted[0]
@@ -374,7 +390,7 @@ def score(judgements: Sequence[Judgement], metas: Sequence[dict]) -> dict[str, f
         result["mean_objects"] = total_objects / n
     for key, over in (("colour", "n_single"), ("shape", "n_single"), ("colour_shape", "n_single"),
                       ("size", "n_named_size"), ("position", "n_named_position"),
-                      ("pair", "n_pair"), ("pair_objects", "n_pair")):
+                      ("pair", "n_pair"), ("pair_objects", "n_pair"), ("count_scene", "n_count")):
         if counts[over]:
             result[f"{key}_acc"] = tallies[key] / counts[over]
     return result
