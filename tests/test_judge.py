@@ -1,12 +1,24 @@
 """The pixel judge reads shapes images back: clean, degraded, and nothing where there is nothing."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from unclip.data.shapes import COLOURS, ShapeObject, ShapesDataset, collate, generate_item, render
-from unclip.eval.judge import JudgedObject, Judgement, judge, judge_batch, label_components, score
+from unclip.data.shapes import (
+    COLOURS,
+    CORNERS,
+    SHAPES,
+    ShapeObject,
+    ShapesDataset,
+    collate,
+    count_objects,
+    generate_item,
+    render,
+)
+from unclip.eval.judge import JudgedObject, Judgement, count_checks, judge, judge_batch, label_components, score
 
 ATTRIBUTE_METRICS = ("colour_acc", "shape_acc", "colour_shape_acc", "size_acc", "position_acc", "pair_acc",
                      "count_acc")
@@ -219,3 +231,45 @@ def test_every_colour_and_shape_is_recognised_small_at_16px():
             judgement = judge(render([ShapeObject(colour, shape, "small", "right", (0.77, 0.48))], 16))
             assert [(o.colour, o.shape, o.size, o.position) for o in judgement.objects] == [
                 (colour, shape, "small", "right")]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_rendered_count_scene_is_counted_right(size):
+    """Every colour, shape and number (2, 3, 4), at corners drawn at random with the jitter: exactly the number, each
+    object the colour and shape; the data set's own count scenes too."""
+    rng = random.Random(f"count-conformance/{size}")
+    judgements, metas = [], []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for n in (2, 3, 4):
+                objects = count_objects(rng, colour, shape, n, jitter=0.03)
+                judgements.append(judge(render(objects, size)))
+                metas.append({"scene": "count", "objects": [o.to_meta() for o in objects], "count": n})
+    for item in (generate_item(i, split=split, image_size=size, count_fraction=1.0)
+                 for split in ("train", "heldout") for i in range(12)):
+        judgements.append(judge(item.image))
+        metas.append(item.meta)
+    for judgement, meta in zip(judgements, metas):
+        assert count_checks(judgement, meta) == {"count": True, "colour": True, "shape": True, "all": True}, meta
+    result = score(judgements, metas)
+    assert result["n_count"] == len(metas) == 8 * 4 * 3 + 24 and result["count_scene_acc"] == 1.0
+    assert "colour_acc" not in result
+
+
+def test_count_checks_need_the_number_and_every_object_right():
+    meta = {"scene": "count", "count": 3, "objects": [{"colour": "red", "shape": "circle"}] * 3}
+    red = [obj("red", "circle", centre=CORNERS[c]) for c in CORNERS]
+    cases = [
+        (Judgement(red[:3], None), {"count": True, "colour": True, "shape": True, "all": True}),
+        (Judgement(red, None), {"count": False, "colour": True, "shape": True, "all": False}),  # one too many
+        (Judgement(red[:2], None), {"count": False, "colour": True, "shape": True, "all": False}),  # one too few
+        (Judgement(red[:2] + [obj("blue", "circle")], None), {"count": True, "colour": False, "shape": True,
+                                                               "all": False}),
+        (Judgement(red[:2] + [obj("red", "square")], None), {"count": True, "colour": True, "shape": False,
+                                                              "all": False}),
+        (Judgement([], None), {"count": False, "colour": False, "shape": False, "all": False}),
+    ]
+    for judgement, expected in cases:
+        assert count_checks(judgement, meta) == expected
+    result = score([j for j, _ in cases], [meta] * len(cases))
+    assert result["n_count"] == 6 and result["count_scene_acc"] == 1 / 6 and result["count_acc"] == 3 / 6
