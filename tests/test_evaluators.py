@@ -111,9 +111,11 @@ def test_the_pipeline_evaluation_names_what_it_has_when_asked_for_what_it_has_no
     val = {"val": ShapesDataset(split="val", length=4)}
     with pytest.raises(ValueError, match=r"\['val', 'heldout', 'pair', 'edits', 'fidelity', 'fidelity_variations'\], not \['train'\]"):
         ShapesEvaluator(val, pipeline_items={"train": 4})
-    with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair'\], not \['test'\]"):
+    with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair', 'pair_heldout', "
+                                         r"'pair_mixed', 'count', 'count_heldout'\], not \['test'\]"):
         ShapesEvaluator(val, pipeline_items={"fidelity": {"test": 4}})
-    with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair'\], not \['test'\]"):
+    with pytest.raises(ValueError, match=r"the balanced prompt set has the splits \['val', 'heldout', 'pair', 'pair_heldout', "
+                                         r"'pair_mixed', 'count', 'count_heldout'\], not \['test'\]"):
         ShapesEvaluator(val, pipeline_items={"fidelity_variations": {"test": 4}})
 
 
@@ -127,6 +129,39 @@ def test_prompts_outside_the_vocabulary_generate_and_are_reported_not_counted():
     metrics = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)}).prompt_metrics(images, prompts)
     assert metrics["grid/out_of_vocabulary"] == ["a violet hexagon"]
     assert metrics["grid/n"] == 1 and "grid/position=top" in metrics  # the other prompt, judged
+
+
+def test_count_prompts_outside_two_to_four_generate_and_are_reported_not_counted():
+    """Issue 28's bad input: "five red circles" is drawn, then listed as outside the vocabulary; "three red circles"
+    is judged as a count scene."""
+    clip, prior, decoder, upsampler = micro_stages()
+    pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler],
+                          settings=GenerationSettings(prior_steps=2, decoder_steps=2, upsampler_steps=2))
+    prompts = ["five red circles", "three red circles", "1 red circle"]
+    images = pipe.generate(prompts, seed=0)
+    assert len(images) == 3
+    metrics = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)}).prompt_metrics(images, prompts)
+    assert metrics["grid/out_of_vocabulary"] == ["five red circles", "1 red circle"]
+    assert metrics["grid/n"] == 1 and metrics["grid/n/count=3"] == 1 and "grid/count" in metrics
+
+
+def test_the_balanced_set_reports_counts_held_out_pairs_and_genevals_categories():
+    clip, prior, decoder, upsampler = micro_stages()
+    pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler],
+                          settings=GenerationSettings(prior_steps=2, decoder_steps=2, upsampler_steps=2))
+    items = {"val": 6, "pair": 4, "pair_heldout": 4, "pair_mixed": 4, "count": 3, "count_heldout": 3}
+    evaluator = ShapesEvaluator({"val": ShapesDataset(split="val", length=4)}, pipeline_items={"fidelity": items})
+    metrics = evaluator.pipeline_metrics(pipe, seed=0, prefix="p_", edits=False)
+    for split, n in items.items():
+        assert metrics[f"p_fidelity/{split}/n"] == n
+    assert {"p_fidelity/count/count=2", "p_fidelity/count_heldout/count=4/all", "p_fidelity/pair_mixed/objects",
+            "p_fidelity/pair_heldout/shapes"} <= set(metrics)
+    categories = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+    assert metrics["p_fidelity/count/all"] == metrics["p_geneval/counting"]
+    assert metrics["p_geneval/overall"] == pytest.approx(sum(metrics[f"p_geneval/{c}"] for c in categories) / 6)
+    summary = evaluator.summary({**metrics, "generator": "unclip"}, prefix="p_")
+    assert "count_heldout" in summary and "pair_heldout" in summary
+    assert "| unclip (shapes, the pixel judge) |" in summary and "| DALL-E 2 (published) | 0.52 | 0.94 |" in summary
 
 
 class _AttributeClip:
@@ -210,3 +245,9 @@ def test_a_dalle_pipeline_is_evaluated_on_captioned_data_and_on_shapes_without_t
     metrics = shapes.pipeline_metrics(pipe, seed=0)  # edits=True asked, but a DALL-E pipeline makes no edits
     assert "val_colour_shape_acc" in metrics and metrics["fidelity/val/n"] == 6
     assert not any("variations" in key or "interpolate" in key or "text_diff" in key for key in metrics)
+    counted = ShapesEvaluator({"val": ShapesDataset(split="val", length=4, image_size=16)},
+                              pipeline_items={"fidelity": {"val": 3, "pair": 2, "count": 3}})
+    metrics = counted.pipeline_metrics(pipe, seed=0)  # GenEval's categories for DALL-E 1 too
+    assert {f"geneval/{c}" for c in ("single_object", "two_object", "counting", "colors", "position", "color_attr",
+                                     "overall")} <= set(metrics)
+    assert "| dalle (shapes, the pixel judge) |" in counted.summary({**metrics, "generator": "dalle"})

@@ -16,7 +16,14 @@ from unclip.data.shapes import (
     render,
 )
 from unclip.eval.judge import judge, judge_batch
-from unclip.eval.prompt_set import balanced_scenes, fidelity_report, format_table, judge_prompts
+from unclip.eval.prompt_set import (
+    balanced_scenes,
+    fidelity_report,
+    format_table,
+    geneval_scores,
+    geneval_table,
+    judge_prompts,
+)
 
 
 @pytest.mark.parametrize("split", ["train", "val", "heldout"])
@@ -163,3 +170,96 @@ def test_name_probability_changes_only_how_often_captions_name_size_and_position
     assert not any(never[i]["meta"]["named_position"] or never[i]["meta"]["named_size"] for i in range(50))
     with pytest.raises(ValueError, match=r"name_probability must be in \[0, 1\], got 1.5"):
         ShapesDataset(name_probability=1.5)
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_parse_caption_reads_count_captions_back(split):
+    for i in range(150):
+        item = generate_item(i, split=split, pair_fraction=0.2, count_fraction=0.4)
+        parsed, meta = parse_caption(item.caption), item.meta
+        assert parsed is not None, item.caption
+        assert parsed["scene"] == meta["scene"] and parsed.get("count") == meta.get("count")
+        assert [(o["colour"], o["shape"]) for o in parsed["objects"]] == [(o["colour"], o["shape"]) for o in meta["objects"]]
+    assert parse_caption("There are 3 red circles.")["count"] == 3
+    assert parse_caption("a picture of four green triangles")["objects"] == [
+        {"colour": "green", "shape": "triangle", "size": "small", "position": None}] * 4
+
+
+@pytest.mark.parametrize("caption", ["five red circles", "one red circle", "1 red circle", "5 red circles",
+                                     "there are ten blue squares", "two red circle", "three violet circles",
+                                     "three red circles on the left", "three large red circles"])
+def test_parse_caption_refuses_numbers_and_count_scenes_the_data_set_cannot_draw(caption):
+    assert parse_caption(caption) is None
+
+
+def test_the_new_splits_are_balanced_hold_out_what_they_say_and_move_no_old_prompt():
+    counts = {"val": 20, "pair": 12, "count": 36, "count_heldout": 24, "pair_heldout": 24, "pair_mixed": 24}
+    sets = balanced_scenes(counts, seed=0)
+    old = balanced_scenes({"val": 20, "pair": 12}, seed=0)
+    for split in ("val", "pair"):  # a split's prompts do not depend on which other splits are asked for
+        assert [(s.caption, s.meta) for s in sets[split]] == [(s.caption, s.meta) for s in old[split]]
+    heldout = set(DEFAULT_HELDOUT)
+    for split in ("count", "count_heldout"):
+        assert Counter(s.meta["count"] for s in sets[split]) == {n: counts[split] // 3 for n in (2, 3, 4)}
+        combos = Counter((s.meta["objects"][0]["colour"], s.meta["objects"][0]["shape"]) for s in sets[split])
+        assert (set(combos) <= heldout) == (split == "count_heldout") and (set(combos) & heldout) == (
+            set(combos) if split == "count_heldout" else set())
+        assert max(combos.values()) - min(combos.values()) <= 1  # the compositions in rounds
+    assert len({(s.meta["objects"][0]["colour"], s.meta["objects"][0]["shape"]) for s in sets["count"]}) == 28
+    for split in ("pair_heldout", "pair_mixed"):
+        assert Counter(s.meta["relation"] for s in sets[split]) == {r: 6 for r in RELATIONS}
+        for scene in sets[split]:
+            held = [(o["colour"], o["shape"]) in heldout for o in scene.meta["objects"]]
+            assert held == [True, True] if split == "pair_heldout" else sorted(held) == [False, True], scene.caption
+            assert scene.meta["objects"][0]["colour"] != scene.meta["objects"][1]["colour"]
+    assert {tuple((o["colour"], o["shape"]) in heldout for o in s.meta["objects"]) for s in sets["pair_mixed"]} == {
+        (True, False), (False, True)}  # the held-out object first and second
+    for split, scenes in sets.items():  # every prompt parses back to its scene, and its render is judged right
+        for scene in scenes:
+            parsed = parse_caption(scene.caption)
+            assert parsed is not None and parsed["scene"] == scene.meta["scene"], scene.caption
+            assert [(o["colour"], o["shape"]) for o in parsed["objects"]] == [
+                (o["colour"], o["shape"]) for o in scene.meta["objects"]]
+            assert parsed.get("count") == scene.meta.get("count") and parsed["relation"] == scene.meta["relation"]
+        report = fidelity_report(judge_batch([s.render(32) for s in scenes]), [s.meta for s in scenes])
+        assert report["all"] == 1.0, (split, report)
+    with pytest.raises(ValueError, match="pair_heldout needs held-out compositions of two colours"):
+        balanced_scenes({"pair_heldout": 4}, heldout=[("red", "circle"), ("red", "square")])
+
+
+def test_geneval_scores_read_the_six_categories_off_a_report():
+    report = {"fidelity/val/object": 0.9, "fidelity/val/colour": 0.95, "fidelity/pair/shapes": 0.8,
+              "fidelity/pair/relation": 0.6, "fidelity/pair/objects": 0.7, "fidelity/count/all": 0.25,
+              "fidelity/val/all": 0.5, "fidelity/count_heldout/all": 0.0}
+    scores = geneval_scores(report, prefix="fidelity/")
+    assert scores == pytest.approx({"single_object": 0.9, "two_object": 0.8, "counting": 0.25, "colors": 0.95,
+                                    "position": 0.6, "color_attr": 0.7, "overall": 4.2 / 6})
+    partial = geneval_scores({k: v for k, v in report.items() if "/count/" not in k}, prefix="fidelity/")
+    assert "counting" not in partial and "overall" not in partial  # no mean of five passed off as GenEval's
+    table = geneval_table(scores, name="unclip").splitlines()
+    assert table[0] == ("| model | overall | single object | two objects | counting | colours | position | "
+                        "colour attribution |")
+    assert table[2] == "| unclip (shapes, the pixel judge) | 0.70 | 0.90 | 0.80 | 0.25 | 0.95 | 0.60 | 0.70 |"
+    assert table[3] == "| DALL-E 2 (published) | 0.52 | 0.94 | 0.66 | 0.49 | 0.77 | 0.10 | 0.19 |"
+    assert table[4:8] == ["| SD 1.5 (published) | 0.43 |  |  |  |  |  |  |", "| SDXL (published) | 0.55 |  |  |  |  |  |  |",
+                          "| DALL-E 3 (published) | 0.67 |  |  |  |  |  |  |",
+                          "| minDALL-E (a DALL-E 1) (published) | 0.23 |  |  |  |  |  |  |"]
+    assert "another domain and another judge" in table[-1]
+
+
+def test_judged_pairs_and_counts_give_genevals_categories_exactly():
+    sets = balanced_scenes({"val": 4, "pair": 4, "count": 3})
+    images = {split: [s.render(32) for s in scenes] for split, scenes in sets.items()}
+    first = sets["pair"][0].objects  # the second object's colour wrong: two objects yes, colour attribution no
+    recoloured = next(c for c in ("red", "blue") if c not in (first[0].colour, first[1].colour))
+    images["pair"][0] = render([first[0], ShapeObject(recoloured, first[1].shape, "small", first[1].position,
+                                                      first[1].centre)], 32)
+    images["count"][1] = render(sets["count"][1].objects[:-1], 32)  # one object too few
+    report = {}
+    for split, scenes in sets.items():
+        report.update(fidelity_report(judge_batch(images[split]), [s.meta for s in scenes], prefix=f"{split}/"))
+    scores = geneval_scores(report)
+    assert scores == pytest.approx({"single_object": 1.0, "colors": 1.0, "two_object": 1.0, "color_attr": 0.75,
+                                    "position": 0.75, "counting": 2 / 3, "overall": (3 + 0.75 + 0.75 + 2 / 3) / 6})
+    assert report["count/count=3"] == 0.0 and report["count/count=2/all"] == 1.0
+    assert "count count: 2 100%, 3 0%, 4 100%" in format_table(report, splits=list(sets))

@@ -8,14 +8,21 @@ gives each value its share:
   the cells being large-centre and small at each of the five positions (168 scenes);
 * ``heldout``: the held-out colour-shape pairs (docs/data.md) in every cell (24 scenes, repeated with other
   captions and jitter);
-* ``pair``: two small objects of the training compositions, each of the four relations equally often.
+* ``pair``: two small objects of the training compositions, each of the four relations equally often;
+* ``pair_heldout``: the same with two held-out compositions, ``pair_mixed`` with one held-out and one training
+  composition (in either order): composition the model never saw, in a scene of two;
+* ``count``: 2, 3 or 4 objects of one training composition ("three red circles"), each number equally often and the
+  compositions in rounds; ``count_heldout``: the same of the held-out compositions.
 
 Captions come from docs/data.md's templates and synonyms (always naming size and position for single objects), each
 scene with its rendered image, so that the same set measures text -> image and image -> image (variations).
-Everything is a function of the seed.
+Everything is a function of the seed; each split draws from a random stream of its own, so adding a split moves no
+other split's prompts.
 
 The report (:func:`fidelity_report`) gives, per split, the share of images with each attribute right and with all
-of them right, and the same per attribute value (``position=top``, ``relation=above``, ...).
+of them right, and the same per attribute value (``position=top``, ``relation=above``, ``count=3``, ...).
+:func:`geneval_scores` reads GenEval's six categories (Ghosh et al. 2023) off such a report, :func:`geneval_table`
+prints them beside the published rows.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ import torch
 from PIL import Image
 
 from unclip.data.shapes import (
+    COUNTS,
     DEFAULT_HELDOUT,
     POSITIONS,
     RELATIONS,
     ShapeObject,
     ShapesConfig,
     allowed_combos,
+    count_caption,
+    count_meta,
+    count_objects,
     jittered_centre,
     pair_caption,
     pair_meta,
@@ -44,11 +55,12 @@ from unclip.data.shapes import (
     single_caption,
     single_meta,
 )
-from unclip.eval.judge import Judgement, judge_batch, relation_between
+from unclip.eval.judge import Judgement, count_checks, judge_batch, relation_between
 
 SINGLE_CELLS = (("large", "centre"),) + tuple(("small", position) for position in POSITIONS)
-SPLITS = ("val", "heldout", "pair")
-DEFAULT_COUNTS = {"val": 168, "heldout": 48, "pair": 64}
+SPLITS = ("val", "heldout", "pair", "pair_heldout", "pair_mixed", "count", "count_heldout")
+DEFAULT_COUNTS = {"val": 168, "heldout": 48, "pair": 64, "pair_heldout": 24, "pair_mixed": 24, "count": 36,
+                  "count_heldout": 24}
 SINGLE_ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
@@ -76,12 +88,28 @@ def _single_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Sc
     return scenes
 
 
-def _pair_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Scene]:
+def _draw_pair(combos):
+    """Two compositions of ``combos`` of different colours."""
+    def draw(rng: random.Random):
+        first = rng.choice(combos)
+        return first, rng.choice([combo for combo in combos if combo[0] != first[0]])
+    return draw
+
+
+def _draw_mixed(heldout, train_combos):
+    """A held-out and a training composition of another colour, in either order."""
+    def draw(rng: random.Random):
+        first = rng.choice(heldout)
+        second = rng.choice([combo for combo in train_combos if combo[0] != first[0]])
+        return (first, second) if rng.random() < 0.5 else (second, first)
+    return draw
+
+
+def _pair_scenes(draw, n: int, rng: random.Random, jitter: float) -> list[Scene]:
     scenes = []
     for i in range(n):
         relation = RELATIONS[i % len(RELATIONS)]
-        first = rng.choice(combos)
-        second = rng.choice([combo for combo in combos if combo[0] != first[0]])
+        first, second = draw(rng)
         objects = tuple(
             ShapeObject(colour, shape, "small", position, jittered_centre(rng, position, jitter))
             for (colour, shape), position in zip((first, second), pair_position(relation))
@@ -92,6 +120,33 @@ def _pair_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Scen
     return scenes
 
 
+def _count_scenes(combos, n: int, rng: random.Random, jitter: float) -> list[Scene]:
+    scenes, order = [], []
+    for i in range(n):  # the numbers in turn; the compositions in shuffled rounds
+        if not order:
+            order = rng.sample(list(combos), len(combos))
+        colour, shape = order.pop()
+        objects = count_objects(rng, colour, shape, COUNTS[i % len(COUNTS)], jitter)
+        scenes.append(Scene(count_caption(rng, colour, shape, len(objects)), count_meta(objects), tuple(objects)))
+    return scenes
+
+
+def _split_scenes(split: str, n: int, rng: random.Random, heldout, jitter: float) -> list[Scene]:
+    train_combos = allowed_combos("train", heldout)
+    if split == "pair":
+        return _pair_scenes(_draw_pair(train_combos), n, rng, jitter)
+    if split == "pair_heldout":
+        if len({colour for colour, _ in heldout}) < 2:
+            raise ValueError(f"the split pair_heldout needs held-out compositions of two colours, got {heldout}; "
+                             "set its count to 0")
+        return _pair_scenes(_draw_pair(heldout), n, rng, jitter)
+    if split == "pair_mixed":
+        return _pair_scenes(_draw_mixed(heldout, train_combos), n, rng, jitter)
+    if split in ("count", "count_heldout"):
+        return _count_scenes(train_combos if split == "count" else heldout, n, rng, jitter)
+    return _single_scenes(train_combos if split == "val" else heldout, n, rng, jitter)
+
+
 def balanced_scenes(counts: dict[str, int] | None = None, *, seed: int = 0, heldout=DEFAULT_HELDOUT,
                     jitter: float = 0.03) -> dict[str, list[Scene]]:
     """The balanced prompt set: ``{split: [Scene, ...]}`` for the splits with a positive count."""
@@ -100,7 +155,6 @@ def balanced_scenes(counts: dict[str, int] | None = None, *, seed: int = 0, held
     if unknown:
         raise ValueError(f"the balanced prompt set has the splits {list(SPLITS)}, not {unknown}")
     config = ShapesConfig(split="heldout", heldout=heldout, jitter=jitter)  # validates heldout and jitter
-    train_combos = allowed_combos("train", config.heldout)
     sets = {}
     for split, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -108,11 +162,7 @@ def balanced_scenes(counts: dict[str, int] | None = None, *, seed: int = 0, held
         if n == 0:
             continue
         rng = random.Random(f"balanced/{seed}/{split}")
-        if split == "pair":
-            sets[split] = _pair_scenes(train_combos, n, rng, config.jitter)
-        else:
-            combos = train_combos if split == "val" else config.heldout
-            sets[split] = _single_scenes(combos, n, rng, config.jitter)
+        sets[split] = _split_scenes(split, n, rng, config.heldout, config.jitter)
     return sets
 
 
@@ -120,29 +170,40 @@ def balanced_scenes(counts: dict[str, int] | None = None, *, seed: int = 0, held
 # judging
 
 
-def _find(judgement: Judgement, colour: str, shape: str, exclude: int | None = None) -> int | None:
+def _find(judgement: Judgement, colour: str | None, shape: str, exclude: int | None = None) -> int | None:
+    """The first judged object of that colour (any, for None) and shape other than ``exclude``."""
     for i, obj in enumerate(judgement.objects):
-        if i != exclude and obj.colour == colour and obj.shape == shape:
+        if i != exclude and colour in (None, obj.colour) and obj.shape == shape:
             return i
     return None
+
+
+def _pair_checks(judgement: Judgement, meta: dict) -> dict[str, bool]:
+    wanted = meta["objects"]
+    first = _find(judgement, wanted[0]["colour"], wanted[0]["shape"])
+    second = None if first is None else _find(judgement, wanted[1]["colour"], wanted[1]["shape"], first)
+    found = first is not None and second is not None
+    relation = found and relation_between(judgement.objects[first].centre,
+                                           judgement.objects[second].centre) == meta["relation"]
+    shape = _find(judgement, None, wanted[0]["shape"])
+    shapes = shape is not None and _find(judgement, None, wanted[1]["shape"], shape) is not None
+    return {"objects": found, "relation": relation, "shapes": shapes, "all": relation}
 
 
 def judge_scene(judgement: Judgement, meta: dict) -> dict[str, bool]:
     """Which of the attributes ``meta`` names the judged image has right, and ``all`` of them.
 
     Single objects: ``colour``, ``shape``, and ``size`` / ``position`` where named (the largest judged object
-    is the object). Pairs: ``objects`` (both colour-shape objects found), ``relation`` (found, and standing as
-    the caption says), ``all`` (the same as ``relation``).
+    is the object) and ``object`` (colour and shape both right). Pairs: ``objects`` (both colour-shape objects
+    found), ``shapes`` (both shapes found, whatever their colours), ``relation`` (found, and standing as the caption
+    says), ``all`` (the same as ``relation``). Count scenes: ``count``, ``colour``, ``shape``, ``all``
+    (:func:`unclip.eval.judge.count_checks`).
     """
-    wanted = meta["objects"]
     if meta["scene"] == "pair":
-        first = _find(judgement, wanted[0]["colour"], wanted[0]["shape"])
-        second = None if first is None else _find(judgement, wanted[1]["colour"], wanted[1]["shape"], first)
-        found = first is not None and second is not None
-        relation = found and relation_between(judgement.objects[first].centre,
-                                               judgement.objects[second].centre) == meta["relation"]
-        return {"objects": found, "relation": relation, "all": relation}
-    target, got = wanted[0], judgement.objects[0] if judgement.objects else None
+        return _pair_checks(judgement, meta)
+    if meta["scene"] == "count":
+        return count_checks(judgement, meta)
+    target, got = meta["objects"][0], judgement.objects[0] if judgement.objects else None
     result = {"colour": got is not None and got.colour == target["colour"],
               "shape": got is not None and got.shape == target["shape"]}
     if meta.get("named_size", True) and target.get("size"):
@@ -150,6 +211,7 @@ def judge_scene(judgement: Judgement, meta: dict) -> dict[str, bool]:
     if meta.get("named_position", True) and target.get("position"):
         result["position"] = got is not None and got.position == target["position"]
     result["all"] = all(result.values())
+    result["object"] = result["colour"] and result["shape"]
     return result
 
 
@@ -159,7 +221,8 @@ def fidelity_report(judgements: Sequence[Judgement], metas: Sequence[dict], pref
     Keys (each prefixed): ``n``; ``<attribute>`` and ``all`` (share right); ``<attribute>=<value>`` (share with
     that attribute right among the scenes whose target has that value) and ``<attribute>=<value>/all`` (all
     right among them), with ``n/<attribute>=<value>``. Single objects: attributes colour, shape, size, position.
-    Pairs: objects, relation, all, and ``relation=<value>``.
+    Pairs: objects, shapes, relation, all, and ``relation=<value>``. Count scenes: count, colour, shape, all, and
+    ``count=<n>``.
     """
     if len(judgements) != len(metas):
         raise ValueError(f"got {len(judgements)} judgements for {len(metas)} metas")
@@ -170,6 +233,8 @@ def fidelity_report(judgements: Sequence[Judgement], metas: Sequence[dict], pref
             right[attribute].append(ok)
         if meta["scene"] == "pair":
             values = {"relation": meta["relation"]}
+        elif meta["scene"] == "count":
+            values = {"count": meta["count"]}
         else:
             values = {a: meta["objects"][0].get(a) for a in SINGLE_ATTRIBUTES}
         for attribute, value in values.items():
@@ -200,20 +265,75 @@ def judge_prompts(images, prompts: Sequence[str], prefix: str = "") -> dict:
 
 def format_table(report: dict, splits: Sequence[str] = SPLITS, prefix: str = "") -> str:
     """A short text table of a report's headline numbers, one row per split, then the position and relation values."""
-    columns = ("colour", "shape", "size", "position", "objects", "relation", "all")
-    lines = ["split     " + "".join(f"{c:>10}" for c in columns) + "         n"]
+    columns = ("colour", "shape", "size", "position", "objects", "relation", "count", "all")
+    lines = ["split         " + "".join(f"{c:>10}" for c in columns) + "         n"]
     for split in splits:
         p = f"{prefix}{split}/"
         if f"{p}n" not in report:
             continue
         cells = "".join(f"{report[p + c]:>10.0%}" if p + c in report else f"{'-':>10}" for c in columns)
-        lines.append(f"{split:<10}{cells}{report[p + 'n']:>10}")
+        lines.append(f"{split:<14}{cells}{report[p + 'n']:>10}")
     for split, attribute, values in (("val", "position", POSITIONS), ("heldout", "position", POSITIONS),
-                                     ("pair", "relation", RELATIONS)):
+                                     ("pair", "relation", RELATIONS), ("count", "count", COUNTS),
+                                     ("count_heldout", "count", COUNTS)):
         p = f"{prefix}{split}/"
         found = [(v, report[f"{p}{attribute}={v}"]) for v in values if f"{p}{attribute}={v}" in report]
         if found:
             lines.append(f"{split} {attribute}: " + ", ".join(f"{v} {acc:.0%}" for v, acc in found))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GenEval's categories
+
+# GenEval (Ghosh et al. 2023, djghosh13/geneval): each category the share of images right, the overall score their
+# plain mean. Ours are read off the balanced set's report: (category, split, check).
+GENEVAL_CATEGORIES = (
+    ("single_object", "val", "object"),  # the one object's colour and shape
+    ("two_object", "pair", "shapes"),  # both objects present (GenEval: by class, whatever the colours)
+    ("counting", "count", "all"),  # exactly the number, every object the named colour and shape
+    ("colors", "val", "colour"),
+    ("position", "pair", "relation"),
+    ("color_attr", "pair", "objects"),  # both colours on the right shapes
+)
+GENEVAL_TITLES = {"overall": "overall", "single_object": "single object", "two_object": "two objects",
+                  "counting": "counting", "colors": "colours", "position": "position",
+                  "color_attr": "colour attribution"}
+# The published rows (GenEval's paper and DALL-E 3's): natural-image prompts judged by an object detector, another
+# domain and another judge than ours; only the overall score is given here where the others are not at hand.
+GENEVAL_PUBLISHED = {
+    "DALL-E 2": {"overall": 0.52, "single_object": 0.94, "two_object": 0.66, "counting": 0.49, "colors": 0.77,
+                 "position": 0.10, "color_attr": 0.19},
+    "SD 1.5": {"overall": 0.43},
+    "SDXL": {"overall": 0.55},
+    "DALL-E 3": {"overall": 0.67},
+    "minDALL-E (a DALL-E 1)": {"overall": 0.23},
+}
+
+
+def geneval_scores(report: dict, prefix: str = "") -> dict[str, float]:
+    """GenEval's six categories read off a balanced-set report (keys ``<prefix><split>/<check>``, e.g. the demo's
+    ``fidelity/val/colour``) and ``overall``, their mean (only when all six are there). A category whose split is
+    missing from the report is left out."""
+    scores = {name: float(report[f"{prefix}{split}/{check}"]) for name, split, check in GENEVAL_CATEGORIES
+              if f"{prefix}{split}/{check}" in report}
+    if len(scores) == len(GENEVAL_CATEGORIES):
+        scores["overall"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def geneval_table(scores: dict[str, float], name: str = "this pipeline") -> str:
+    """A markdown table of GenEval-style ``scores`` (:func:`geneval_scores`) with the published rows beside."""
+    columns = list(GENEVAL_TITLES)
+
+    def row(title: str, values: dict) -> str:
+        return "| " + " | ".join([title, *(f"{values[c]:.2f}" if c in values else "" for c in columns)]) + " |"
+
+    lines = ["| model | " + " | ".join(GENEVAL_TITLES[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|",
+             row(f"{name} (shapes, the pixel judge)", scores)]
+    lines += [row(f"{model} (published)", values) for model, values in GENEVAL_PUBLISHED.items()]
+    lines.append("Published rows: GenEval on natural-image prompts judged by an object detector -- another domain "
+                 "and another judge, the same categories.")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ from unclip.eval.pipeline import evaluate_edits, evaluate_on_shapes, shapes_prom
 from unclip.eval.prompt_set import (
     balanced_scenes,
     format_table,
+    geneval_scores,
+    geneval_table,
     judge_prompts,
     judge_scene,
     text_to_image_fidelity,
@@ -36,12 +38,17 @@ SAMPLE_PROMPTS = (
     "a green triangle above a yellow circle",
 )
 # What pipeline_items may name: the caption-like prompt sets (val, heldout, pair), the edits' images, the
-# balanced prompt set's scenes per split (fidelity: {val, heldout, pair}; unclip.eval.prompt_set) and, where they
-# should differ, those whose true image embeddings are decoded (fidelity_variations; default: fidelity's).
+# balanced prompt set's scenes per split (fidelity: {val, heldout, pair, pair_heldout, pair_mixed, count,
+# count_heldout}; unclip.eval.prompt_set) and, where they should differ, those whose true image embeddings are decoded
+# (fidelity_variations; default: fidelity's).
+# the balanced set's splits whose images the distribution metrics compare (FID depends on the count: the splits added
+# later, pairs of held-out objects and count scenes, are left out so that the numbers stay comparable with older runs)
+DISTRIBUTION_SPLITS = ("val", "heldout", "pair")
 EDITS = ("decode", "variations", "interpolate", "text_diff")  # what the edits' evaluation asks the pipeline for
 PIPELINE_ITEMS = ("val", "heldout", "pair", "edits", "fidelity", "fidelity_variations")
 DEFAULT_PIPELINE_ITEMS = {"val": 64, "heldout": 32, "pair": 32, "edits": 8,
-                          "fidelity": {"val": 120, "heldout": 48, "pair": 48}}
+                          "fidelity": {"val": 120, "heldout": 48, "pair": 48, "pair_heldout": 24, "pair_mixed": 24,
+                                       "count": 36, "count_heldout": 24}}
 
 
 @register
@@ -90,7 +97,8 @@ class ShapesEvaluator(DataEvaluator):
     def pipeline_metrics(self, pipe, *, seed: int, prefix: str = "", edits: bool = True,
                          fidelity: bool = True) -> dict:
         """Text-to-image accuracy on the prompt sets; (``fidelity``) the balanced prompt set per attribute value,
-        text to image (``fidelity/<split>/...``) and (with ``edits``) decoded from the true image embeddings
+        text to image (``fidelity/<split>/...``; GenEval's categories read off it, ``geneval/<category>``,
+        :func:`unclip.eval.prompt_set.geneval_scores`) and (with ``edits``) decoded from the true image embeddings
         (``fidelity_variations/<split>/...``, on ``pipeline_items["fidelity_variations"]`` scenes where given); then
         (``edits``; they do not use the prior) variations, interpolation and text diffs of ``pipeline_items["edits"]``
         val images. Edits are skipped where the pipeline cannot make them (``pipe.supports``: DALL-E only
@@ -103,6 +111,8 @@ class ShapesEvaluator(DataEvaluator):
         if fidelity and prompted:
             scenes, images = balanced_scenes(dict(prompted), seed=seed), {}
             metrics.update(text_to_image_fidelity(pipe, scenes, seed=seed, prefix=f"{prefix}fidelity/", images_out=images))
+            scores = geneval_scores(metrics, prefix=f"{prefix}fidelity/")
+            metrics.update({f"{prefix}geneval/{category}": value for category, value in scores.items()})
             metrics.update(self._balanced_distribution(pipe, scenes, images, seed=seed, prefix=prefix))
         if fidelity and edits and decoded:
             scenes = balanced_scenes(dict(decoded), seed=seed)
@@ -114,11 +124,14 @@ class ShapesEvaluator(DataEvaluator):
         return metrics
 
     def _balanced_distribution(self, pipe, scenes: dict, images: dict, *, seed: int, prefix: str) -> dict:
-        """``<prefix>distribution/...``: the balanced set's generated images (every split together) against the renders
-        of their scenes, calibrated against the renders of another draw of the same set; CLIP score to the prompts."""
+        """``<prefix>distribution/...``: the balanced set's generated images (the splits of ``DISTRIBUTION_SPLITS``
+        together) against the renders of their scenes, calibrated against the renders of another draw of the same
+        set; CLIP score to the prompts."""
         if self.metrics is None:
             return {}
-        ordered = [split for split in scenes if split in images]
+        ordered = [split for split in scenes if split in images and split in DISTRIBUTION_SPLITS]
+        if not ordered:
+            return {}
         size = pipe.image_size
         generated = from_pil([image for split in ordered for image in images[split]])
         real = from_pil([scene.render(size) for split in ordered for scene in scenes[split]])
@@ -159,6 +172,11 @@ class ShapesEvaluator(DataEvaluator):
         for name, title in (("fidelity/", "text to image"), ("fidelity_variations/", "decoded true embeddings")):
             if any(key.startswith(f"{prefix}{name}") for key in metrics):
                 lines += [f"balanced prompt set, {title}:", format_table(metrics, prefix=f"{prefix}{name}")]
+        scores = {key[len(f"{prefix}geneval/"):]: value for key, value in metrics.items()
+                  if key.startswith(f"{prefix}geneval/")}
+        if scores:
+            lines += ["", "GenEval's categories on the balanced prompt set (text to image):",
+                      geneval_table(scores, name=str(metrics.get("generator", "this pipeline")))]
         return "\n".join(lines)
 
     def sample_prompts(self) -> list[str]:
