@@ -144,10 +144,14 @@ def test_sample_and_evaluate_jobs_take_pipeline_dalle(tmp_path):
     assert records[0]["settings"]["top_k"] == 8 and (tmp_path / "sample" / "grid.png").is_file()
 
     out = _run(["train/evaluate.py", *pipeline, "data.image_size=16",
-                "eval_items={val:4,heldout:2,pair:2,edits:0,fidelity:{val:12,heldout:6,pair:8}}"], tmp_path / "evaluate")
+                "eval_items={val:4,heldout:2,pair:2,edits:0,fidelity:{val:12,heldout:6,pair:8,count:3}}"],
+               tmp_path / "evaluate")
     metrics = json.loads(out.strip().splitlines()[-1])
-    assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/pair/all"} <= set(metrics)
-    assert "balanced prompt set, text to image" in (tmp_path / "evaluate" / "fidelity.txt").read_text()
+    assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/pair/all", "fidelity/count/all",
+            "geneval/overall"} <= set(metrics)
+    summary = (tmp_path / "evaluate" / "fidelity.txt").read_text()
+    assert "balanced prompt set, text to image" in summary and "| dalle (shapes, the pixel judge) |" in summary
+    assert "| DALL-E 2 (published) | 0.52 |" in summary
 
 
 # The quick preset with test-sized stages (the micro CLIP, this file's dVAE and transformer, few evaluation items):
@@ -170,6 +174,9 @@ def test_the_demo_trains_dalle_end_to_end_and_judges_it(tmp_path):
     assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/heldout/all", "fidelity/pair/all", "grid/n",
             "dvae/recon_all_val", "dalle/val_image_loss", "clip/zero_shot_top1_val"} <= set(metrics)
     assert not any(key.startswith(("passthrough_", "fidelity_variations/", "prior/")) for key in metrics)
-    assert "balanced prompt set, text to image" in (out / "fidelity.txt").read_text()
+    assert {"fidelity/count/all", "fidelity/count_heldout/count=2", "fidelity/pair_heldout/all",
+            "fidelity/pair_mixed/all", "geneval/counting", "geneval/overall"} <= set(metrics)
+    summary = (out / "fidelity.txt").read_text()
+    assert "balanced prompt set, text to image" in summary and "| dalle (shapes, the pixel judge) |" in summary
     prompts = json.loads((out / "prompts.json").read_text())
     assert (out / "grid.png").is_file() and len(list((out / "images").iterdir())) == len(prompts)

@@ -1,6 +1,6 @@
 """Evaluate a whole pipeline with its data set's evaluator (`shapes`: text-to-image accuracy on val, held-out
-compositions and pairs, variations, interpolation and text diffs, judged from the pixels; captioned data:
-CLIP agreement). `python train/evaluate.py pipeline.path=outputs/demo/pipeline [data=...]`."""
+compositions, pairs and count scenes with GenEval's categories beside the published rows, variations, interpolation
+and text diffs, judged from the pixels; captioned data: CLIP agreement). `python train/evaluate.py pipeline.path=outputs/demo/pipeline [data=...]`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def main(job: Job) -> None:
     pipe = pipeline_from_config(job.config["pipeline"])
     evaluator = build(job.config["data"]["evaluator"], pipeline_items=job.config["eval_items"])
     # the edits (variations, interpolation, text diffs) where the pipeline supports them (unCLIP's)
-    metrics = evaluator.pipeline_metrics(pipe, seed=job.config["seed"])
+    metrics = {"generator": pipe.generator, **evaluator.pipeline_metrics(pipe, seed=job.config["seed"])}
     summary = evaluator.summary(metrics)
     if summary:
         (job.run_dir / "fidelity.txt").write_text(summary + "\n")

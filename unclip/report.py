@@ -20,7 +20,7 @@ from pathlib import Path
 REPORT_FILE = "report.html"
 HEADLINE_SETTINGS = ("trainer.max_steps", "trainer.batch_size", "trainer.lr", "trainer.mixed_precision", "data.name",
                      "data.image_size", "trainer.seed")
-FIDELITY_COLUMNS = ("colour", "shape", "size", "position", "objects", "relation", "all", "n")
+FIDELITY_COLUMNS = ("colour", "shape", "size", "position", "objects", "relation", "count", "all", "n")
 DISTRIBUTION = re.compile(r"(^|/)(fid|kid|precision|recall|n_fid)_[a-z_]+$|(^|/)clip_score$")
 
 
@@ -200,7 +200,7 @@ def _comparison(runs: list[Run]) -> str:
     """Side by side: every number any run has, a column per run (headline ones first)."""
     keys = sorted(set().union(*(_numbers(run.metrics) for run in runs)))
     headline = [k for k in keys if k.startswith("fidelity/") and k.count("/") == 2 or DISTRIBUTION.search(k)
-                or k == "minutes"]
+                or k.startswith("geneval/") or k == "minutes"]
     rest = [k for k in keys if k not in headline]
     header = ["metric", *(run.name for run in runs)]
     grids = "".join(f"<div class='side'>{_image(path, f'{run.name}: {title}')}</div>"
