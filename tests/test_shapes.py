@@ -410,3 +410,10 @@ def test_count_twins_change_the_number_or_the_object_within_the_split(split):
         assert not torch.equal(item["image"], item["twin_image"]) and (twin[0] == 1).all()  # border stays white
     assert kinds["count"] > kinds["colour"] + kinds["shape"]
     assert set(kinds) == ({"count", "colour", "shape"} if split == "train" else {"count"})
+
+
+def test_write_folder_takes_count_fraction(tmp_path):
+    out = write_folder(tmp_path / "counts", 6, image_size=16, count_fraction=1.0)
+    lines = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [line["meta"]["scene"] for line in lines] == ["count"] * 6
+    assert all(parse_caption(line["caption"])["count"] == line["meta"]["count"] for line in lines)
