@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CONF
+from hydra import compose, initialize_config_dir
 from stages import micro_stages
 
 from unclip.clip.evaluation import embed_images, embed_texts, retrieval_recall
@@ -251,3 +253,26 @@ def test_a_dalle_pipeline_is_evaluated_on_captioned_data_and_on_shapes_without_t
     assert {f"geneval/{c}" for c in ("single_object", "two_object", "counting", "colors", "position", "color_attr",
                                      "overall")} <= set(metrics)
     assert "| dalle (shapes, the pixel judge) |" in counted.summary({**metrics, "generator": "dalle"})
+
+
+def test_the_decoder_stage_evaluates_with_the_generation_sampler(monkeypatch):
+    # train/decoder.py's evaluation and previews sample as the pipeline will (generation.decoder_sampler / _spacing),
+    # not DDIM regardless: a decoder trained for DPM-Solver++ at 10 steps is judged at what it will be used with.
+    clip, _, decoder, _ = micro_stages()
+    calls = []
+    original = type(decoder).sample
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["sampler"], kwargs["spacing"], kwargs["steps"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(decoder), "sample", spy)
+    shapes = ShapesEvaluator({"val": ShapesDataset(split="val", length=2, image_size=32)})
+    shapes.decoder_metrics(decoder, clip, {"val": 2}, guidance_scales=[3.0], steps=3, sampler="dpmpp_2m",
+                           spacing="karras")
+    assert calls == [("dpmpp_2m", "karras", 3)]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for job, key in (("train_decoder", "decoder"), ("train_upsampler", "upsampler")):
+            cfg = compose(config_name=job, overrides=[f"generation.{key}_sampler=dpmpp_2s",
+                                                      f"generation.{key}_spacing=karras"])
+            assert (cfg.evaluation.sampler, cfg.evaluation.spacing) == ("dpmpp_2s", "karras")

@@ -56,7 +56,7 @@ def main(job: Job) -> None:
         samples = model.sample(
             clip.encode_image(images), clip.encode_text(previewed["caption"]),
             steps=evaluation["steps"], guidance_scale=evaluation["guidance_scales"][-1],
-            generator=torch.Generator(device=images.device).manual_seed(0),
+            sampler=evaluation["sampler"], spacing=evaluation["spacing"], generator=torch.Generator(device=images.device).manual_seed(0),
             inpaint=evaluation_inpainting(model, images, previewed.get("meta")),
         )
         originals = to_pil(resize(images, model.image_size))
@@ -64,7 +64,8 @@ def main(job: Job) -> None:
 
     def evaluate(model) -> dict:
         return data["evaluator"].decoder_metrics(model, clip, items, guidance_scales=evaluation["guidance_scales"],
-                                                 steps=evaluation["steps"])
+                                                 steps=evaluation["steps"], sampler=evaluation["sampler"],
+                                                 spacing=evaluation["spacing"])
 
     trainer = job.trainer(decoder, DecoderLoss(clip), data["train"], stage="decoder", space_fn=lambda _: space,
                           evaluate_fn=evaluate, preview_fn=preview)

@@ -88,7 +88,7 @@ def upsampler_stages(config: dict, preset: dict, decoder_size: int, sizes: list[
         conf = [] if index == 0 else ["upsampler=unet_64_256", *preset.get("upsampler_hr", [])]
         at = [] if index == len(sizes) - 1 else [f"data.image_size={size}"]
         steps = [f"evaluation.{key}={settings.for_upsampler(f'upsampler_{key}', index, len(sizes))}"
-                 for key in ("steps", "aug_level")]
+                 for key in ("steps", "aug_level", "sampler", "spacing")]
         stages[name] = ("upsampler", [*images, *generation, *at, *conf, f"upsampler.low_res_size={low}",
                                       f"upsampler.image_size={size}", *(preset["upsampler"] if index == 0 else []),
                                       *steps, *_steps(config, name)])

@@ -24,7 +24,7 @@ def main(job: Job) -> None:
     data = build(job.config["data"])
     model = build(job.config["upsampler"])
     evaluation = job.config["evaluation"]
-    for key in ("steps", "aug_level"):
+    for key in ("steps", "aug_level", "sampler", "spacing"):
         if isinstance(evaluation[key], (list, tuple)):
             raise ValueError(f"evaluation.{key}={list(evaluation[key])} is a list (generation.upsampler_{key} gives one "
                              f"per upsampler of a cascade): give this stage's, e.g. evaluation.{key}="
@@ -37,7 +37,7 @@ def main(job: Job) -> None:
         generator = torch.Generator(device=next(m.parameters()).device).manual_seed(0)
         return torch.cat([
             m.sample(images[i : i + 64], steps=evaluation["steps"], aug_level=evaluation["aug_level"],
-                     generator=generator).cpu()
+                     sampler=evaluation["sampler"], spacing=evaluation["spacing"], generator=generator).cpu()
             for i in range(0, len(images), 64)
         ])
 

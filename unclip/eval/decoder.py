@@ -21,6 +21,7 @@ def evaluate_decoder(
     guidance_scales=(3.0,),
     steps: int = 50,
     sampler: str = "ddim",
+    spacing: str = "uniform",
     batch_size: int = 64,
     seed: int = 0,
     suffix: str = "",
@@ -41,7 +42,7 @@ def evaluate_decoder(
             text = clip.encode_text(captions[start : start + batch_size])
             inpaint = evaluation_inpainting(decoder, chunk, None if metas is None else metas[start : start + batch_size])
             samples.append(decoder.sample(embed, text, steps=steps, guidance_scale=scale, sampler=sampler,
-                                          generator=generator, inpaint=inpaint).cpu())
+                                          spacing=spacing, generator=generator, inpaint=inpaint).cpu())
         samples = torch.cat(samples)
         first = samples if first is None else first
         metrics.update({f"{key}_g{scale:g}{suffix}": value for key, value in score(samples).items()})

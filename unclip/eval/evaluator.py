@@ -81,8 +81,10 @@ class DataEvaluator:
     def score_decoded(self, samples: torch.Tensor, batch: dict, clip) -> dict:
         raise NotImplementedError
 
-    def decoder_metrics(self, decoder, clip, items: dict[str, int], *, guidance_scales, steps: int) -> dict:
-        """Decode the true image embeddings of the first ``items[split]`` items of each split named there."""
+    def decoder_metrics(self, decoder, clip, items: dict[str, int], *, guidance_scales, steps: int,
+                        sampler: str = "ddim", spacing: str = "uniform") -> dict:
+        """Decode the true image embeddings of the first ``items[split]`` items of each split named there
+        (sampled with ``sampler`` at ``steps`` in ``spacing``: unclip.diffusion.samplers)."""
         metrics = {}
         for split, n in items.items():
             if split not in self.splits or n < 1:
@@ -92,7 +94,8 @@ class DataEvaluator:
                 decoder, clip, batch["image"].to(clip.device), batch["caption"],
                 lambda samples: {**self.score_decoded(samples, batch, clip),  # noqa: B023 (called at once)
                                  **self.distribution_metrics(clip, samples, batch["image"])},  # noqa: B023
-                guidance_scales=guidance_scales, steps=steps, suffix=f"_{split}", metas=batch.get("meta"),
+                guidance_scales=guidance_scales, steps=steps, sampler=sampler, spacing=spacing, suffix=f"_{split}",
+                metas=batch.get("meta"),
             )
             metrics.update(result)
         return metrics
