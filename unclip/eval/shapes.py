@@ -36,6 +36,8 @@ SAMPLE_PROMPTS = (
     "a small pink diamond on the right",
     "a red circle to the left of a blue square",
     "a green triangle above a yellow circle",
+    "a purple triangle to the right of an orange circle",  # two held-out compositions in one scene
+    "three blue squares",
 )
 # What pipeline_items may name: the caption-like prompt sets (val, heldout, pair), the edits' images, the
 # balanced prompt set's scenes per split (fidelity: {val, heldout, pair, pair_heldout, pair_mixed, count,
