@@ -417,3 +417,16 @@ def test_write_folder_takes_count_fraction(tmp_path):
     lines = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert [line["meta"]["scene"] for line in lines] == ["count"] * 6
     assert all(parse_caption(line["caption"])["count"] == line["meta"]["count"] for line in lines)
+
+
+def test_a_held_out_single_with_no_possible_twin_is_a_clear_error_not_an_index_error():
+    # The held-out split's compositions share no colour or shape: a single whose caption names neither size nor
+    # position has nothing its twin could change. Asking for twins there names the caption and the way out.
+    dataset = ShapesDataset(split="heldout", length=64, twins=True, image_size=16)
+    errors = []
+    for i in range(64):
+        try:
+            dataset[i]
+        except ValueError as error:
+            errors.append(str(error))
+    assert errors and all("no hard-negative twin" in e and "meant for the train split" in e for e in errors)

@@ -368,6 +368,10 @@ def _twin_single(rng: random.Random, obj: ShapeObject, meta: dict, combos, jitte
     shapes = [s for c, s in combos if c == obj.colour and s != obj.shape]
     if shapes:
         options.append((1, ShapeObject(obj.colour, rng.choice(shapes), obj.size, obj.position, obj.centre)))
+    if not options:
+        raise ValueError(f"no hard-negative twin for {single_caption(rng, obj, False, False)!r}: its caption names neither "
+                         f"size nor position, and no other composition of the split {list(combos)} shares its colour or "
+                         f"shape; twins (data.twins) are meant for the train split")
     return [rng.choices([o for _, o in options], weights=[w for w, _ in options])[0]]
 
 
