@@ -56,7 +56,8 @@ def main(job: Job) -> None:
         samples = model.sample(
             clip.encode_image(images), clip.encode_text(previewed["caption"]),
             steps=evaluation["steps"], guidance_scale=evaluation["guidance_scales"][-1],
-            sampler=evaluation["sampler"], spacing=evaluation["spacing"], generator=torch.Generator(device=images.device).manual_seed(0),
+            sampler=evaluation["sampler"], spacing=evaluation["spacing"],
+            generator=torch.Generator(device=images.device).manual_seed(0),
             inpaint=evaluation_inpainting(model, images, previewed.get("meta")),
         )
         originals = to_pil(resize(images, model.image_size))

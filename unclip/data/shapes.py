@@ -508,13 +508,11 @@ def _parse_noun(text: str) -> dict | None:
     return {"colour": match["colour"], "shape": match["shape"], "size": match["size"], "position": position}
 
 
-def _parse_count(text: str) -> dict | None:
-    """A count caption's meta ("three red circles", "3 red circles"), or None where ``text`` is none."""
-    match = _COUNT.match(text)
-    if match is None:
-        return None
+def _parse_count(match: re.Match) -> dict | None:
+    """A count caption's meta ("three red circles", "3 red circles") from its ``_COUNT`` match, or None where the
+    data set cannot draw it (another number, or the object in the singular)."""
     n = int(match["n"]) if match["n"].isdigit() else _NUMBERS[match["n"]]
-    if n not in COUNTS or not text.endswith("s"):
+    if n not in COUNTS or not match.string.endswith("s"):
         return None
     objects = [{"colour": match["colour"], "shape": match["shape"], "size": "small", "position": None}
                for _ in range(n)]
@@ -553,8 +551,9 @@ def parse_caption(caption: str) -> dict | None:
         if text.startswith(prefix):
             text = text[len(prefix):]
             break
-    if _COUNT.match(text):
-        return _parse_count(text)
+    counted = _COUNT.match(text)
+    if counted:
+        return _parse_count(counted)
     for relation, phrase in RELATION_PHRASES.items():
         first, sep, second = text.partition(f" {phrase} ")
         if sep:

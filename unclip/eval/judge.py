@@ -317,11 +317,26 @@ def judge_batch(images) -> list[Judgement]:
 # scoring
 
 
-def _find(judgement: Judgement, colour: str, shape: str, exclude: int | None = None) -> int | None:
+def _find(judgement: Judgement, colour: str | None, shape: str, exclude: int | None = None) -> int | None:
+    """The first judged object of that colour (any, for None) and shape other than ``exclude``."""
     for i, obj in enumerate(judgement.objects):
-        if i != exclude and obj.colour == colour and obj.shape == shape:
+        if i != exclude and colour in (None, obj.colour) and obj.shape == shape:
             return i
     return None
+
+
+def pair_checks(judgement: Judgement, meta: dict) -> dict[str, bool]:
+    """A pair scene: ``objects`` (both colour-shape objects found), ``relation`` (found, and standing as the caption
+    says), ``shapes`` (both shapes found, whatever their colours), ``all`` (the same as ``relation``)."""
+    wanted = meta["objects"]
+    first = _find(judgement, wanted[0]["colour"], wanted[0]["shape"])
+    second = None if first is None else _find(judgement, wanted[1]["colour"], wanted[1]["shape"], first)
+    found = first is not None and second is not None
+    relation = found and relation_between(judgement.objects[first].centre,
+                                           judgement.objects[second].centre) == meta["relation"]
+    shape = _find(judgement, None, wanted[0]["shape"])
+    shapes = shape is not None and _find(judgement, None, wanted[1]["shape"], shape) is not None
+    return {"objects": found, "relation": relation, "shapes": shapes, "all": relation}
 
 
 def count_checks(judgement: Judgement, meta: dict) -> dict[str, bool]:
@@ -348,7 +363,7 @@ def score(judgements: Sequence[Judgement], metas: Sequence[dict]) -> dict[str, f
     if len(judgements) != len(metas):
         raise ValueError(f"got {len(judgements)} judgements for {len(metas)} metas")
     tallies = {key: 0 for key in ("colour", "shape", "colour_shape", "size", "position", "pair", "pair_objects",
-                                         "count_scene")}
+                                  "count_scene")}
     counts = {"n_single": 0, "n_named_size": 0, "n_named_position": 0, "n_pair": 0, "n_count": 0}
     count_right = 0
     total_objects = 0
@@ -358,12 +373,9 @@ def score(judgements: Sequence[Judgement], metas: Sequence[dict]) -> dict[str, f
         total_objects += judgement.count
         if meta["scene"] == "pair":
             counts["n_pair"] += 1
-            first = _find(judgement, wanted[0]["colour"], wanted[0]["shape"])
-            second = None if first is None else _find(judgement, wanted[1]["colour"], wanted[1]["shape"], first)
-            if first is not None and second is not None:
-                tallies["pair_objects"] += 1
-                a, b = judgement.objects[first], judgement.objects[second]
-                tallies["pair"] += relation_between(a.centre, b.centre) == meta["relation"]
+            checks = pair_checks(judgement, meta)
+            tallies["pair_objects"] += checks["objects"]
+            tallies["pair"] += checks["relation"]
             continue
         if meta["scene"] == "count":
             counts["n_count"] += 1

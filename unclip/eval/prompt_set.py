@@ -55,7 +55,7 @@ from unclip.data.shapes import (
     single_caption,
     single_meta,
 )
-from unclip.eval.judge import Judgement, count_checks, judge_batch, relation_between
+from unclip.eval.judge import Judgement, count_checks, judge_batch, pair_checks
 
 SINGLE_CELLS = (("large", "centre"),) + tuple(("small", position) for position in POSITIONS)
 SPLITS = ("val", "heldout", "pair", "pair_heldout", "pair_mixed", "count", "count_heldout")
@@ -170,26 +170,6 @@ def balanced_scenes(counts: dict[str, int] | None = None, *, seed: int = 0, held
 # judging
 
 
-def _find(judgement: Judgement, colour: str | None, shape: str, exclude: int | None = None) -> int | None:
-    """The first judged object of that colour (any, for None) and shape other than ``exclude``."""
-    for i, obj in enumerate(judgement.objects):
-        if i != exclude and colour in (None, obj.colour) and obj.shape == shape:
-            return i
-    return None
-
-
-def _pair_checks(judgement: Judgement, meta: dict) -> dict[str, bool]:
-    wanted = meta["objects"]
-    first = _find(judgement, wanted[0]["colour"], wanted[0]["shape"])
-    second = None if first is None else _find(judgement, wanted[1]["colour"], wanted[1]["shape"], first)
-    found = first is not None and second is not None
-    relation = found and relation_between(judgement.objects[first].centre,
-                                           judgement.objects[second].centre) == meta["relation"]
-    shape = _find(judgement, None, wanted[0]["shape"])
-    shapes = shape is not None and _find(judgement, None, wanted[1]["shape"], shape) is not None
-    return {"objects": found, "relation": relation, "shapes": shapes, "all": relation}
-
-
 def judge_scene(judgement: Judgement, meta: dict) -> dict[str, bool]:
     """Which of the attributes ``meta`` names the judged image has right, and ``all`` of them.
 
@@ -197,10 +177,10 @@ def judge_scene(judgement: Judgement, meta: dict) -> dict[str, bool]:
     is the object) and ``object`` (colour and shape both right). Pairs: ``objects`` (both colour-shape objects
     found), ``shapes`` (both shapes found, whatever their colours), ``relation`` (found, and standing as the caption
     says), ``all`` (the same as ``relation``). Count scenes: ``count``, ``colour``, ``shape``, ``all``
-    (:func:`unclip.eval.judge.count_checks`).
+    (:func:`unclip.eval.judge.pair_checks`, :func:`unclip.eval.judge.count_checks`).
     """
     if meta["scene"] == "pair":
-        return _pair_checks(judgement, meta)
+        return pair_checks(judgement, meta)
     if meta["scene"] == "count":
         return count_checks(judgement, meta)
     target, got = meta["objects"][0], judgement.objects[0] if judgement.objects else None
