@@ -1,5 +1,6 @@
-"""Train the diffusion prior on embedding shards: `python train/prior.py experiment=shapes`.
+"""Train a prior on embedding shards: `python train/prior.py experiment=shapes` (the diffusion prior).
 
+`prior=autoregressive` trains DALL-E 2's autoregressive prior (its PCA count and cosine are in the metrics);
 `prior=passthrough` trains nothing: it evaluates the text-embedding baseline and saves it as a stage.
 """
 
@@ -43,8 +44,12 @@ def main(job: Job) -> None:
         job.finish({**evaluate(model), "step": 0, "checkpoint": str(checkpoint)})
         return
     model = build(config["prior"], embed_dim=space.dim, token_dim=space.token_dim, text_length=space.text_length)
-    model.fit_normalisation(train.tensors["image_embed"][: config["normalisation_items"]])
-    job.train(model, prior_loss, train, stage="prior", space_fn=lambda _: space, evaluate_fn=evaluate)
+    fitted = slice(config["normalisation_items"])
+    fit = model.fit_normalisation(train.tensors["image_embed"][fitted], train.tensors["text_embed"][fitted])
+    if fit:  # what the prior kept (the autoregressive prior's PCA): in the log and in every evaluation's metrics
+        print(f"fitted on {len(train.tensors['image_embed'][fitted])} training embeddings: {fit}")
+    job.train(model, prior_loss, train, stage="prior", space_fn=lambda _: space,
+              evaluate_fn=lambda model: {**fit, **evaluate(model)})
 
 
 if __name__ == "__main__":

@@ -81,11 +81,14 @@ class DiffusionPrior(nn.Module):
 
     # -- normalisation ----------------------------------------------------------------------
     @torch.no_grad()
-    def fit_normalisation(self, image_embeds: torch.Tensor) -> None:
-        """Measure the per-dimension mean and std of (unit-norm) image embeddings [N, D]."""
+    def fit_normalisation(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> dict:
+        """Measure the per-dimension mean and std of (unit-norm) image embeddings [N, D]. ``text_embeds``: the
+        fitting hook the priors share passes the pairs' text embeddings (the autoregressive prior's dot-product
+        buckets); this prior does not use them. Returns what a job reports of the fit (nothing here)."""
         image_embeds = image_embeds.float()
         self.embed_mean.copy_(image_embeds.mean(0))
         self.embed_std.copy_(image_embeds.std(0).clamp_min(1e-4))
+        return {}
 
     def standardise(self, image_embed: torch.Tensor) -> torch.Tensor:
         return (image_embed.float() - self.embed_mean) / self.embed_std  # a new tensor: inputs untouched
