@@ -34,7 +34,7 @@ from unclip.data.collate import collate_dicts
 from unclip.data.shapes import ShapesDataset, collate
 from unclip.decoder import Decoder, Upsampler
 from unclip.embedding import TextCondition
-from unclip.prior import DiffusionPrior
+from unclip.prior import AutoregressivePrior, DiffusionPrior
 from unclip.training import StreamBatchSampler, Trainer, TrainerConfig
 
 # accelerate's debug_launcher joins its processes on a fixed port (29500): under pytest-xdist every test that uses
@@ -152,6 +152,12 @@ def build_stage(name: str):
                                net=dict(width=32, depth=2, heads=2), num_steps=NUM_STEPS, cond_drop_prob=0.3)
         model.fit_normalisation(torch.nn.functional.normalize(torch.randn(64, EMBED_DIM), dim=-1))
         return model, prior_loss, RandomEmbeddings(), collate_dicts, None
+    if name == "prior_autoregressive":  # the same items: its caption dropout reads "drop", the diffusion draws go unread
+        model = AutoregressivePrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH, width=32, depth=2,
+                                    heads=2, num_buckets=16, cond_drop_prob=0.3)
+        embeds = torch.nn.functional.normalize(torch.randn(64, EMBED_DIM), dim=-1)
+        model.fit_normalisation(embeds, torch.nn.functional.normalize(embeds + torch.randn(64, EMBED_DIM), dim=-1))
+        return model, prior_loss, RandomEmbeddings(), collate_dicts, None
     if name == "decoder":
         model = Decoder(image_size=16, image_embed_dim=EMBED_DIM, text_length=TEXT_LENGTH, unet=TINY_UNET,
                         caption_width=32, caption_layers=1, caption_heads=2, vocab_size=64, num_steps=NUM_STEPS)
@@ -205,7 +211,7 @@ def one_process_runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["clip", "prior", "decoder", "upsampler_crops"])
+@pytest.mark.parametrize("name", ["clip", "prior", "prior_autoregressive", "decoder", "upsampler_crops"])
 def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(name, tmp_path, one_process_runs):
     debug_launcher(on_each_process, args=(train, name, str(tmp_path), BATCH), num_processes=2)
     model_2, ema_2, processes = final_weights(tmp_path, STEPS)
