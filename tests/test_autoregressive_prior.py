@@ -256,7 +256,8 @@ def test_the_prior_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path)
 
     proc, latest = _run(tmp_path / "killed", embeddings, wait=False), tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (latest.exists() and latest.read_text() >= "step-00000008"):
+    while time.time() < deadline and proc.poll() is None and not (latest.exists()
+                                                                   and latest.read_text() >= "step-00000008"):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

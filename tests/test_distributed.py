@@ -152,9 +152,9 @@ def build_stage(name: str):
                                net=dict(width=32, depth=2, heads=2), num_steps=NUM_STEPS, cond_drop_prob=0.3)
         model.fit_normalisation(torch.nn.functional.normalize(torch.randn(64, EMBED_DIM), dim=-1))
         return model, prior_loss, RandomEmbeddings(), collate_dicts, None
-    if name == "prior_autoregressive":  # the same items: its caption dropout reads "drop", the diffusion draws go unread
-        model = AutoregressivePrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH, width=32, depth=2,
-                                    heads=2, num_buckets=16, cond_drop_prob=0.3)
+    if name == "prior_autoregressive":  # the same items: it reads "drop" (caption dropout), not the diffusion draws
+        model = AutoregressivePrior(embed_dim=EMBED_DIM, token_dim=TOKEN_DIM, text_length=TEXT_LENGTH, width=32,
+                                    depth=2, heads=2, num_buckets=16, cond_drop_prob=0.3)
         embeds = torch.nn.functional.normalize(torch.randn(64, EMBED_DIM), dim=-1)
         model.fit_normalisation(embeds, torch.nn.functional.normalize(embeds + torch.randn(64, EMBED_DIM), dim=-1))
         return model, prior_loss, RandomEmbeddings(), collate_dicts, None
