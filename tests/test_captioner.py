@@ -131,13 +131,14 @@ def test_caption_gives_n_captions_per_image_in_image_order_and_reranks_by_clip(p
     monkeypatch.setattr(pipe.captioner, "sample_captions", lambda tokens, **kw: drawn.append(len(tokens)) or
                         sample(tokens, **kw))
     assert len(pipe.caption(images, seed=0, rerank=k, max_batch=5, **hot)) == 3 and drawn == [5, 5, 2]
-    plain = pipe.caption(images, seed=0, **hot)
-    pipe.settings.rerank = k  # the pipeline's own setting does the same
+    plain, unfiltered = pipe.caption(images, seed=0, **hot), pipe.caption(images, seed=0, temperature=3.0)
+    pipe.settings.rerank, pipe.settings.top_k = k, 30  # its rerank does the same; its image top_k is not a caption's
     try:
         assert pipe.caption(images, seed=0, **hot) == chosen
         assert pipe.caption(images, seed=0, rerank=1, **hot) == plain != chosen  # the call wins
+        assert pipe.caption(images, seed=0, rerank=1, temperature=3.0) == unfiltered
     finally:
-        pipe.settings.rerank = 1
+        pipe.settings.rerank, pipe.settings.top_k = 1, None
 
 
 def test_the_judge_parses_captions_against_the_scenes():

@@ -256,7 +256,8 @@ class DallePipeline(Pipeline):
         image or a list of them (centre-cropped and resized, as ``complete`` reads them) or tensors [B, 3, S, S] in
         [-1, 1] at the dVAE's size S (a tensor of another size is an error: resize it, unclip.images.resize).
         ``rerank=k`` draws k captions per caption asked and keeps the one whose CLIP text embedding is most similar
-        to the image's (None: the settings' ``rerank``); ``settings``: temperature, top_k, top_p, max_batch."""
+        to the image's (None: the settings' ``rerank``); ``settings``: temperature, top_k, top_p (the call's own,
+        default 1, None, None: the pipeline's settings are tuned to its image codebook), max_batch."""
         if self.captioner is None:
             raise ValueError("this DALL-E pipeline has no captioner stage; load one with DallePipeline.from_pretrained"
                              "(..., captioner=RUN_DIR) (an image_first transformer: python train/dalle.py "
@@ -268,7 +269,8 @@ class DallePipeline(Pipeline):
         count = check_count("n", n)
         if rerank is not None:
             settings = {**settings, "rerank": check_count("rerank", rerank)}
-        config = self._settings(settings, check=lambda s: s.check(len(self.captioner.vocabulary)))
+        own = {"temperature": 1.0, "top_k": None, "top_p": None}  # the pipeline's are its image sampling's
+        config = self._settings({**own, **settings}, check=lambda s: s.check(len(self.captioner.vocabulary)))
         generator = self._generator(seed)
         pixels = self._caption_images(images)
         tokens = in_chunks(lambda batch: self.dvae.encode(batch).flatten(1), pixels, config.max_batch)
