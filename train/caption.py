@@ -46,7 +46,7 @@ def main(job: Job) -> None:
     for split, n in config["items"].items():
         batch = scenes(split, n, pipe.image_size)
         for k in ranks:
-            captions = pipe.caption(batch["image"], seed=config["seed"], rerank=k)
+            captions = pipe.caption(batch["image"], seed=config["seed"], rerank=k, **config["sampling"])
             column = f"{split} k={k}"
             scores[column] = caption_scores(captions, batch["meta"])
             metrics.update({f"{split}/k{k}/{key}": value for key, value in scores[column].items()})
