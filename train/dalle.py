@@ -6,6 +6,9 @@ and re-ranks samples in the pipeline; the frozen dVAE gives the image's tokens. 
 the loss, rather than precomputed like the prior's embeddings: a dVAE encoding costs about a quarter of the
 transformer's training step, and on the fly any data source (and `shapes`' unlimited items) trains the stage
 without a separate step whose shards would have to match the dVAE.
+
+`dalle=captioner` trains the same transformer image-first (conf/dalle/captioner.yaml): a captioner. Its evaluation
+and previews then caption val images and judge the captions (unclip.eval.captioning) instead of drawing images.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from unclip.autoregressive import TextVocabulary
 from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.data.collate import first_items
+from unclip.eval.captioning import caption_scores
+from unclip.files import write_atomic
 from unclip.images import resize, save_grid, to_pil
 from unclip.jobs import Job
 from unclip.pipelines.dalle import DalleSettings, end_token_id
@@ -62,24 +67,40 @@ def main(job: Job) -> None:
     captions = first_items(data["train"], config["vocabulary_items"])["caption"]
     model = build_transformer(config["dalle"], clip, dvae, captions)
     val = data["evaluator"].items("val", evaluation["val_items"])
-    sampling = DalleSettings(**config["dalle_generation"]).sampling()  # the pipeline's generation settings
+    settings = DalleSettings(**config["dalle_generation"])  # the pipeline's generation settings
+    sampling = settings.sampling()
+    captioner = model.order == "image_first"
 
     def sample_images(m, prompts: list[str]) -> torch.Tensor:
         generator = torch.Generator(device=next(m.parameters()).device).manual_seed(0)
         tokens = m.sample(clip.tokenize(prompts).to(generator.device), generator=generator, **sampling)
         return dvae.decode(tokens.view(-1, dvae.grid_size, dvae.grid_size).to(dvae.codebook.weight.device)).cpu()
 
+    def sample_captions(m, images: torch.Tensor) -> list[str]:
+        generator = torch.Generator(device=next(m.parameters()).device).manual_seed(0)
+        tokens = image_tokens(dvae, images.to(clip.device)).to(generator.device)
+        return clip.decode(m.sample_captions(tokens, generator=generator, **settings.caption_sampling()))
+
     def evaluate(m) -> dict:
         text = clip.tokenize(val["caption"])
         tokens = image_tokens(dvae, val["image"].to(clip.device))
         losses = m.training_loss(text.to(tokens.device), tokens, drop=torch.zeros(len(tokens), dtype=torch.bool))
         metrics = {"val_image_loss": losses["image_loss"], "val_text_loss": losses["text_loss"]}
-        if evaluation["sample_items"]:  # judged like decoded images (shapes: colour and shape from the pixels)
+        if evaluation["sample_items"] and captioner:  # captions of val images, parsed and judged (shapes)
+            batch = data["evaluator"].items("val", evaluation["sample_items"])
+            metrics.update(caption_scores(sample_captions(m, batch["image"]), batch["meta"], prefix="caption/"))
+        elif evaluation["sample_items"]:  # judged like decoded images (shapes: colour and shape from the pixels)
             batch = data["evaluator"].items("val", evaluation["sample_items"])
             metrics.update(data["evaluator"].score_decoded(sample_images(m, batch["caption"]), batch, clip))
         return metrics
 
     def preview(m, out_dir: Path, step: int) -> None:  # the first val images above samples for their captions
+        if captioner:  # the first val images, and their sampled captions beside them (dalle-<step>.txt)
+            save_grid(to_pil(val["image"][:8]), out_dir / f"dalle-{step:08d}.png", columns=8)
+            lines = [f"{i}: {text}   (true: {true})" for i, (text, true)
+                     in enumerate(zip(sample_captions(m, val["image"][:8]), val["caption"][:8]))]
+            write_atomic(out_dir / f"dalle-{step:08d}.txt", "\n".join(lines) + "\n")
+            return
         samples = sample_images(m, val["caption"][:8])
         save_grid(to_pil(val["image"][:8]) + to_pil(samples), out_dir / f"dalle-{step:08d}.png", columns=8)
 

@@ -127,6 +127,10 @@ class ClipEncoder(Protocol):
         """Token ids [B, T]; captions longer than the context are truncated with a warning."""
         ...
 
+    def decode(self, tokens: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Token rows -> captions (each row up to its end token, special ids left out): ``tokenize`` undone."""
+        ...
+
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
         """Captions (or token ids from ``tokenize``) to a TextCondition."""
         ...

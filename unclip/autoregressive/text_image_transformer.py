@@ -1,4 +1,5 @@
-"""DALL-E's transformer (section 2.2): caption tokens then image tokens, modelled autoregressively.
+"""DALL-E's transformer (section 2.2): caption tokens then image tokens, modelled autoregressively; or, trained in
+the other direction (``order="image_first"``), image tokens then caption tokens: a captioner.
 
 The sequence is ``[t_0 ... t_{T-1} | i_0 ... i_{N-1}]``: ``text_length`` caption tokens (CLIP's start token
 first, so it doubles as the beginning of the sequence) and ``image_length`` image tokens (a dVAE's grid in
@@ -10,6 +11,12 @@ Captions arrive as the CLIP stage's token ids and are mapped to a compact vocabu
 (:class:`~unclip.autoregressive.vocabulary.TextVocabulary`) whose ids are part of the model's config.
 Training drops a caption to all-padding (the null caption) with probability ``cond_drop_prob``, so that
 sampling can use classifier-free guidance.
+
+``order="image_first"`` models ``[i_0 ... i_{N-1} | t_1 ... t_{T-1}]``: the caption's start token is left out (the
+image's end, at a fixed position, says where the caption starts), so the last image position predicts the first
+word. :meth:`TextImageTransformer.sample_captions` draws captions for image tokens; ``sample`` (images for
+captions) is the text-first model's. The same loss weights apply, so a captioner's config weights its text loss
+as it needs (conf/dalle/captioner.yaml).
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from torch import nn
 
 from unclip.autoregressive.sampling import check_sampling, draw, guided_logits
 from unclip.autoregressive.transformer import CausalTransformer, KVCache
-from unclip.autoregressive.vocabulary import PAD, TextVocabulary
+from unclip.autoregressive.vocabulary import NUM_SPECIAL, PAD, TextVocabulary
 from unclip.configurable import configurable
 from unclip.distributed import global_sum, world_size
 
 CLIP_END_OF_TEXT = 49407
+ORDERS = ("text_first", "image_first")
 
 
 @configurable
@@ -33,7 +41,8 @@ class TextImageTransformer(nn.Module):
 
     ``text_vocab`` lists the CLIP token ids the model knows (build it with
     ``TextVocabulary.from_token_rows(clip.tokenize(train_captions), end_id)``); ``text_end_id`` is the
-    tokenizer's end-of-text id.
+    tokenizer's end-of-text id. ``order``: ``text_first`` (p(image | caption), DALL-E) or ``image_first``
+    (p(caption | image), a captioner); saved in the config (a checkpoint from before it existed is text_first).
     """
 
     def __init__(
@@ -50,8 +59,12 @@ class TextImageTransformer(nn.Module):
         dropout: float = 0.0,
         text_loss_weight: float = 1 / 8,
         cond_drop_prob: float = 0.1,
+        order: str = "text_first",
     ):
         super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS} (text_first: images from captions, image_first: a "
+                             f"captioner), got {order!r}")
         if text_length < 2:
             raise ValueError(f"text_length must be >= 2 (start token and end token), got {text_length}")
         if image_length < 1 or image_vocab_size < 2:
@@ -62,7 +75,7 @@ class TextImageTransformer(nn.Module):
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
         self.vocabulary = TextVocabulary(text_vocab, text_end_id)
         self.text_length, self.image_length, self.image_vocab_size = text_length, image_length, image_vocab_size
-        self.text_loss_weight, self.cond_drop_prob = text_loss_weight, cond_drop_prob
+        self.text_loss_weight, self.cond_drop_prob, self.order = text_loss_weight, cond_drop_prob, order
         self.text_embed = nn.Embedding(len(self.vocabulary), width)
         self.padding_embed = nn.Parameter(torch.randn(text_length, width) * 0.02)  # one per text position
         self.image_embed = nn.Embedding(image_vocab_size, width)
@@ -100,10 +113,20 @@ class TextImageTransformer(nn.Module):
             )
         return ids
 
-    def _embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """Compact ids [B, T] -> [B, T, W]; padding positions get their own learned embedding."""
+    def _embed_text(self, text_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Compact ids [B, S] at text positions ``start ... start + S - 1`` -> [B, S, W]; padding positions get
+        their own learned embedding."""
         padding = (text_ids == PAD)[..., None]
-        return torch.where(padding, self.padding_embed[: text_ids.shape[1]], self.text_embed(text_ids))
+        return torch.where(padding, self.padding_embed[start:start + text_ids.shape[1]], self.text_embed(text_ids))
+
+    def require_order(self, order: str, use: str) -> None:
+        """A ValueError naming this model's order when ``use`` needs the other one."""
+        if self.order != order:
+            what = ("a captioner: it reads image tokens and writes captions" if self.order == "image_first"
+                    else "it draws images for captions")
+            config = "captioner" if order == "image_first" else "transformer"
+            raise ValueError(f"{use} needs a transformer of order={order}, but this one's is {self.order} ({what}); "
+                             f"train one with `python train/dalle.py dalle={config}`")
 
     def _null_text(self, batch: int, device) -> torch.Tensor:
         return torch.full((batch, self.text_length), PAD, dtype=torch.long, device=device)
@@ -111,7 +134,13 @@ class TextImageTransformer(nn.Module):
     # -- training ---------------------------------------------------------------------------
     def logits(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compact text ids [B, T] and image ids [B, N] -> the logits predicting text tokens 1..T-1
-        [B, T-1, V_text] and image tokens 0..N-1 [B, N, V_image] (teacher forcing)."""
+        [B, T-1, V_text] and image tokens 0..N-1 [B, N, V_image] (teacher forcing); image_first: image tokens
+        1..N-1 [B, N-1, V_image] (the first has nothing before it)."""
+        if self.order == "image_first":
+            sequence = torch.cat([self.image_embed(image_ids), self._embed_text(text_ids[:, 1:-1], start=1)], dim=1)
+            hidden = self.transformer(sequence)
+            split = image_ids.shape[1] - 1
+            return self.text_head(hidden[:, split:]), self.image_head(hidden[:, :split])
         sequence = torch.cat([self._embed_text(text_ids), self.image_embed(image_ids[:, :-1])], dim=1)
         hidden = self.transformer(sequence)
         split = self.text_length - 1
@@ -131,7 +160,9 @@ class TextImageTransformer(nn.Module):
             drop = torch.rand(text_ids.shape[0], device=text_ids.device) < self.cond_drop_prob
         text_ids = torch.where(drop[:, None], self._null_text(len(drop), text_ids.device), text_ids)
         text_logits, image_logits = self.logits(text_ids, image_ids)
-        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image_ids.flatten())
+        targets = image_ids[:, image_ids.shape[1] - image_logits.shape[1]:]  # image_first: all but the first
+        image_loss = (F.cross_entropy(image_logits.flatten(0, 1).float(), targets.flatten()) if targets.numel()
+                      else image_logits.sum() * 0)
         # The kept captions' mean of their tokens' mean cross-entropy (a dropped caption has no text loss), over the
         # whole data-parallel batch: each process's sum over the global count, times the processes DDP averages over.
         per_token = F.cross_entropy(text_logits.flatten(0, 1).float(), text_ids[:, 1:].flatten(), reduction="none")
@@ -161,6 +192,7 @@ class TextImageTransformer(nn.Module):
         guidance; 1 gives the conditional model). ``prime`` [B, P] fixes the first P image tokens (image
         completion). ``use_cache=False`` recomputes the whole sequence at every step (same tokens, slower).
         """
+        self.require_order("text_first", "sampling images for captions")
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=self.image_vocab_size)
         text_ids = self.text_ids(text_tokens)
         batch, device = text_ids.shape[0], text_ids.device
@@ -177,8 +209,8 @@ class TextImageTransformer(nn.Module):
         guided = guidance_scale is not None
         rows_text = torch.cat([text_ids, self._null_text(batch, device)]) if guided else text_ids
         rows_image = image_ids.repeat(2, 1) if guided else image_ids
-        steps = self._cached_steps if use_cache else self._full_steps
-        next_logits = steps(self._embed_text(rows_text), self.image_embed(rows_image))
+        prefix = torch.cat([self._embed_text(rows_text), self.image_embed(rows_image)], dim=1)
+        next_logits = self._steps(prefix, lambda token: self.image_embed(token[:, None]), self.image_head, use_cache)
         logits = next_logits(None)
         while True:
             if guided:
@@ -189,29 +221,60 @@ class TextImageTransformer(nn.Module):
                 return image_ids
             logits = next_logits(token.repeat(2) if guided else token)
 
-    def _next_image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.image_head(hidden[:, -1]).float()
+    @torch.no_grad()
+    def sample_captions(
+        self,
+        image_tokens: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """A captioner's captions for image tokens [B, N] (or [B, h, w]): the tokenizer's ids [B, S] after the start
+        token (S <= text_length - 1), each row up to its end token, then zeros, for the CLIP stage's ``decode``.
+        Sampling stops once every row has drawn its end token (or at the text length); the unknown-word and
+        padding ids are never drawn."""
+        self.require_order("image_first", "sampling captions for images")
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=len(self.vocabulary))
+        image_ids = self._image_ids(image_tokens)
+        if image_ids.shape[0] == 0:
+            raise ValueError("got zero images to caption; expected at least one")
+        position = 0  # the text position of the newest token fed
 
-    def _cached_steps(self, text: torch.Tensor, images: torch.Tensor):
-        """For the embedded caption [R, T, W] and primed image tokens [R, P, W]: a function from the newest
-        token [R] (None at first) to the logits of the next image token [R, K] that feeds the transformer
-        only the new positions (the others are in the key/value cache)."""
-        cache: KVCache = self.transformer.new_cache()
+        def embed(token: torch.Tensor) -> torch.Tensor:
+            nonlocal position
+            position += 1
+            return self._embed_text(token[:, None], start=position)
 
-        def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-            new = torch.cat([text, images], dim=1) if token is None else self.image_embed(token[:, None])
-            return self._next_image_logits(self.transformer(new, cache))
+        next_logits = self._steps(self.image_embed(image_ids), embed, self.text_head, use_cache)
+        end = self.vocabulary.compact_id(self.vocabulary.end_id)
+        finished = torch.zeros(len(image_ids), dtype=torch.bool, device=image_ids.device)
+        tokens, logits = [], next_logits(None)
+        while True:
+            logits[:, :NUM_SPECIAL] = float("-inf")  # never an unknown word or padding before the end
+            token = draw(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            token = token.masked_fill(finished, PAD)
+            tokens.append(token)
+            finished |= token == end
+            if bool(finished.all()) or len(tokens) == self.text_length - 1:
+                return self.vocabulary.decode(torch.stack(tokens, dim=1))
+            logits = next_logits(token)
 
-        return next_logits
-
-    def _full_steps(self, text: torch.Tensor, images: torch.Tensor):
-        """As :meth:`_cached_steps`, recomputing the whole sequence at every step."""
-        sequence = torch.cat([text, images], dim=1)
+    def _steps(self, prefix: torch.Tensor, embed, head: nn.Module, use_cache: bool):
+        """For the embedded prefix [R, P, W]: a function from the newest token [R] (None at first) to the logits
+        [R, V] of the next one (``embed``: token [R] -> [R, 1, W]; ``head``: the output head). With the cache it
+        feeds the transformer only the new positions; without it, the whole sequence again (the same logits)."""
+        cache: KVCache | None = self.transformer.new_cache() if use_cache else None
+        sequence = prefix
 
         def next_logits(token: torch.Tensor | None) -> torch.Tensor:
             nonlocal sequence
-            if token is not None:
-                sequence = torch.cat([sequence, self.image_embed(token[:, None])], dim=1)
-            return self._next_image_logits(self.transformer(sequence))
+            new = prefix if token is None else embed(token)
+            if cache is None:
+                sequence = new if token is None else torch.cat([sequence, new], dim=1)
+                return head(self.transformer(sequence)[:, -1]).float()
+            return head(self.transformer(new, cache)[:, -1]).float()
 
         return next_logits

@@ -64,6 +64,20 @@ class TextVocabulary(nn.Module):
             counts = Counter(dict(counts.most_common(max_size)))
         return cls(sorted(counts), end_id)
 
+    def compact_id(self, source_id: int) -> int:
+        """The compact id of a kept source id (a KeyError for one this vocabulary does not keep)."""
+        index = int(torch.searchsorted(self.source_ids, torch.tensor(source_id, device=self.source_ids.device)))
+        if index >= self.source_ids.numel() or int(self.source_ids[index]) != source_id:
+            raise KeyError(f"the source id {source_id} is not in this vocabulary")
+        return index + NUM_SPECIAL
+
+    def decode(self, compact: torch.Tensor) -> torch.Tensor:
+        """Compact ids [B, S] -> source ids [B, S]; the special ids (unknown, padding) become 0, which a tokenizer's
+        ``decode`` (after cutting each row at its end token) never reads."""
+        kept = compact >= NUM_SPECIAL
+        index = (compact - NUM_SPECIAL).clamp(min=0, max=self.source_ids.numel() - 1)
+        return torch.where(kept, self.source_ids.to(compact.device)[index], torch.zeros_like(compact))
+
     def __len__(self) -> int:
         return NUM_SPECIAL + self.source_ids.numel()
 

@@ -26,7 +26,8 @@ def strip_special(text: str, special: re.Pattern) -> str:
 class ClipEncoderBase(nn.Module):
     """Base of the CLIP encoders (``unclip.embedding.ClipEncoder``). A subclass sets ``model`` (with a
     ``logit_scale``), ``image_size``, ``context_length`` and ``special`` (its special-token pattern), calls
-    :meth:`_set_normalisation`, and implements ``compute_space``, ``tokenize``, ``encode_text`` and ``encode_image``."""
+    :meth:`_set_normalisation`, and implements ``compute_space``, ``tokenize``, ``encode_text``, ``encode_image``,
+    ``_special_ids`` (start and end ids) and ``_decode_ids`` (ids of words -> text)."""
 
     special: re.Pattern
 
@@ -84,6 +85,26 @@ class ClipEncoderBase(nn.Module):
                 f"truncated, e.g. {too_long[0][:80]!r}",
                 stacklevel=3,
             )
+
+    def decode(self, tokens: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+        """Token rows (``tokenize``'s, or a captioner's, with or without the start token) -> captions: each row
+        read up to its first end token (or to its end), the special and padding ids left out, spaces normalised."""
+        rows = tokens.tolist() if isinstance(tokens, torch.Tensor) else [list(row) for row in tokens]
+        if isinstance(tokens, torch.Tensor) and tokens.ndim != 2:
+            raise ValueError(f"decode takes token rows [B, L], got shape {tuple(tokens.shape)}")
+        start, end = self._special_ids()
+        texts = []
+        for row in rows:
+            row = [int(i) for i in row]
+            row = row[:row.index(end)] if end in row else row
+            texts.append(" ".join(self._decode_ids([i for i in row if i != start and i > 0]).split()))
+        return texts
+
+    def _special_ids(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        raise NotImplementedError
 
     # -- images -------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,12 @@ class HFClipEncoder(ClipEncoderBase):
             texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
         )["input_ids"]
 
+    def _special_ids(self) -> tuple[int, int]:
+        return self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         device = self.device

@@ -106,6 +106,12 @@ class OpenClipEncoder(ClipEncoderBase):
         self._warn_truncated(texts, [len(self.tokenizer.encode(t)) + 2 for t in texts])
         return self.tokenizer(texts)
 
+    def _special_ids(self) -> tuple[int, int]:
+        return self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> TextCondition:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         device = self.device

@@ -351,13 +351,13 @@ class Pipeline:
         return save_pipeline(directory, self.sources, vars(self.settings), self.generator, self.stage_lists)
 
     # -- one call's settings, seed and output ----------------------------------------------------------
-    def _settings(self, overrides: dict):
-        """The pipeline's settings with ``overrides`` over them, checked."""
+    def _settings(self, overrides: dict, check: Callable | None = None):
+        """The pipeline's settings with ``overrides`` over them, checked (by ``check``, else ``_check_settings``)."""
         unknown = set(overrides) - set(vars(self.settings))
         if unknown:
             raise TypeError(f"unknown generation settings {sorted(unknown)}; known: {sorted(vars(self.settings))}")
         settings = self.settings_class(**{**vars(self.settings), **overrides})
-        self._check_settings(settings)
+        (check or self._check_settings)(settings)
         return settings
 
     def _check_settings(self, settings) -> None:

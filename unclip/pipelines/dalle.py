@@ -3,11 +3,17 @@
     pipe = DallePipeline.from_pretrained("outputs/demo-dalle/pipeline")
     images = pipe.generate(["a red circle", "a purple triangle at the top"], 4, seed=0, rerank=4)
     completed = pipe.complete(image, "a blue square", rows=3)   # keep the image's top 3 token rows, draw the rest
+    pipe = DallePipeline.from_pretrained("outputs/demo-dalle/pipeline", captioner="outputs/dalle/captioner")
+    captions = pipe.caption(images, n=2, rerank=8)               # image -> text (an image_first transformer)
 
 The calling convention is every pipeline's (``unclip.pipelines.base``: ``from_pretrained``, ``save_pretrained``,
 ``generate`` with seeds, ``rerank`` and chunks of ``settings.max_batch``), so jobs and evaluators take either. The CLIP stage tokenizes the
 captions (the transformer knows the ids of its training captions) and re-ranks candidates; a transformer and a dVAE
 that do not fit (another codebook or grid) refuse to compose, naming both.
+
+The optional fourth stage ``captioner`` is the same transformer trained image-first (``train/dalle.py
+dalle=captioner``) on the same CLIP and dVAE: ``caption`` encodes images with the dVAE, samples caption tokens and
+decodes them with the CLIP's tokenizer, so one pipeline (saved with it) both draws and describes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from unclip.pipeline_inputs import check_count, check_output, images_in, prompts
 from unclip.pipelines.base import Pipeline, in_chunks, read_pipeline_file
 
 STAGES = ("clip", "dvae", "transformer")
+OPTIONAL_STAGES = ("captioner",)  # loaded and saved where given
+CAPTION_SETTINGS = ("temperature", "top_k", "top_p", "rerank", "max_batch")  # the DalleSettings a caption uses
 
 
 @dataclass
@@ -50,6 +58,10 @@ class DalleSettings:
         if self.guidance_scale is not None and not (isinstance(self.guidance_scale, (int, float))
                                                     and self.guidance_scale >= 0):
             raise ValueError(f"guidance_scale must be a number >= 0 or None (off), got {self.guidance_scale!r}")
+
+    def caption_sampling(self) -> dict:
+        """The keyword arguments of ``TextImageTransformer.sample_captions``."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
     def sampling(self) -> dict:
         """The keyword arguments of ``TextImageTransformer.sample``."""
@@ -106,6 +118,7 @@ class DallePipeline(Pipeline):
     transformer: torch.nn.Module
     settings: DalleSettings = field(default_factory=DalleSettings)
     sources: dict = field(default_factory=dict)  # stage name -> checkpoint directory
+    captioner: torch.nn.Module | None = None  # an image_first transformer on the same CLIP and dVAE (caption())
 
     generator: ClassVar[str] = "dalle"
     stages: ClassVar[tuple[str, ...]] = STAGES
@@ -115,17 +128,34 @@ class DallePipeline(Pipeline):
     autocast_dtype: ClassVar[torch.dtype | None] = None  # it samples (and re-ranks) in float32
 
     def __post_init__(self) -> None:
-        check_pairing(self.transformer, self.dvae,
-                      *([_trained_with(self.sources["transformer"]), f"the dVAE ({self.sources['dvae']})"]
-                        if "transformer" in self.sources and "dvae" in self.sources else []))
-        end_id = end_token_id(self.clip)
-        if self.transformer.vocabulary.end_id != end_id:
-            raise ValueError(f"the transformer was trained on captions of a tokenizer whose end token is "
-                             f"{self.transformer.vocabulary.end_id}, but this CLIP's is {end_id}; use the CLIP stage "
-                             "the transformer was trained with (its job's clip_checkpoint)")
+        for name, order in (("transformer", "text_first"), ("captioner", "image_first")):
+            model = getattr(self, name)
+            if model is None:
+                continue
+            described = self._described(name)
+            if getattr(model, "order", "text_first") != order:
+                raise ValueError(f"{described} has order={model.order}, but a pipeline's {name} must have order={order}; "
+                                 "give a text_first transformer as transformer= and an image_first one (train/dalle.py "
+                                 "dalle=captioner) as captioner=")
+            check_pairing(model, self.dvae, described,
+                          f"the dVAE ({self.sources['dvae']})" if "dvae" in self.sources else "the dVAE")
+            end_id = end_token_id(self.clip)
+            if model.vocabulary.end_id != end_id:
+                raise ValueError(f"{described} was trained on captions of a tokenizer whose end token is "
+                                 f"{model.vocabulary.end_id}, but this CLIP's is {end_id}; use the CLIP stage it was "
+                                 "trained with (its job's clip_checkpoint)")
         self.settings.check(self.transformer.image_vocab_size)
         for module in self.modules():
             module.eval().requires_grad_(False)
+
+    def _described(self, name: str) -> str:
+        """'the transformer (PATH, trained with the dVAE DVAE)' / 'the captioner (...)' as far as is known."""
+        if name not in self.sources:
+            return f"the {name}"
+        return _trained_with(self.sources[name]).replace("the transformer", f"the {name}", 1)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return super().modules() + [self.captioner] * (self.captioner is not None)
 
     # -- construction -----------------------------------------------------------------------
     @property
@@ -135,22 +165,37 @@ class DallePipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, clip: str | Path | None = None,
                         dvae: str | Path | None = None, transformer: str | Path | None = None,
-                        device: str | torch.device | None = None, use_ema: bool = True) -> "DallePipeline":
+                        captioner: str | Path | None = None, device: str | torch.device | None = None,
+                        use_ema: bool = True) -> "DallePipeline":
         """From one saved pipeline directory, or from the three stage checkpoints (directories or run
-        directories: train/clip.py's, train/dvae.py's, train/dalle.py's). Stages given beside a pipeline
-        directory replace its own."""
-        settings, given = DalleSettings(), {"clip": clip, "dvae": dvae, "transformer": transformer}
+        directories: train/clip.py's, train/dvae.py's, train/dalle.py's), and optionally a ``captioner``
+        (train/dalle.py dalle=captioner's run). Stages given beside a pipeline directory replace its own."""
+        settings = DalleSettings()
+        given = {"clip": clip, "dvae": dvae, "transformer": transformer, "captioner": captioner}
         if path is not None:
             stages, settings = read_pipeline_file(Path(path), cls)
-            given = {name: given[name] or Path(path) / stages[name] for name in STAGES}
+            given = {name: given[name] or (Path(path) / stages[name] if isinstance(stages.get(name), str) else None)
+                     for name in given}
         missing = [name for name in STAGES if given[name] is None]
         if missing:
             raise ValueError(f"DallePipeline.from_pretrained needs a pipeline directory or the stages {missing}")
-        stage_of = {"clip": "clip", "dvae": "dvae", "transformer": "dalle"}
-        loaded = {name: load_stage(given[name], stage=stage_of[name], use_ema=use_ema) for name in STAGES}
+        stage_of = {"clip": "clip", "dvae": "dvae", "transformer": "dalle", "captioner": "dalle"}
+        loaded = {name: load_stage(source, stage=stage_of[name], use_ema=use_ema)
+                  for name, source in given.items() if source is not None}
         pipe = cls(**{name: stage.model for name, stage in loaded.items()}, settings=settings,
                    sources={name: stage.path for name, stage in loaded.items()})
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @classmethod
+    def from_config(cls, spec: dict, **kwargs) -> "DallePipeline":
+        """As every pipeline's; a ``captioner`` given beside ``path`` joins (or replaces) the saved pipeline's."""
+        if spec.get("path") and spec.get("captioner"):
+            kwargs = {**kwargs, "captioner": spec["captioner"]}
+        return super().from_config(spec, **kwargs)
+
+    @classmethod
+    def stage_spec(cls, spec: dict) -> dict:
+        return {name: spec.get(name) for name in STAGES + OPTIONAL_STAGES}
 
     # -- shared steps -----------------------------------------------------------------------
     def _check_settings(self, settings: DalleSettings) -> None:
@@ -203,3 +248,59 @@ class DallePipeline(Pipeline):
             parts.append(self._output(self._draw(tokens[rows_of], config, generator,
                                                  prime=primes[rows_of.to(primes.device)]), output))
         return self._joined(parts, output)
+
+    # -- image to text ------------------------------------------------------------------------
+    @torch.no_grad()
+    def caption(self, images, n: int = 1, *, seed: int = 0, rerank: int | None = None, **settings) -> list[str]:
+        """Image -> text with the ``captioner`` stage: ``n`` captions per image, in image order. ``images``: a PIL
+        image or a list of them (centre-cropped and resized, as ``complete`` reads them) or tensors [B, 3, S, S] in
+        [-1, 1] at the dVAE's size S (a tensor of another size is an error: resize it, unclip.images.resize).
+        ``rerank=k`` draws k captions per caption asked and keeps the one whose CLIP text embedding is most similar
+        to the image's (None: the settings' ``rerank``); ``settings``: temperature, top_k, top_p (the call's own,
+        default 1, None, None: the pipeline's settings are tuned to its image codebook), max_batch."""
+        if self.captioner is None:
+            raise ValueError("this DALL-E pipeline has no captioner stage; load one with DallePipeline.from_pretrained"
+                             "(..., captioner=RUN_DIR) (an image_first transformer: python train/dalle.py "
+                             "dalle=captioner)")
+        extra = sorted(set(settings) - set(CAPTION_SETTINGS))
+        if extra and not set(extra) - set(vars(self.settings)):
+            raise ValueError(f"caption takes the settings {list(CAPTION_SETTINGS)}, not {extra} (a captioner samples "
+                             "words for the image it reads, with no guidance)")
+        count = check_count("n", n)
+        if rerank is not None:
+            settings = {**settings, "rerank": check_count("rerank", rerank)}
+        own = {"temperature": 1.0, "top_k": None, "top_p": None}  # the pipeline's are its image sampling's
+        config = self._settings({**own, **settings}, check=lambda s: s.check(len(self.captioner.vocabulary)))
+        generator = self._generator(seed)
+        pixels = self._caption_images(images)
+        tokens = in_chunks(lambda batch: self.dvae.encode(batch).flatten(1), pixels, config.max_batch)
+        per_image = count * config.rerank
+        index = torch.arange(len(pixels) * per_image, device=tokens.device) // per_image
+        texts = []
+        for start in range(0, len(index), config.max_batch):
+            rows = self.captioner.sample_captions(tokens[index[start:start + config.max_batch]], generator=generator,
+                                                  **config.caption_sampling())
+            texts += self.clip.decode(rows)
+        if config.rerank == 1:
+            return texts
+        return self._best_captions(pixels, texts, config)
+
+    def _caption_images(self, images) -> torch.Tensor:
+        """``caption``'s images as [B, 3, S, S] at the dVAE's size S (tensors must have it already)."""
+        size = self.image_size
+        pixels = images_in(images, size, self.device, resize_tensors=False)
+        if pixels.shape[-2:] != (size, size):
+            raise ValueError(f"the captioner reads {size}x{size} images (its dVAE's image_size), got an image tensor "
+                             f"of {pixels.shape[-2]}x{pixels.shape[-1]}; resize it (unclip.images.resize) or pass PIL "
+                             "images, which are centre-cropped and resized")
+        return pixels
+
+    def _best_captions(self, pixels: torch.Tensor, texts: list[str], config: DalleSettings) -> list[str]:
+        """Of every ``config.rerank`` consecutive candidate captions, the one the CLIP finds most similar to its image."""
+        per_image = len(texts) // len(pixels)
+        image_embeds = in_chunks(self.clip.encode_image, pixels, config.max_batch).float()
+        text_embeds = self._encode_text(texts, config.max_batch).embed.float()
+        owner = torch.arange(len(texts), device=text_embeds.device) // per_image
+        scores = (text_embeds * image_embeds[owner]).sum(-1).view(-1, config.rerank)
+        best = scores.argmax(dim=1) + torch.arange(0, len(texts), config.rerank, device=scores.device)
+        return [texts[i] for i in best.tolist()]
