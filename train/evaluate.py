@@ -1,6 +1,7 @@
 """Evaluate a whole pipeline with its data set's evaluator (`shapes`: text-to-image accuracy on val, held-out
 compositions, pairs and count scenes with GenEval's categories beside the published rows, variations, interpolation
-and text diffs, judged from the pixels; captioned data: CLIP agreement). `python train/evaluate.py pipeline.path=outputs/demo/pipeline [data=...]`.
+and text diffs, judged from the pixels; captioned data: CLIP agreement).
+`python train/evaluate.py pipeline.path=outputs/demo/pipeline [data=...]`.
 
 ``unconditional=256`` also judges 256 samples drawn without a prompt against the training data (``shapes``:
 unclip.eval.unconditional; give the data the pipeline was trained on, data=shapes_pairs for the demo's);
