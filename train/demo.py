@@ -30,6 +30,7 @@ from _job import choice, forwarded_overrides, hydra_job
 from unclip.config import build
 from unclip.images import save_grid
 from unclip.jobs import Job
+from unclip.pipeline_inputs import check_count
 from unclip.pipelines import DallePipeline, GenerationSettings, Pipeline, UnCLIPPipeline, pipeline_class
 from unclip.pipelines.unclip import PER_UPSAMPLER
 from unclip.report import REPORT_FILE, write_report
@@ -233,6 +234,9 @@ def main(job: Job) -> None:
         metrics.update(evaluator.pipeline_metrics(passthrough, seed=config["seed"], prefix="passthrough_", edits=False,
                                                   fidelity=False))
     metrics.update(evaluate_cascade_cut(out, stages, config, evaluator))
+    if config.get("unconditional"):  # samples without a prompt against the training data (fidelity.txt's last table)
+        metrics.update(evaluator.unconditional_metrics(pipe, check_count("unconditional", config["unconditional"]),
+                                                       seed=config["seed"]))
     metrics.update(evaluator.prompt_metrics(images, [prompt for prompt in prompts for _ in range(n)]))
     summary = evaluator.summary(metrics)
     for cut in sorted({key.split("/")[0] for key in metrics if key.startswith("at_") and "/" in key}):

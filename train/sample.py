@@ -3,7 +3,9 @@
 Modes (``mode=``): generate (text -> images), variations (image=...), img2img (image=..., strength=...), inpaint
 (image=..., mask=...: white = paint, black = keep; prompts=[] removes what is masked) and mix
 (mix='[[red.png,0.5],[a blue square,0.5]]': image files or texts with weights). ``negative_prompt=`` steers every
-mode but mix away from a text. Writes each image as PNG, a grid (one row per prompt), and samples.jsonl (mode,
+mode but mix away from a text. ``unconditional=16`` draws 16 images without any prompt instead
+(``pipe.unconditional``: every stage from its learned null caption; prompts are not read, and there is nothing to
+re-rank by). Writes each image as PNG, a grid (one row per prompt; unconditional: 8 a row), and samples.jsonl (mode,
 prompt, inputs, seed and settings per image).
 
 The run directory is this run's alone while it runs (a second run into it is refused, naming this one's process
@@ -59,6 +61,13 @@ def check_request(config: dict, prompts: list[str]) -> None:
     mode = config["mode"]
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    if config.get("unconditional"):
+        check_count("unconditional", config.get("unconditional"))
+        if mode != "generate" or config["rerank"] not in (None, 1) or config["negative_prompt"] is not None:
+            raise ValueError(f"unconditional={config['unconditional']} draws images without any prompt: it takes "
+                             f"neither mode={mode}, rerank={config['rerank']} nor negative_prompt="
+                             f"{config['negative_prompt']!r}; leave them at their defaults")
+        return
     check_count("num_images_per_prompt", config["num_images_per_prompt"])
     needs = {"variations": ["image"], "img2img": ["image"], "inpaint": ["image", "mask"]}.get(mode, [])
     for key in needs:
@@ -73,8 +82,12 @@ def check_request(config: dict, prompts: list[str]) -> None:
 def sample(pipe: Pipeline, config: dict, prompts: list[str]) -> tuple[list, list[dict]]:
     """The images of ``config['mode']`` and, per image, what made it (prompt or None)."""
     mode, n = config["mode"], config["num_images_per_prompt"]
-    pipe.require(mode, f"mode={mode}")
     common = {"seed": config["seed"]}
+    count = config.get("unconditional")
+    if count:
+        pipe.require("unconditional", f"unconditional={count}")
+        return pipe.unconditional(count, **common), [{"prompt": None}] * count
+    pipe.require(mode, f"mode={mode}")
     negative = {"negative_prompt": config["negative_prompt"]}
     if mode == "mix":
         return pipe.mix(_mix_items(config), n, **common), [{"prompt": None}] * n
@@ -141,8 +154,10 @@ def _png(image) -> bytes:
 def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dict], config: dict) -> Path:
     """The images, samples.jsonl and grid.png, each written by rename (a symlink planted there is replaced, never
     written through); returns the grid's path."""
-    n = config["num_images_per_prompt"]
+    n = min(8, config.get("unconditional") or 0) or config["num_images_per_prompt"]  # the grid's images per row
     inputs = {key: config[key] for key in ("mode", "image", "mask", "strength", "negative_prompt", "mix", "jumps")}
+    if config.get("unconditional"):
+        inputs["mode"] = "unconditional"
     image_dir = run_dir / "images"
     replace_link(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +165,9 @@ def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dic
     for i, (image, record) in enumerate(zip(images, made_by)):
         name = f"{i:04d}.png"
         write_atomic(image_dir / name, _png(image))
+        rerank = 1 if config.get("unconditional") else config["rerank"] or pipe.settings.rerank  # nothing to rank by
         record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
-                  "rerank": config["rerank"] or pipe.settings.rerank, **inputs, "settings": vars(pipe.settings)}
+                  "rerank": rerank, **inputs, "settings": vars(pipe.settings)}
         lines.append(json.dumps(record) + "\n")
     write_atomic(run_dir / "samples.jsonl", "".join(lines))
     return write_atomic(run_dir / "grid.png", _png(make_grid(images, n)))

@@ -22,7 +22,8 @@ def check_prompts(prompts: Sequence[str] | str, name: str = "prompts") -> list[s
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"{name} must be a string or a list of strings, got {prompts!r:.80}")
+        hint = "; for images without a prompt, call unconditional(n)" if prompts is None and name == "prompts" else ""
+        raise TypeError(f"{name} must be a string or a list of strings, got {prompts!r:.80}{hint}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError(f"the prompt list is empty; give at least one prompt ({name})")

@@ -193,8 +193,33 @@ class TextImageTransformer(nn.Module):
         completion). ``use_cache=False`` recomputes the whole sequence at every step (same tokens, slower).
         """
         self.require_order("text_first", "sampling images for captions")
+        return self._sample(self.text_ids(text_tokens), temperature=temperature, top_k=top_k, top_p=top_p,
+                            guidance_scale=guidance_scale, prime=prime, generator=generator, use_cache=use_cache)
+
+    @torch.no_grad()
+    def sample_unconditional(self, count: int, *, temperature: float = 1.0, top_k: int | None = None,
+                             top_p: float | None = None, generator: torch.Generator | None = None,
+                             use_cache: bool = True) -> torch.Tensor:
+        """Image tokens [count, N] drawn after the null caption (all padding, what caption dropout,
+        ``cond_drop_prob``, trained): the model's own distribution of images. No guidance: both of its branches
+        would be the null caption."""
+        self.require_order("text_first", "sampling images without a caption")
+        self.check_unconditional()
+        null = self._null_text(count, self.padding_embed.device)
+        return self._sample(null, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=None,
+                            prime=None, generator=generator, use_cache=use_cache)
+
+    def check_unconditional(self) -> None:
+        """An error unless caption dropout trained the null caption."""
+        if self.cond_drop_prob == 0:
+            raise ValueError("this transformer was trained without caption dropout (cond_drop_prob=0), so it has "
+                             "never seen the null caption and cannot sample without one; train it with "
+                             "cond_drop_prob > 0 (the default is 0.1)")
+
+    def _sample(self, text_ids: torch.Tensor, *, temperature, top_k, top_p, guidance_scale, prime, generator,
+                use_cache) -> torch.Tensor:
+        """``sample`` from compact text ids [B, text_length]."""
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=self.image_vocab_size)
-        text_ids = self.text_ids(text_tokens)
         batch, device = text_ids.shape[0], text_ids.device
         if batch == 0:
             raise ValueError("got zero captions to sample for; expected at least one")

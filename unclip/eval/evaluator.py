@@ -105,6 +105,11 @@ class DataEvaluator:
         """A whole pipeline's metrics; ``edits``: also those of the edits it supports (``pipe.supports``)."""
         raise NotImplementedError
 
+    def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024) -> dict:
+        """``n`` unconditional samples of ``pipe`` (``pipe.unconditional``) judged against the training data."""
+        raise NotImplementedError(f"{type(self).__name__} cannot judge unconditional samples (the shapes data set's "
+                                  "evaluator can: data=shapes or data=shapes_pairs); leave unconditional=0")
+
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
         """An image tokenizer's round trip (``reconstruct``: images [B, 3, S, S] -> images, e.g. a dVAE's encode
         then decode) on the first ``items[split]`` items of each split named there: ``psnr_<split>`` (against the

@@ -7,6 +7,7 @@ from functools import cached_property
 import torch
 
 from unclip.configurable import register
+from unclip.data.shapes import DEFAULT_HELDOUT
 from unclip.eval.clip_shapes import ShapesClipEvaluator
 from unclip.eval.decoder import psnr
 from unclip.eval.evaluator import DataEvaluator
@@ -22,6 +23,7 @@ from unclip.eval.prompt_set import (
     text_to_image_fidelity,
     variations_fidelity,
 )
+from unclip.eval.unconditional import unconditional_metrics, unconditional_table
 from unclip.images import from_pil, resize
 
 # The demo's sample grid: training compositions, held-out ones (purple triangle, orange circle, ...), pair scenes.
@@ -62,7 +64,7 @@ class ShapesEvaluator(DataEvaluator):
     retrieval_kind = "colour_shape"
 
     def __init__(self, splits: dict, pipeline_items: dict | None = None, clip_items: int = 512,
-                 prompts: list[str] | None = None, metrics: dict | None = None):
+                 prompts: list[str] | None = None, metrics: dict | None = None, train=None):
         pipeline_items = dict(DEFAULT_PIPELINE_ITEMS if pipeline_items is None else pipeline_items)
         unknown = sorted(set(pipeline_items) - set(PIPELINE_ITEMS))
         if unknown:
@@ -72,6 +74,7 @@ class ShapesEvaluator(DataEvaluator):
                 balanced_scenes(dict(pipeline_items[key]))  # a split it does not have is an error now, not later
         super().__init__(splits, pipeline_items, clip_items, metrics)
         self.prompts = list(prompts or SAMPLE_PROMPTS)
+        self.train = train  # the training split (a ShapesDataset): what unconditional samples are compared with
 
     @cached_property
     def _clip_evaluator(self) -> ShapesClipEvaluator:
@@ -146,6 +149,19 @@ class ShapesEvaluator(DataEvaluator):
                                               calibration_sets=(real, other))
         return {f"{prefix}distribution/{key}": value for key, value in found.items()}
 
+    def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024) -> dict:
+        """``unconditional/...``: ``n`` samples of ``pipe.unconditional`` read as scenes by the pixel judge (valid
+        share, scene kinds, held-out share) and their attribute frequencies' TV distance to ``reference`` training
+        images', beside a second training draw, its shuffle and the uniform distribution
+        (:mod:`unclip.eval.unconditional`)."""
+        if self.train is None:
+            raise ValueError("the shapes evaluator was built without its training split (train=), which unconditional "
+                             "samples are compared with; give train=${data.train} (conf/data/shapes.yaml does)")
+        pipe.require("unconditional", "unconditional evaluation")
+        images = pipe.unconditional(n, seed=seed, output="tensor")
+        heldout = getattr(getattr(self.train, "config", None), "heldout", DEFAULT_HELDOUT)
+        return unconditional_metrics(images, self.train, reference=reference, heldout=heldout, seed=seed)
+
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
         """PSNR, and the judge on every attribute of every object, named in the caption or not:
         ``recon_<attribute>_<split>`` (colour, shape, size, position; pairs: objects, relation) and
@@ -179,6 +195,8 @@ class ShapesEvaluator(DataEvaluator):
         if scores:
             lines += ["", "GenEval's categories on the balanced prompt set (text to image):",
                       geneval_table(scores, name=str(metrics.get("generator", "this pipeline")))]
+        if f"{prefix}unconditional/n" in metrics:
+            lines += ["", unconditional_table(metrics, prefix=f"{prefix}unconditional/")]
         return "\n".join(lines)
 
     def sample_prompts(self) -> list[str]:

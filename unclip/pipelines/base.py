@@ -31,7 +31,7 @@ from unclip.checkpoint import (  # STAGE_FILES: what loading a stage may read, s
 )
 from unclip.embedding import TextCondition
 from unclip.images import to_pil
-from unclip.pipeline_inputs import check_output, check_prompts, check_seed
+from unclip.pipeline_inputs import check_count, check_output, check_prompts, check_seed
 from unclip.weights import CheckpointError
 
 PIPELINE_FILE = "pipeline.json"
@@ -285,6 +285,8 @@ class Pipeline:
     demo_dir: ClassVar[str]  # where train/demo.py trains it (outputs/<demo_dir>)
     autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16  # the precision it samples in; None: float32
     stage_lists: ClassVar[tuple[str, ...]] = ()  # stages of which it has a list (``upsampler``: ``upsamplers``)
+    # settings that act against a prompt, each with its no-op value: ``unconditional`` ignores them
+    no_prompt_settings: ClassVar[dict[str, object]] = {"rerank": 1}
 
     settings: object
     sources: dict
@@ -402,6 +404,39 @@ class Pipeline:
             return parts[0]
         return TextCondition(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                ("embed", "tokens", "token_embeds", "mask")))
+
+    # -- images without a prompt ------------------------------------------------------------------
+    @torch.no_grad()
+    def unconditional(self, n: int = 1, *, seed: int = 0, output: str = "pil", **settings):
+        """``n`` images drawn without any prompt: every stage conditioned on its learned null caption (what caption
+        dropout trained), so the images follow the training data's distribution as the model learned it. Made
+        ``settings.max_batch`` at a time (the first chunk's images are those of a request for only them). Settings
+        that compare with a prompt (``no_prompt_settings``: re-ranking, guidance) have nothing to act on: the
+        pipeline's own are ignored and one given here other than its no-op value is an error."""
+        if isinstance(n, (str, list, tuple)):
+            raise TypeError(f"unconditional takes a number of images, not prompts (got {n!r:.60}); for images of "
+                            "prompts call generate(prompts, n)")
+        count = check_count("n", n)
+        for name, no_op in self.no_prompt_settings.items():
+            if name in settings and settings[name] != no_op:
+                raise ValueError(f"unconditional samples have no prompt, so {name}={settings[name]!r} has nothing to "
+                                 f"act on (it compares candidates or guidance with a prompt); leave it out")
+        config, generator = self._prepare(seed, settings, output)
+        self._check_unconditional()
+        parts = []
+        with self.autocast():
+            for start in range(0, count, config.max_batch):
+                images = self._unconditional_images(min(config.max_batch, count - start), config, generator)
+                parts.append(self._output(images, output))
+        return self._joined(parts, output)
+
+    def _check_unconditional(self) -> None:
+        """An error naming the stage that cannot sample without a prompt (e.g. one trained without caption
+        dropout), before any work."""
+
+    def _unconditional_images(self, count: int, config, generator) -> torch.Tensor:
+        """``count`` images [count, 3, S, S] in [-1, 1] without a prompt."""
+        raise NotImplementedError
 
     # -- images per prompt, re-ranked ------------------------------------------------------------------
     def _ranked_images(self, prompts: list[str], count: int, config, output: str,

@@ -3,6 +3,7 @@
     pipe = DallePipeline.from_pretrained("outputs/demo-dalle/pipeline")
     images = pipe.generate(["a red circle", "a purple triangle at the top"], 4, seed=0, rerank=4)
     completed = pipe.complete(image, "a blue square", rows=3)   # keep the image's top 3 token rows, draw the rest
+    samples = pipe.unconditional(16, seed=0)                    # no prompt: the null caption, no re-ranking
     pipe = DallePipeline.from_pretrained("outputs/demo-dalle/pipeline", captioner="outputs/dalle/captioner")
     captions = pipe.caption(images, n=2, rerank=8)               # image -> text (an image_first transformer)
 
@@ -123,7 +124,9 @@ class DallePipeline(Pipeline):
     generator: ClassVar[str] = "dalle"
     stages: ClassVar[tuple[str, ...]] = STAGES
     settings_class: ClassVar[type] = DalleSettings
-    operations: ClassVar[frozenset[str]] = frozenset({"generate", "complete"})
+    operations: ClassVar[frozenset[str]] = frozenset({"generate", "unconditional", "complete"})
+    # without a prompt: no CLIP re-ranking (nothing to compare with) and no guidance (both branches the null caption)
+    no_prompt_settings: ClassVar[dict[str, object]] = {"rerank": 1, "guidance_scale": None}
     demo_dir: ClassVar[str] = "demo-dalle"
     autocast_dtype: ClassVar[torch.dtype | None] = None  # it samples (and re-ranks) in float32
 
@@ -207,6 +210,15 @@ class DallePipeline(Pipeline):
                                          **config.sampling())
         grid = self.dvae.grid_size
         return self.dvae.decode(tokens.view(-1, grid, grid)).float()
+
+    def _check_unconditional(self) -> None:
+        self.transformer.check_unconditional()
+
+    def _unconditional_images(self, count: int, config: DalleSettings, generator) -> torch.Tensor:
+        """The transformer after the null caption (temperature, top_k, top_p as set), the dVAE."""
+        tokens = self.transformer.sample_unconditional(count, temperature=config.temperature, top_k=config.top_k,
+                                                       top_p=config.top_p, generator=generator)
+        return self.dvae.decode(tokens.view(-1, self.dvae.grid_size, self.dvae.grid_size)).float()
 
     # -- text to image ------------------------------------------------------------------------
     @torch.no_grad()

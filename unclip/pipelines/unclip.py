@@ -6,6 +6,7 @@
     pipe.img2img(image, "a green circle", strength=0.6)
     pipe.mix([(image, 0.5), ("a blue square", 0.5)])
     pipe.generate("a circle", negative_prompt="red")
+    pipe.unconditional(16, seed=0)                      # no prompt: the prior's null, the decoder's null caption
 
 Every call takes a seed and gives the same images for it. Stages from different CLIP embedding spaces
 refuse to compose, naming both fingerprints. Each public method is a few lines over the shared steps: encode
@@ -207,8 +208,10 @@ class UnCLIPPipeline(Pipeline):
     stage_lists: ClassVar[tuple[str, ...]] = ("upsampler",)
     settings_class: ClassVar[type] = GenerationSettings
     operations: ClassVar[frozenset[str]] = frozenset(
-        {"generate", "decode", "variations", "img2img", "interpolate", "text_diff", "mix", "inpaint"})
+        {"generate", "unconditional", "decode", "variations", "img2img", "interpolate", "text_diff", "mix", "inpaint"})
     demo_dir: ClassVar[str] = "demo"
+    # without a prompt the prior draws one candidate from its null (nothing to rank by) and has no guidance
+    no_prompt_settings: ClassVar[dict[str, object]] = {"rerank": 1, "prior_candidates": 1, "prior_guidance": 1.0}
 
     def __post_init__(self) -> None:
         clip_space: EmbeddingSpace = self.spaces.get("clip") or self.clip.space
@@ -417,6 +420,25 @@ class UnCLIPPipeline(Pipeline):
 
             return self._ranked_images(prompts, count, config, output, draw,
                                        lambda images: self._upsample(images, config, generator))
+
+    def _check_unconditional(self) -> None:
+        if not hasattr(self.prior, "sample_unconditional"):
+            raise ValueError(f"the prior ({type(self.prior).__name__}) cannot sample without a prompt (the passthrough "
+                             "prior's image embedding is the prompt's text embedding); use a diffusion prior trained "
+                             "with caption dropout (cond_drop_prob > 0)")
+        getattr(self.prior, "check_unconditional", lambda: None)()
+        if getattr(self.decoder, "caption_drop_prob", 1) == 0:
+            raise ValueError("the decoder was trained without caption dropout (caption_drop_prob=0), so its null "
+                             "caption is untrained and it cannot decode without a prompt; train it with "
+                             "caption_drop_prob > 0 (the default is 0.5)")
+
+    def _unconditional_images(self, count: int, config: GenerationSettings, generator) -> torch.Tensor:
+        """The prior from its learned null (one candidate: no text embedding to rank by), the decoder with the null
+        caption (its guidance on the sampled image embedding), the upsamplers."""
+        embeds = self.prior.sample_unconditional(
+            count, steps=config.prior_steps, generator=generator, cuda_graphs=config.cuda_graphs,
+            sampler=config.prior_sampler, spacing=config.prior_spacing)
+        return self._render(embeds, None, config, generator)
 
     @torch.no_grad()
     def decode(self, image_embeds: torch.Tensor, *, seed: int = 0, eta: float = 0.0, output: str = "pil", **settings):

@@ -185,3 +185,24 @@ class DiffusionPrior(nn.Module):
         scores = torch.einsum("bnd,bd->bn", candidates, text.embed.float())
         best = scores.argmax(dim=1)
         return candidates[torch.arange(batch, device=device), best]
+
+    def check_unconditional(self) -> None:
+        """An error unless caption dropout trained the learned null."""
+        if self.cond_drop_prob == 0:
+            raise ValueError("this prior was trained without caption dropout (cond_drop_prob=0), so its learned null "
+                             "is untrained and it cannot sample without a caption; train it with cond_drop_prob > 0 "
+                             "(the default is 0.2)")
+
+    @torch.no_grad()
+    def sample_unconditional(self, count: int, **sampling) -> torch.Tensor:
+        """Unit-norm image embeddings [count, D] drawn with the text dropped to the learned null (what caption
+        dropout, ``cond_drop_prob``, trained): the prior's own distribution of images. One candidate each: there is
+        no text embedding to rank candidates by. ``sampling``: ``sample``'s steps, eta, generator, sampler, ...
+        (not guidance_scale, negative or num_candidates)."""
+        self.check_unconditional()
+        device = self.embed_mean.device
+        null = TextCondition(embed=torch.zeros(count, self.embed_mean.shape[0], device=device),
+                             tokens=torch.zeros(count, 1, dtype=torch.long, device=device),
+                             token_embeds=torch.zeros(count, 1, self.net.token_dim, device=device),
+                             mask=torch.zeros(count, 1, dtype=torch.bool, device=device))
+        return self.sample(null, guidance_scale=0.0, num_candidates=1, **sampling)  # 0: the null branch alone
