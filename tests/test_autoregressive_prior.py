@@ -155,6 +155,22 @@ def test_guidance_scale_one_is_the_conditional_model():
     assert not torch.equal(steered, unguided)
 
 
+def test_unconditional_samples_come_from_the_learned_nulls_seeded_and_unit_norm():
+    images, texts = _pairs()
+    prior = _prior().eval()
+    prior.fit_normalisation(images, texts)
+    draws = [prior.sample_unconditional(4, generator=torch.Generator().manual_seed(seed), steps=8) for seed in (0, 0, 1)]
+    assert draws[0].shape == (4, D) and torch.allclose(draws[0].norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    # the null rows of any caption's guided prefix: what the text is does not matter
+    prefix = prior._sampling_prefix(_text(texts[:4]), None, 1, True, torch.Generator().manual_seed(0))[4:]
+    ids = prior._draw_ids(prefix, None, dict(temperature=1.0, top_k=prior.top_k, top_p=prior.top_p),
+                          torch.Generator().manual_seed(0))
+    assert torch.equal(prior.dequantise(ids), draws[0])
+    with pytest.raises(ValueError, match=r"trained without caption dropout \(cond_drop_prob=0\)"):
+        _prior(cond_drop_prob=0.0).sample_unconditional(2)
+
+
 def test_a_checkpoint_keeps_the_fitted_pca_and_buckets_and_samples_the_same(tmp_path):
     images, texts = _pairs()
     prior = _prior(num_buckets=64, dot_buckets=4, temperature=0.8, top_k=20).eval()

@@ -315,6 +315,38 @@ class AutoregressivePrior(nn.Module):
         scores = torch.einsum("bnd,bd->bn", candidates, text.embed.float().to(candidates.device))
         return candidates[torch.arange(len(text), device=candidates.device), scores.argmax(dim=1)]
 
+    def check_unconditional(self) -> None:
+        """An error unless caption dropout trained the learned nulls."""
+        if self.cond_drop_prob == 0:
+            raise ValueError("this autoregressive prior was trained without caption dropout (cond_drop_prob=0), so "
+                             "its learned nulls are untrained and it cannot sample without a caption; train it with "
+                             "cond_drop_prob > 0 (the default is 0.2)")
+
+    @torch.no_grad()
+    def sample_unconditional(self, count: int, *, generator: torch.Generator | None = None,
+                             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                             **diffusion_settings) -> torch.Tensor:
+        """Unit-norm image embeddings [count, D] drawn after the learned nulls (caption, text embedding and
+        dot-product token all dropped, as caption dropout trained them): the prior's own distribution of images.
+        One candidate each (no text embedding to rank by), no guidance; ``diffusion_settings`` (steps, sampler,
+        ...) are ignored as in ``sample``."""
+        self.check_unconditional()
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a whole number >= 1, got {count!r}")
+        device = self.embed_mean.device
+        length = self.text_length
+        drop = torch.ones(count, dtype=torch.bool, device=device)
+        prefix = self._prefix(torch.zeros(count, self.embed_dim, device=device),
+                              torch.zeros(count, length, self.token_dim, device=device),
+                              torch.zeros(count, length, dtype=torch.bool, device=device),
+                              torch.zeros(count, dtype=torch.long, device=device), drop)
+        filters = dict(temperature=self.temperature if temperature is None else temperature,
+                       top_k=self.top_k if top_k is None else top_k, top_p=self.top_p if top_p is None else top_p)
+        check_sampling(**filters, vocab_size=self.num_buckets)
+        with _attention_kernel(device):
+            ids = self._draw_ids(prefix, None, filters, generator)
+        return self.dequantise(ids)
+
     def _draw_ids(self, prefix: torch.Tensor, guidance_scale: float | None, filters: dict, generator) -> torch.Tensor:
         """Bucket ids [R, kept] after the prefix rows [R or 2R, P, W] (2R: conditional then unconditional, mixed
         by ``guidance_scale``), one component per step through the key/value cache."""
