@@ -400,3 +400,27 @@ def test_the_command_line_sets_each_stages_sampler():
     assert (settings.decoder_sampler, settings.decoder_spacing, settings.upsampler_sampler) == (
         "dpmpp_2m", "logsnr", ["ddim", "dpmpp_2s"])
     assert demo.generation.prior_sampler == "dpmpp_2m" and demo.generation.decoder_sampler == "ddim"
+
+
+def test_a_saved_pipeline_keeps_its_settings_but_those_the_command_line_gives(tmp_path):
+    from _job import keep_only_given_settings_of_a_saved_pipeline
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from stages import save_micro_pipeline
+
+    from unclip.pipelines import GenerationSettings, UnCLIPPipeline, pipeline_from_config
+
+    saved = UnCLIPPipeline.from_pretrained(**save_micro_pipeline(tmp_path), device="cpu")
+    saved.settings.prior_steps, saved.settings.decoder_steps, saved.settings.decoder_sampler = 7, 9, "dpmpp_2m"
+    path = saved.save_pretrained(tmp_path / "pipeline")
+    overrides = [f"pipeline.path={path}", "pipeline.settings.decoder_steps=5"]
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="train_evaluate", overrides=overrides)
+        stages = compose(config_name="train_evaluate", overrides=["pipeline.settings.decoder_steps=5"])
+    keep_only_given_settings_of_a_saved_pipeline(cfg, overrides)
+    keep_only_given_settings_of_a_saved_pipeline(stages, ["pipeline.settings.decoder_steps=5"])
+    pipe = pipeline_from_config(OmegaConf.to_container(cfg.pipeline, resolve=True), device="cpu")
+    # the saved prior steps and sampler, not the defaults the config composed; the decoder steps given
+    assert (pipe.settings.prior_steps, pipe.settings.decoder_sampler, pipe.settings.decoder_steps) == (7, "dpmpp_2m", 5)
+    assert OmegaConf.to_container(stages.pipeline.settings)["prior_steps"] == GenerationSettings().prior_steps

@@ -148,6 +148,7 @@ def hydra_job(config_name: str) -> Callable[[Callable[[Job], None]], Callable[[]
         @functools.wraps(main)  # Hydra names the job and finds conf/ from the wrapped function's file
         def task(cfg: DictConfig) -> None:
             refuse_added_keys(cfg)
+            keep_only_given_settings_of_a_saved_pipeline(cfg, HydraConfig.get().overrides.task)
             main(start_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir))
 
         return hydra.main(version_base=None, config_path="../conf", config_name=config_name)(task)
@@ -173,6 +174,20 @@ def refuse_added_keys(cfg: DictConfig) -> None:
                 f"{override}: {key!r} is not a setting of this job, nothing would read it. Settings "
                 f"there: {known}. Drop the '+' to change an existing setting (`--cfg job` prints them all)."
             )
+
+
+def keep_only_given_settings_of_a_saved_pipeline(cfg: DictConfig, overrides) -> None:
+    """``pipeline.path=DIR`` samples with the settings saved in DIR/pipeline.json; only the
+    ``pipeline.settings.*`` the command line gives replace them. (The node's other settings are the composed
+    defaults, which would silently replace a saved pipeline's tuned steps, samplers and re-ranking.)"""
+    node = cfg.get("pipeline")
+    if not (OmegaConf.is_dict(node) and node.get("path") and OmegaConf.is_dict(node.get("settings"))):
+        return
+    prefix = "pipeline.settings."
+    given = {o.lstrip("+~").split("=", 1)[0][len(prefix):] for o in overrides if o.lstrip("+~").startswith(prefix)}
+    settings = OmegaConf.to_container(node.settings, resolve=True)
+    with open_dict(cfg):
+        cfg.pipeline.settings = {key: value for key, value in settings.items() if key in given}
 
 
 def choice(group: str) -> str:
