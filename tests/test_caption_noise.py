@@ -3,12 +3,14 @@ train/embed.py that drops the pairs whose caption says nothing of their image.""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 
 import pytest
@@ -19,7 +21,14 @@ from omegaconf import OmegaConf
 
 from unclip.checkpoint import save_stage
 from unclip.config import build
-from unclip.data import EmbeddingShards, ImageFolderDataset, ShapesDataset, write_embedding_shards, write_folder
+from unclip.data import (
+    EmbeddingShards,
+    ImageFolderDataset,
+    ShapesDataset,
+    WebDatasetSource,
+    write_embedding_shards,
+    write_folder,
+)
 from unclip.data.caption_noise import KINDS, SHARES, mojibake
 from unclip.data.embeddings import clip_scores, filter_embedding_shards
 from unclip.data.shapes import collate, parse_caption
@@ -98,6 +107,39 @@ def test_the_share_holds_on_a_folder_and_its_val_captions_stay_clean(tmp_path):
     val, clean_val = build(data["val"]), ImageFolderDataset(root, image_size=SIZE, split="val", val_fraction=0.2)
     assert [val[i] for i in range(len(val))] and all(
         val[i]["caption"] == clean_val[i]["caption"] and "caption_noised" not in val[i]["meta"] for i in range(len(val)))
+
+
+def test_webdataset_shards_get_the_same_garbage_for_a_sample_in_any_order(tmp_path):
+    root = write_folder(tmp_path / "images", 240, image_size=SIZE)
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for line in (root / "captions.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            key = record["file"].rsplit(".", 1)[0]
+            for member, data in ((f"{key}.png", (root / record["file"]).read_bytes()),
+                                 (f"{key}.txt", record["caption"].encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard = str(tmp_path / "shard-0.tar")
+    clean = {item["meta"]["key"]: item["caption"] for item in WebDatasetSource(shard, image_size=SIZE, shuffle_buffer=0)}
+    stream = WebDatasetSource(shard, image_size=SIZE, shuffle_buffer=64, caption_noise=0.3).stream()
+    epochs = [list(stream) for _ in range(2)]  # two epochs: two shuffled orders
+    assert [item["meta"]["key"] for item in epochs[0]] != [item["meta"]["key"] for item in epochs[1]]
+    noised = _noised(epochs[0])
+    assert len(epochs[0]) == 240 and _within_binomial(len(noised), 240, 0.3)
+    again = {item["meta"]["key"]: item for item in epochs[1]}
+    firsts = {epochs[0][0]["meta"]["key"], epochs[1][0]["meta"]["key"]}  # no sample before: "other" becomes "spam"
+    for item in epochs[0]:
+        if item["meta"]["key"] in firsts:
+            continue
+        same = again[item["meta"]["key"]]
+        assert item["meta"]["caption_noise_kind"] == same["meta"]["caption_noise_kind"]
+        if not item["meta"]["caption_noised"]:
+            assert item["caption"] == same["caption"] == clean[item["meta"]["key"]]
+        elif item["meta"]["caption_noise_kind"] != "other":  # "other": the sample read before it, in this order
+            assert item["caption"] == same["caption"] != clean[item["meta"]["key"]]
+        else:
+            assert item["caption"] in clean.values()
 
 
 def _data_config(*overrides: str) -> dict:
