@@ -230,6 +230,8 @@ def test_embed_with_noise_and_the_filter_reports_the_garbage_it_dropped_and_keep
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["items_train"], metrics["filter_dropped"], metrics["items_val"]) == (24, 8, 16)
     assert 0 <= metrics["filter_dropped_noised"] <= min(8, metrics["filter_noised"]) and metrics["filter_noised"] > 0
+    assert metrics["noised_train"] == metrics["filter_noised"] - metrics["filter_dropped_noised"]
+    assert "noised_val" not in metrics
     assert "the CLIP-score filter" in proc.stdout
     assert not any("caption_noised" in meta for meta in EmbeddingShards(run / "val").metas)
     assert any(meta["caption_noised"] for meta in EmbeddingShards(run / "train").metas)

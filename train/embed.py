@@ -76,7 +76,10 @@ def main(job: Job) -> None:
             print(f"embed: the CLIP-score filter {report}", flush=True)
             metrics.update(report)
             paths = sorted((job.run_dir / split).glob("*.safetensors"))
-        metrics[f"items_{split}"] = len(EmbeddingShards(job.run_dir / split)) if paths else 0
+        shards = EmbeddingShards(job.run_dir / split) if paths else None
+        metrics[f"items_{split}"] = len(shards) if shards else 0
+        if shards and any(isinstance(meta, dict) and "caption_noised" in meta for meta in shards.metas):
+            metrics[f"noised_{split}"] = sum(bool(meta.get("caption_noised")) for meta in shards.metas)  # garbage kept
         metrics[f"shards_{split}"] = len(paths)
     job.finish(metrics)
 
