@@ -4,7 +4,10 @@ A re-run into the same directory replaces the shards of every split named in ``s
 lacks loses its old shards too): the prior never trains on old shards mixed with new ones. The old shards are
 deleted (with the old metrics.json) once the CLIP and the data are loaded, before the first new one is written, so
 a run killed midway leaves fewer splits and no metrics.json, never stale shards; there is nothing to resume: run it
-again (the demo does, finding no metrics.json)."""
+again (the demo does, finding no metrics.json).
+
+``filter`` drops the training pairs with the lowest CLIP score (image-text cosine under this CLIP), LAION's remedy for
+web captions that say nothing of their image (docs/data.md#garbage-captions); val and held-out are kept whole."""
 
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ from _job import hydra_job
 from unclip.checkpoint import load_stage
 from unclip.config import build
 from unclip.data.collate import collate_dicts, is_streaming
-from unclip.data.embeddings import EmbeddingShards, remove_embedding_shards, write_embedding_shards
+from unclip.data.embeddings import (
+    EmbeddingShards,
+    check_filter,
+    filter_embedding_shards,
+    remove_embedding_shards,
+    write_embedding_shards,
+)
 from unclip.jobs import Job
 
 
@@ -40,6 +49,8 @@ def first(dataset, length: int | None):
 @hydra_job("train_embed")
 def main(job: Job) -> None:
     config = job.config
+    screen = config["filter"]
+    check_filter(screen["min_clip_score"], screen["drop_fraction"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = load_stage(config["clip_checkpoint"], stage="clip").model.to(device).eval()
     data = build(config["data"])
@@ -59,7 +70,16 @@ def main(job: Job) -> None:
                 job.run_dir / split, encoder, first(data[split], length), collate_fn=collate_dicts,
                 shard_size=config["shard_size"], batch_size=config["batch_size"], desc=f"embed {split}",
             )
-        metrics[f"items_{split}"] = len(EmbeddingShards(job.run_dir / split)) if paths else 0
+        if split == "train" and paths and (screen["min_clip_score"] is not None or screen["drop_fraction"]):
+            report = filter_embedding_shards(job.run_dir / split, min_clip_score=screen["min_clip_score"],
+                                             drop_fraction=screen["drop_fraction"], shard_size=config["shard_size"])
+            print(f"embed: the CLIP-score filter {report}", flush=True)
+            metrics.update(report)
+            paths = sorted((job.run_dir / split).glob("*.safetensors"))
+        shards = EmbeddingShards(job.run_dir / split) if paths else None
+        metrics[f"items_{split}"] = len(shards) if shards else 0
+        if shards and any(isinstance(meta, dict) and "caption_noised" in meta for meta in shards.metas):
+            metrics[f"noised_{split}"] = sum(bool(meta.get("caption_noised")) for meta in shards.metas)  # garbage kept
         metrics[f"shards_{split}"] = len(paths)
     job.finish(metrics)
 

@@ -79,11 +79,7 @@ def write_embedding_shards(
     beside it, which replaces ``out_dir`` when all are written (see module). Returns the shards' paths.
     """
     out = Path(out_dir)
-    _check_only_shards(out)
-    staging, old = out.with_name(f".{out.name}.writing"), out.with_name(f".{out.name}.old")
-    for leftover in (staging, old):  # left by a run killed before its swap
-        remove_embedding_shards(leftover)
-    staging.mkdir(parents=True)
+    staging = _staging(out)
     space = encoder.space
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False)
     paths: list[Path] = []
@@ -94,17 +90,8 @@ def write_embedding_shards(
             return
         with torch.autocast("cpu", enabled=False):  # the pending tensors live on the CPU
             tensors = {name: torch.cat(pending[name]).contiguous() for name in TENSORS}
-        metadata = {
-            "format": FORMAT,
-            "space": json.dumps(space.to_dict()),
-            "captions": json.dumps(pending["caption"]),
-            "metas": json.dumps(pending["meta"]),
-        }
-        path = staging / f"shard-{len(paths):05d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(_save_shard(staging / f"shard-{len(paths):05d}.safetensors", tensors, space, pending["caption"],
+                                 pending["meta"]))
         for values in pending.values():
             values.clear()
 
@@ -120,11 +107,102 @@ def write_embedding_shards(
         if len(pending["caption"]) >= shard_size:
             flush()
     flush()
-    if out.exists():  # the old shards go only once every new one is written
+    _swap_in(staging, out)
+    return [out / path.name for path in paths]
+
+
+def _staging(out: Path) -> Path:
+    """A fresh hidden folder beside ``out`` to write its new shards into (leftovers of a killed run removed)."""
+    _check_only_shards(out)
+    for leftover in (out.with_name(f".{out.name}.writing"), out.with_name(f".{out.name}.old")):
+        remove_embedding_shards(leftover)
+    staging = out.with_name(f".{out.name}.writing")
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _save_shard(path: Path, tensors: dict, space: EmbeddingSpace, captions: list, metas: list) -> Path:
+    metadata = {"format": FORMAT, "space": json.dumps(space.to_dict()), "captions": json.dumps(captions),
+                "metas": json.dumps(metas)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """``staging``'s shards become ``out``: the old shards go only once every new one is written."""
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
         out.rename(old)
     staging.rename(out)
     remove_embedding_shards(old)
-    return [out / path.name for path in paths]
+
+
+def clip_scores(shards: EmbeddingShards) -> torch.Tensor:
+    """Each pair's image-text cosine under the CLIP that encoded it (the embeddings are unit-norm): LAION's
+    CLIP score."""
+    return (shards.tensors["image_embed"].float() * shards.tensors["text_embed"].float()).sum(-1)
+
+
+def check_filter(min_clip_score: float | None, drop_fraction: float) -> None:
+    """ValueError naming a bad CLIP-score filter setting (train/embed.py's ``filter``)."""
+    if min_clip_score is not None and (isinstance(min_clip_score, bool) or not isinstance(min_clip_score, (int, float))
+                                       or not -1 <= min_clip_score <= 1):
+        raise ValueError(f"filter.min_clip_score must be a cosine in [-1, 1] or null (no threshold), got "
+                         f"{min_clip_score!r}")
+    if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 <= drop_fraction < 1:
+        raise ValueError(f"filter.drop_fraction must be in [0, 1) (the share of training pairs with the lowest CLIP "
+                         f"score dropped), got {drop_fraction!r}")
+
+
+def filter_embedding_shards(folder: str | Path, *, min_clip_score: float | None = None, drop_fraction: float = 0.0,
+                            shard_size: int = 8192) -> dict:
+    """Drop the pairs of a folder of shards whose CLIP score (:func:`clip_scores`) is below ``min_clip_score`` or
+    among the lowest ``drop_fraction`` of them, rewriting the folder (whole, as :func:`write_embedding_shards`
+    does). Returns what was dropped: ``filter_kept``, ``filter_dropped``, ``filter_threshold`` (the lowest kept
+    score) and, where the items' meta says which captions were garbage (``caption_noised``, data.caption_noise),
+    ``filter_noised`` (garbage pairs before), ``filter_dropped_noised`` and the mean scores of clean and garbage
+    pairs."""
+    check_filter(min_clip_score, drop_fraction)
+    out = Path(folder)
+    shards = EmbeddingShards(out)
+    scores = clip_scores(shards)
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    if min_clip_score is not None:
+        keep &= scores >= min_clip_score
+    dropped_lowest = int(len(scores) * drop_fraction)
+    if dropped_lowest:
+        keep[scores.argsort(stable=True)[:dropped_lowest]] = False
+    if not keep.any():
+        raise ValueError(f"the filter (min_clip_score={min_clip_score}, drop_fraction={drop_fraction}) drops all "
+                         f"{len(scores)} pairs of {out} (CLIP scores {scores.min():.3f} to {scores.max():.3f}); "
+                         "lower min_clip_score")
+    _rewrite(out, shards, keep.nonzero().squeeze(1), shard_size)
+    return _filter_report(shards.metas, scores, keep)
+
+
+def _rewrite(out: Path, shards: EmbeddingShards, kept: torch.Tensor, shard_size: int) -> None:
+    staging = _staging(out)
+    for number, start in enumerate(range(0, len(kept), shard_size)):
+        index = kept[start : start + shard_size]
+        tensors = {name: shards.tensors[name][index].contiguous() for name in TENSORS}
+        _save_shard(staging / f"shard-{number:05d}.safetensors", tensors, shards.space,
+                    [shards.captions[i] for i in index.tolist()], [shards.metas[i] for i in index.tolist()])
+    _swap_in(staging, out)
+
+
+def _filter_report(metas: list, scores: torch.Tensor, keep: torch.Tensor) -> dict:
+    report = {"filter_kept": int(keep.sum()), "filter_dropped": int((~keep).sum()),
+              "filter_threshold": float(scores[keep].min())}
+    if not any(isinstance(meta, dict) and "caption_noised" in meta for meta in metas):
+        return report  # the source does not say which captions are garbage
+    noised = torch.tensor([bool(isinstance(meta, dict) and meta.get("caption_noised")) for meta in metas])
+    report.update(filter_noised=int(noised.sum()), filter_dropped_noised=int((noised & ~keep).sum()),
+                  filter_kept_noised=int((noised & keep).sum()),
+                  clip_score_clean=float(scores[~noised].mean()) if (~noised).any() else None,
+                  clip_score_noised=float(scores[noised].mean()) if noised.any() else None)
+    return report
 
 
 def _shard_files(path: str | Path) -> list[Path]:

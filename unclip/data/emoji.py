@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from unclip.configurable import register
+from unclip.data.caption_noise import CaptionNoise, others_of
 from unclip.images import to_tensor
 
 from .shapes import check_image_size
@@ -402,12 +403,15 @@ class EmojiDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: str = "train", image_size: int = 64, font_path: str | os.PathLike | None = None,
-                 aliases: bool = True, limit: int | None = None, cache_dir: str | os.PathLike | None = None):
+                 aliases: bool = True, limit: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 caption_noise: float = 0.0, seed: int = 0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         self.split, self.image_size, self.aliases, self.limit = split, check_image_size(image_size), aliases, limit
+        # a share of the training captions replaced by web-like garbage (unclip/data/caption_noise.py)
+        self.noise = CaptionNoise(caption_noise, seed, source=f"EmojiDataset(split={split!r})", split=split)
         folder = _cache_dir(cache_dir)
         if cache_dir in (None, ""):  # the default folder is the library's to create (a given one must exist)
             folder.mkdir(parents=True, exist_ok=True)
@@ -434,8 +438,12 @@ class EmojiDataset(torch.utils.data.Dataset):
         if self._images is None:
             self._images = render_all(self.image_size, self.font_path, self.cache_dir)
         entry = self.entries[k]
-        return {"image": to_tensor(self._images[self.rows[k]]), "caption": caption,
+        item = {"image": to_tensor(self._images[self.rows[k]]), "caption": caption,
                 "meta": {"emoji": entry.emoji, "name": entry.name, "names": list(entry.names)}}
+        if self.noise:
+            other = others_of(len(self), i % len(self), lambda j: self.items[j][1] if self.items[j][0] != k else None)
+            self.noise.apply(item, i % len(self), other)  # another emoji's caption (not an alias of this one)
+        return item
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from unclip.configurable import register
+from unclip.data.caption_noise import CaptionNoise, others_of
 from unclip.data.cleaning import (
     MAX_CAPTION_CHARS,
     MAX_PIXELS,
@@ -67,7 +68,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, image_size: int = 64, split: str = "train", val_fraction: float = 0.05,
                  captions: str = "auto", seed: int = 0, *, max_pixels: int = MAX_PIXELS, min_size: int = MIN_SIZE,
-                 max_caption_chars: int = MAX_CAPTION_CHARS):
+                 max_caption_chars: int = MAX_CAPTION_CHARS, caption_noise: float = 0.0):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if split not in SPLITS:
@@ -76,6 +77,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if captions not in LAYOUTS:
             raise ValueError(f"captions must be one of {LAYOUTS}, got {captions!r}")
+        # a share of the training captions replaced by web-like garbage, by file name (unclip/data/caption_noise.py)
+        self.noise = CaptionNoise(caption_noise, seed, source=f"ImageFolderDataset(split={split!r})", split=split)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a directory")
@@ -155,16 +158,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 + ("" if self.split == "all" else ", or change val_fraction to give the split other images"))
 
     def _read(self, position: int) -> dict:
-        file, caption_source = self._entries[position]
+        file, _ = self._entries[position]
+        caption, caption_issues = self._caption(position)
+        image, image_issues = load_image(self.root / file, self.image_size, max_pixels=self.max_pixels,
+                                         min_size=self.min_size)
+        item = {"image": image, "caption": caption, "meta": {"file": readable_name(file)},
+                "issues": add_issues(caption_issues, image_issues)}
+        if self.noise:
+            self.noise.apply(item, readable_name(file), others_of(len(self._entries), position, self._other_caption))
+        return item
+
+    def _caption(self, position: int) -> tuple[str, dict[str, int]]:
+        """The clean caption of entry ``position`` and its issues; BadItem."""
+        caption_source = self._entries[position][1]
         if self.layout == "txt":
             raw = _read_caption(self.root / caption_source, 16 * 4 * self.max_caption_chars)
         else:
             raw = caption_source
-        caption, caption_issues = clean_caption(raw, max_chars=self.max_caption_chars)
-        image, image_issues = load_image(self.root / file, self.image_size, max_pixels=self.max_pixels,
-                                         min_size=self.min_size)
-        return {"image": image, "caption": caption, "meta": {"file": readable_name(file)},
-                "issues": add_issues(caption_issues, image_issues)}
+        return clean_caption(raw, max_chars=self.max_caption_chars)
+
+    def _other_caption(self, position: int) -> str | None:
+        try:
+            return self._caption(position)[0]
+        except BadItem:  # a missing or empty caption: the garbage is of another kind
+            return None
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, split={self.split!r}, items={len(self)}, "

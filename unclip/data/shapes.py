@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from unclip.configurable import register
+from unclip.data.caption_noise import CaptionNoise, others_of
 from unclip.data.collate import collate_dicts
 from unclip.images import to_tensor
 
@@ -410,7 +411,8 @@ def twin_scene(index: int, config: ShapesConfig, meta: dict) -> tuple[np.ndarray
     return _render_array(twin, config.image_size), caption
 
 
-def _generate(index: int, config: ShapesConfig) -> tuple[np.ndarray, str, dict]:
+def _scene(index: int, config: ShapesConfig) -> tuple[str, dict, list[ShapeObject]]:
+    """Item ``index``'s caption, meta and objects (not yet rendered)."""
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}")
     rng = random.Random(f"shapes/{config.seed}/{config.split}/{int(index)}")
@@ -419,7 +421,11 @@ def _generate(index: int, config: ShapesConfig) -> tuple[np.ndarray, str, dict]:
     u = rng.random()
     sample = (_sample_pair if u < config.pair_fraction else
               _sample_count if u < config.pair_fraction + config.count_fraction else _sample_single)
-    caption, meta, objects = sample(rng, config, combos)
+    return sample(rng, config, combos)
+
+
+def _generate(index: int, config: ShapesConfig) -> tuple[np.ndarray, str, dict]:
+    caption, meta, objects = _scene(index, config)
     return _render_array(objects, config.image_size), caption, meta
 
 
@@ -438,13 +444,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", length: int = 10_000, image_size: int = 64,
                  pair_fraction: float = 0.0, seed: int = 0, heldout=DEFAULT_HELDOUT, jitter: float = MAX_JITTER,
-                 twins: bool = False, name_probability: float = P_NAME, count_fraction: float = 0.0):
+                 twins: bool = False, name_probability: float = P_NAME, count_fraction: float = 0.0,
+                 caption_noise: float = 0.0):
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
         self.config = ShapesConfig(split, seed, image_size, pair_fraction, heldout, jitter, name_probability,
                                    count_fraction)
         self.length = length
         self.twins = bool(twins)  # items also carry "twin_image" / "twin_caption": a hard negative (twin_scene)
+        # a share of the training captions replaced by web-like garbage (unclip/data/caption_noise.py)
+        self.noise = CaptionNoise(caption_noise, seed, source=f"ShapesDataset(split={split!r})", split=split)
 
     def __len__(self) -> int:
         return self.length
@@ -457,7 +466,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.twins:
             twin, twin_caption = twin_scene(i % self.length, self.config, meta)
             item.update(twin_image=to_tensor(twin), twin_caption=twin_caption)
+        if self.noise:
+            self.noise.apply(item, i % self.length, others_of(self.length, i % self.length, self._caption))
         return item
+
+    def _caption(self, index: int) -> str:
+        return _scene(index, self.config)[0]
 
     def __repr__(self) -> str:
         return f"ShapesDataset(length={self.length}, {self.config})"

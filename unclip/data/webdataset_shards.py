@@ -10,6 +10,9 @@ takes every ``world_size``-th shard from ``rank``, and data-loader worker ``w`` 
 those. Samples are then shuffled in a buffer seeded by ``(seed, e, rank, w)``. Ranks with more shards
 yield more items: give every process the same number of shards (or use ``resampled=True``) when the
 processes must step together.
+
+``caption_noise`` replaces a share of the captions with web-like garbage (:mod:`unclip.data.caption_noise`), drawn
+per sample by its shard's file name and key; its ``other`` kind takes the caption of the sample read before it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 
 from unclip.configurable import register
+from unclip.data.caption_noise import CaptionNoise
 from unclip.data.cleaning import MAX_CAPTION_CHARS, MAX_PIXELS, MIN_SIZE, BadItem, add_issues, clean_caption, load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -56,7 +60,7 @@ class WebDatasetSource(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: str | list[str], image_size: int = 64, shuffle_buffer: int = 1000, seed: int = 0,
                  resampled: bool = False, *, max_pixels: int = MAX_PIXELS, min_size: int = MIN_SIZE,
-                 max_caption_chars: int = MAX_CAPTION_CHARS):
+                 max_caption_chars: int = MAX_CAPTION_CHARS, caption_noise: float = 0.0):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if shuffle_buffer < 0:
@@ -64,6 +68,8 @@ class WebDatasetSource(torch.utils.data.IterableDataset):
         self.shards = expand_shards(urls)
         self.image_size, self.shuffle_buffer, self.seed, self.resampled = image_size, shuffle_buffer, seed, resampled
         self.max_pixels, self.min_size, self.max_caption_chars = max_pixels, min_size, max_caption_chars
+        # the training split's only (its config node): a source does not know its split
+        self.noise = CaptionNoise(caption_noise, seed, source=f"WebDatasetSource({urls!r})")
 
     def stream(self, rank: int = 0, world_size: int = 1, seed: int | None = None) -> ShardStream:
         """The items of process ``rank`` of ``world_size``: one epoch per iteration (endless if resampled)."""
@@ -151,6 +157,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
             buffer = self.source.shuffle_buffer
             samples = wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
+        last_caption = None  # the clean caption of the item before (caption_noise's "other" kind)
         held = None  # one item is held back, so that problems after the last good item still reach one
         for sample in samples:
             try:
@@ -160,6 +167,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             add_issues(item["issues"], pending)
             pending.clear()
+            if self.source.noise:
+                caption, key = item["caption"], f"{Path(str(sample['__url__'])).name}/{sample['__key__']}"
+                self.source.noise.apply(item, key, lambda rng, last=last_caption: last)
+                last_caption = caption
             if held is not None:
                 yield held
             held = item
