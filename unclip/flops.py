@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,8 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
 
     ``fn`` runs with PyTorch's math attention kernel: the counter has no formula for some fused kernels (the CPU's
     flash attention), and the math kernel's products count the full attention on every device and precision."""
+    from torch.utils.flop_counter import FlopCounterMode  # here: importing it imports triton (0.1 s a job start)
+
     with _math_attention(), FlopCounterMode(display=False) as counter:
         result = fn()
     return result, counter.get_total_flops()

@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from open_clip.loss import ClipLoss
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -36,6 +35,8 @@ class ContrastiveLoss:
         if images.shape[0] != len(captions):
             raise ValueError(f"batch has {images.shape[0]} images but {len(captions)} captions")
         rank, world_size = _world()
+        from open_clip.loss import ClipLoss  # here: importing open_clip takes about 3 s (see open_clip_encoder)
+
         loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
         image_features = encoder.encode_image(images)
         text_features = encoder.encode_text(captions).embed

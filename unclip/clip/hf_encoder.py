@@ -10,7 +10,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
 from unclip.clip.base import ClipEncoderBase
 from unclip.clip.open_clip_encoder import OPENAI_MEAN, OPENAI_STD
@@ -52,6 +51,8 @@ class HFClipEncoder(ClipEncoderBase):
         _check_directory(directory, load_weights)
         self.path = str(directory)
         self.name = name or directory.name
+        from transformers import CLIPConfig, CLIPModel  # here: importing transformers takes seconds (torchvision)
+
         try:
             if load_weights:
                 model = CLIPModel.from_pretrained(directory, local_files_only=True)
@@ -164,7 +165,10 @@ def _check_directory(directory: Path, load_weights: bool) -> None:
         )
 
 
-def _load_tokenizer(directory: Path, vocab_size: int) -> CLIPTokenizerFast:
+def _load_tokenizer(directory: Path, vocab_size: int):
+    """A ``transformers.CLIPTokenizerFast`` from the directory, checked."""
+    from transformers import CLIPTokenizerFast
+
     try:
         tokenizer = CLIPTokenizerFast.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
@@ -186,6 +190,8 @@ def _load_tokenizer(directory: Path, vocab_size: int) -> CLIPTokenizerFast:
 def _image_normalisation(directory: Path) -> tuple[Sequence[float], Sequence[float]]:
     if not (directory / "preprocessor_config.json").is_file():
         return OPENAI_MEAN, OPENAI_STD
+    from transformers import CLIPImageProcessor
+
     try:
         processor = CLIPImageProcessor.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:

@@ -6,7 +6,6 @@ import copy
 import re
 from typing import Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +50,7 @@ class OpenClipEncoder(ClipEncoderBase):
         self.model_cfg = model_cfg
         self.checkpoint = checkpoint
         self.name = name or model_name or "open_clip"
-        self.model = open_clip.CLIP(**copy.deepcopy(model_cfg))
+        self.model = _open_clip().CLIP(**copy.deepcopy(model_cfg))
         if checkpoint is not None:
             state = load_weights_file(checkpoint)
             state = state.get("state_dict", state)  # open_clip's training checkpoints wrap the weights
@@ -69,7 +68,7 @@ class OpenClipEncoder(ClipEncoderBase):
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
         self.context_length = int(model_cfg["text_cfg"].get("context_length", 77))
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        self.tokenizer = _open_clip().tokenizer.SimpleTokenizer(context_length=self.context_length)
         vision = model_cfg["vision_cfg"]
         size = vision.get("image_size", 224)
         self.image_size = int(size if isinstance(size, int) else size[0])
@@ -134,6 +133,14 @@ class OpenClipEncoder(ClipEncoderBase):
         return F.normalize(features.float(), dim=-1)
 
 
+def _open_clip():
+    """open_clip, imported when a model is built: importing it takes about 3 s (torchvision, torch._dynamo), which
+    every job start would pay, also the many that never build a CLIP (the prior's, the dVAE's, a refused one)."""
+    import open_clip
+
+    return open_clip
+
+
 def _plain_text(text: str) -> str:
     """A caption with open_clip's special-token strings removed (after undoing HTML escapes)."""
     return strip_special(text, _SPECIAL)
@@ -145,6 +152,7 @@ def _named_model_config(model_name: str) -> dict:
             f"model_name {model_name!r}: nothing is fetched from a hub; name an open_clip architecture and give "
             "the weights as a local file with checkpoint=..."
         )
+    open_clip = _open_clip()
     known = open_clip.list_models()
     if model_name not in known:
         raise ValueError(f"unknown open_clip model {model_name!r}; known models: {', '.join(known)}")
