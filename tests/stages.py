@@ -4,10 +4,15 @@ training runs that the data-parallel tests compare (``fit_tiny``, ``on_each_proc
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import MICRO_CLIP
+from conftest import MICRO_CLIP, ROOT
 from safetensors.torch import load_file
 
 from unclip.checkpoint import save_stage
@@ -88,3 +93,29 @@ def final_weights(run_dir, steps: int):
     checkpoint = run_dir / "checkpoints" / f"step-{steps:08d}"
     processes = json.loads((checkpoint / "trainer.json").read_text())["num_processes"]
     return load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "ema.safetensors"), processes
+
+
+def run_job(cmd: list[str], run_dir, *extra, wait: bool = True, timeout: int = 900):
+    """``python *cmd hydra.run.dir=run_dir *extra`` from the repository root on one thread: its output (asserting
+    it succeeded), or with ``wait=False`` the running process (stdout and stderr together)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, *cmd, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, out[-3000:]
+        return out
+    return proc
+
+
+def kill_after_step(proc, run_dir, step: int, final_step: int, within: float = 600) -> None:
+    """SIGKILL a running job once its latest checkpoint reaches ``step`` (waiting at most ``within`` seconds);
+    asserts it had not finished."""
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + within
+    while time.time() < deadline and proc.poll() is None and not (latest.exists()
+                                                                   and latest.read_text() >= f"step-{step:08d}"):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() < f"step-{final_step:08d}", "the run ended before it could be killed"

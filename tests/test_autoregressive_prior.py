@@ -2,18 +2,12 @@
 checkpoints, its place in UnCLIPPipeline, and train/prior.py prior=autoregressive killed and resumed."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
 from safetensors.torch import load_file
-from stages import micro_stages, save_micro_pipeline
+from stages import kill_after_step, micro_stages, run_job, save_micro_pipeline
 
 from unclip.checkpoint import load_stage, save_stage
 from unclip.data.embeddings import write_embedding_shards
@@ -247,17 +241,6 @@ JOB = ["train/prior.py", "prior=autoregressive", "prior.width=32", "prior.depth=
        "trainer.checkpoint_every=4", "trainer.progress=false", "eval_items=8", "sampling.num_candidates=1"]
 
 
-def _run(run_dir, *extra, wait=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, *JOB, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
-        return out
-    return proc
-
-
 @pytest.mark.slow
 def test_the_prior_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     clip = micro_stages()[0].eval()
@@ -265,20 +248,13 @@ def test_the_prior_job_killed_with_sigkill_resumes_to_the_same_weights(tmp_path)
         write_embedding_shards(tmp_path / "embed" / split, clip, ShapesDataset(split=split, length=length,
                                image_size=32), collate_fn=collate, shard_size=64, batch_size=32, progress=False)
     embeddings = f"embeddings={tmp_path / 'embed'}"
-    out = _run(tmp_path / "straight", embeddings)
+    out = run_job(JOB, tmp_path / "straight", embeddings, timeout=600)
     metrics = json.loads(out.strip().splitlines()[-1])  # the last line is metrics.json
     assert {"pca_components", "pca_cosine", "quantised_cosine", "cosine_val"} <= set(metrics)
     assert metrics["pca_cosine"] >= 0.95 and metrics["step"] == STEPS
 
-    proc, latest = _run(tmp_path / "killed", embeddings, wait=False), tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (latest.exists()
-                                                                   and latest.read_text() >= "step-00000008"):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text() < f"step-{STEPS:08d}", "the run ended before it could be killed"
-    _run(tmp_path / "killed", embeddings, "trainer.resume=true")
+    kill_after_step(run_job(JOB, tmp_path / "killed", embeddings, wait=False), tmp_path / "killed", 8, STEPS, within=300)
+    run_job(JOB, tmp_path / "killed", embeddings, "trainer.resume=true", timeout=600)
     final = f"checkpoints/step-{STEPS:08d}"
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(tmp_path / "straight" / final / name), load_file(tmp_path / "killed" / final / name)

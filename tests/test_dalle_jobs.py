@@ -3,19 +3,13 @@ processes train the weights one process trains with the global batch, and the DA
 with the sample and evaluate jobs (`pipeline=dalle`)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from accelerate import debug_launcher
-from conftest import ROOT
 from dalle_stages import TINY_DVAE, dalle_stages, save_dalle_stages
 from safetensors.torch import load_file
-from stages import final_weights, fit_tiny, on_each_process
+from stages import final_weights, fit_tiny, kill_after_step, on_each_process, run_job
 from test_distributed import ATOL, REL, differences
 
 from unclip.data.shapes import ShapesDataset
@@ -35,39 +29,18 @@ def dalle_job(stages: dict) -> list[str]:
             "evaluation.val_items=8", "evaluation.sample_items=4"]
 
 
-def _run(cmd, run_dir, *extra, wait=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, *cmd, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out[-3000:]
-        return out
-    return proc
-
-
-def _kill_after_step_8(proc, run_dir) -> None:
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not (latest.exists() and latest.read_text() >= "step-00000008"):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text() < f"step-{STEPS:08d}", "the run ended before it could be killed"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dvae", "dalle"])
 def test_a_job_killed_with_sigkill_resumes_to_the_same_weights(stage, tmp_path):
     cmd = DVAE_JOB if stage == "dvae" else dalle_job(save_dalle_stages(tmp_path / "stages"))
-    out = _run(cmd, tmp_path / "straight")
+    out = run_job(cmd, tmp_path / "straight")
     metrics = json.loads(out.strip().splitlines()[-1])  # the last line is metrics.json
     expected = {"recon_colour_val", "recon_shape_val", "recon_position_val", "recon_all_val", "psnr_val",
                 "codes_used_val"} if stage == "dvae" else {"val_image_loss", "val_text_loss", "colour_shape_acc"}
     assert expected <= set(metrics) and metrics["step"] == STEPS
 
-    _kill_after_step_8(_run(cmd, tmp_path / "killed", wait=False), tmp_path / "killed")
-    _run(cmd, tmp_path / "killed", "trainer.resume=true")
+    kill_after_step(run_job(cmd, tmp_path / "killed", wait=False), tmp_path / "killed", 8, STEPS)
+    run_job(cmd, tmp_path / "killed", "trainer.resume=true")
     final = f"checkpoints/step-{STEPS:08d}"
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(tmp_path / "straight" / final / name), load_file(tmp_path / "killed" / final / name)
@@ -137,13 +110,13 @@ def test_two_processes_train_the_same_weights_as_one_with_the_global_batch(stage
 def test_sample_and_evaluate_jobs_take_pipeline_dalle(tmp_path):
     stages = save_dalle_stages(tmp_path / "stages")
     pipeline = ["pipeline=dalle", *(f"pipeline.{name}={path}" for name, path in stages.items())]
-    _run(["train/sample.py", *pipeline, "prompts=[a red circle,a blue square]", "num_images_per_prompt=2", "rerank=2",
+    run_job(["train/sample.py", *pipeline, "prompts=[a red circle,a blue square]", "num_images_per_prompt=2", "rerank=2",
           "pipeline.settings.top_k=8"], tmp_path / "sample")
     records = [json.loads(line) for line in (tmp_path / "sample" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
     assert records[0]["settings"]["top_k"] == 8 and (tmp_path / "sample" / "grid.png").is_file()
 
-    out = _run(["train/evaluate.py", *pipeline, "data.image_size=16",
+    out = run_job(["train/evaluate.py", *pipeline, "data.image_size=16",
                 "eval_items={val:4,heldout:2,pair:2,edits:0,fidelity:{val:12,heldout:6,pair:8,count:3}}"],
                tmp_path / "evaluate")
     metrics = json.loads(out.strip().splitlines()[-1])
@@ -166,7 +139,7 @@ TINY_DEMO = ["presets.quick.clip=['clip=micro_vit','trainer.eval_every=0','train
 @pytest.mark.slow
 def test_the_demo_trains_dalle_end_to_end_and_judges_it(tmp_path):
     out = tmp_path / "demo"
-    _run(["train/demo.py", "generator=dalle", "preset=quick", "steps.clip=2", "steps.dvae=2", "steps.dalle=2",
+    run_job(["train/demo.py", "generator=dalle", "preset=quick", "steps.clip=2", "steps.dvae=2", "steps.dalle=2",
           "images_per_prompt=1", f"out={out}", *TINY_DEMO], out)
     assert json.loads((out / "pipeline" / "pipeline.json").read_text())["generator"] == "dalle"
     metrics = json.loads((out / "metrics.json").read_text())
