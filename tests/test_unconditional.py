@@ -19,10 +19,12 @@ from unclip.eval.unconditional import (
     compare,
     read_scene,
     total_variation,
+    training_captions,
     unconditional_metrics,
     unconditional_table,
 )
 from unclip.pipelines import DallePipeline, UnCLIPPipeline
+from unclip.pipelines.base import caption_bank_scores
 from unclip.prior import PassthroughPrior
 
 FAST = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
@@ -101,6 +103,52 @@ def test_dalle_unconditional_is_seeded_and_made_in_chunks_of_max_batch(dalle, mo
     assert tokens.shape == (2, dalle.transformer.image_length)
 
 
+BANK = ["a red circle", "a small blue square at the top", "a green triangle to the left of a red diamond",
+        "three purple circles"]
+
+
+def _record_ranking(monkeypatch) -> list:
+    """(candidates, scores) of every ranked chunk of unconditional candidates, from now on."""
+    import unclip.pipelines.base as base
+
+    ranked, original = [], base.caption_bank_scores
+    monkeypatch.setattr(base, "caption_bank_scores", lambda clip, images, bank: ranked.append(
+        (images.clone(), original(clip, images, bank))) or ranked[-1][1])
+    return ranked
+
+
+def test_dalle_unconditional_rerank_keeps_of_every_k_candidates_the_one_a_bank_caption_describes_best(dalle):
+    candidates = dalle.unconditional(6, seed=3, output="tensor")  # the same draws as 2 images x 3 candidates
+    scores = caption_bank_scores(dalle.clip, candidates, dalle._caption_bank(BANK, 8))
+    kept = dalle.unconditional(2, seed=3, rerank=3, captions=BANK, output="tensor")
+    assert torch.equal(kept, candidates[scores.view(2, 3).argmax(dim=1) + torch.tensor([0, 3])])
+    assert scores.view(2, 3).argmax(dim=1).tolist() != [0, 0]  # not the first candidates (the test can tell)
+    # each score is the image's similarity to its best-matching caption of the bank (duplicates change nothing)
+    embeds = dalle.clip.encode_image(candidates)
+    bank = dalle.clip.encode_text(BANK).embed
+    torch.testing.assert_close(scores, (embeds @ bank.T).max(dim=1).values, atol=1e-5, rtol=0)
+    assert torch.equal(kept, dalle.unconditional(2, seed=3, rerank=3, captions=BANK * 2 + BANK[:1], output="tensor"))
+
+
+def test_unclip_unconditional_rerank_ranks_before_the_upsamplers_and_in_parts_beyond_max_batch(pipe, monkeypatch):
+    images = pipe.unconditional(2, seed=0, rerank=3, captions=BANK, output="tensor", **FAST)
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.equal(images, pipe.unconditional(2, seed=0, rerank=3, captions=BANK, output="tensor", **FAST))
+    ranked, upsampled = _record_ranking(monkeypatch), []
+    monkeypatch.setattr(pipe, "_upsample", lambda low, config, generator: upsampled.append(low) or low * 0)
+    pipe.unconditional(2, seed=0, rerank=3, captions=BANK, output="tensor", **FAST)
+    [(candidates, scores)] = ranked  # all six candidates at the decoder's size, in one chunk
+    assert candidates.shape == (6, 3, pipe.decoder.image_size, pipe.decoder.image_size)
+    [low] = upsampled  # only the kept ones are upsampled
+    assert torch.equal(low, candidates[scores.view(2, 3).argmax(dim=1) + torch.tensor([0, 3])])
+    # a group larger than max_batch is ranked in parts, keeping the best so far: the same choice as at once
+    ranked.clear(), upsampled.clear()
+    pipe.unconditional(1, seed=5, rerank=3, captions=BANK, output="tensor", max_batch=2, **FAST)
+    assert [len(c) for c, _ in ranked] == [2, 1]
+    candidates = torch.cat([c for c, _ in ranked])
+    assert torch.equal(upsampled[0][0], candidates[int(torch.cat([s for _, s in ranked]).argmax())])
+
+
 @pytest.mark.parametrize("call,error,message", [
     (lambda p: p.unconditional(0), ValueError, "n must be a whole number >= 1, got 0"),
     (lambda p: p.unconditional(-2), ValueError, "n must be a whole number >= 1, got -2"),
@@ -108,7 +156,13 @@ def test_dalle_unconditional_is_seeded_and_made_in_chunks_of_max_batch(dalle, mo
     (lambda p: p.unconditional(["a red circle"]), TypeError,
      r"unconditional takes a number of images, not prompts \(got \['a red circle'\]\); .*generate\(prompts, n\)"),
     (lambda p: p.unconditional(2, prompts=["a red circle"]), TypeError, r"unknown generation settings \['prompts'\]"),
-    (lambda p: p.unconditional(2, rerank=4), ValueError, "no prompt, so rerank=4 has nothing to act on"),
+    (lambda p: p.unconditional(2, rerank=4), ValueError,
+     r"no prompt to re-rank by, so rerank=4 needs a caption bank to compare with: captions=\[\.\.\.\]"),
+    (lambda p: p.unconditional(2, rerank=0, captions=["a red circle"]), ValueError,
+     "rerank must be a whole number >= 1, got 0"),
+    (lambda p: p.unconditional(2, captions=["a red circle"]), ValueError, r"captions= .* needs rerank=k > 1"),
+    (lambda p: p.unconditional(2, rerank=2, captions=["a red circle", " "]), ValueError,
+     r"every prompt must be a non-empty string, got ' ' \(captions\)"),
     (lambda p: p.unconditional(2, output="png"), ValueError, "output must be one of"),
     (lambda p: p.generate(None), TypeError, r"got None; for images without a prompt, call unconditional\(n\)"),
 ])
@@ -124,6 +178,8 @@ def test_settings_that_need_a_prompt_or_untrained_nulls_are_refused_naming_them(
     with pytest.raises(ValueError, match="guidance_scale=3.0 has nothing to act on"):
         dalle.unconditional(2, guidance_scale=3.0)
     assert dalle.unconditional(1, guidance_scale=None, rerank=1)  # the no-op values are fine
+    with pytest.raises(ValueError, match="prior_candidates=3 has nothing to act on"):  # also when re-ranking
+        pipe.unconditional(2, rerank=2, captions=["a red circle"], prior_candidates=3, **FAST)
     passthrough = UnCLIPPipeline(clip=pipe.clip, prior=PassthroughPrior(), decoder=pipe.decoder)
     with pytest.raises(ValueError, match=r"the prior \(PassthroughPrior\) cannot sample without a prompt"):
         passthrough.unconditional(1)
@@ -223,6 +279,13 @@ def test_the_evaluators_judge_a_pipelines_samples_or_say_why_not(pipe, dalle, tr
     assert "| TV distance to the training reference |" in evaluator.summary(metrics)
     with pytest.raises(ValueError, match=r"built without its training split \(train=\)"):
         ShapesEvaluator(splits={}).unconditional_metrics(dalle, 4)
+    ranked = evaluator.unconditional_metrics(dalle, 4, reference=8, rerank=2, captions=40)
+    assert ranked["unconditional/rerank"] == 2 and 1 < ranked["unconditional/bank_captions"] <= 40
+    assert "each the best of 2 by a bank of" in evaluator.summary(ranked)
+    bank = training_captions(training, 40, seed=0)
+    assert len(bank) == 40 and bank == training_captions(training, 40, seed=0) != training_captions(training, 40, 1)
+    with pytest.raises(ValueError, match="the training data has 10 items, fewer than the 40 captions"):
+        training_captions(ShapesDataset("train", length=10, image_size=32), 40)
     with pytest.raises(NotImplementedError, match="CaptionsEvaluator cannot judge unconditional samples"):
         CaptionsEvaluator(splits={}, pipeline_items={}).unconditional_metrics(pipe, 4)
 
@@ -244,7 +307,29 @@ def test_sample_job_draws_unconditional_samples(pipe, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["mode"], r["rerank"]) for r in records] == [(None, "unconditional", 1)] * 3
     assert Image.open(tmp_path / records[0]["file"]).size == (32, 32) and Image.open(grid).size[0] > 3 * 32
-    for bad, shown in (({"mode": "variations"}, "mode=variations"), ({"rerank": 4}, "rerank=4"),
+    for bad, shown in (({"mode": "variations"}, "mode=variations"),
+                       ({"rerank": 4}, r"rerank=4 needs captions_file=<a caption bank"),
+                       ({"rerank": 0, "captions_file": "x"}, "rerank must be a whole number >= 1, got 0"),
                        ({"unconditional": -1}, "unconditional must be a whole number >= 1, got -1")):
         with pytest.raises(ValueError, match=shown):
             job.check_request({**config, **bad}, [])
+    with pytest.raises(FileNotFoundError, match=r"captions_file=.*nowhere.txt does not exist"):
+        job.check_request({**config, "rerank": 2, "captions_file": str(tmp_path / "nowhere.txt")}, [])
+    # re-ranked by a caption bank from a file: each image the best of 2
+    bank = tmp_path / "captions.txt"
+    bank.write_text("a red circle\n\nthree blue squares\n")
+    ranked = {**config, "rerank": 2, "captions_file": str(bank), "unconditional": 2}
+    job.check_request(ranked, [])
+    seen = []
+    original = pipe.unconditional
+    pipe.unconditional = lambda n, **kw: seen.append(kw) or original(n, **kw)
+    try:
+        pipe.settings = pipe._settings(FAST)
+        images, made_by = job.sample(pipe, ranked, [])
+        job.write_samples(tmp_path / "ranked", pipe, images, made_by, ranked)
+    finally:
+        pipe.settings = before
+        del pipe.unconditional
+    assert seen == [{"rerank": 2, "captions": ["a red circle", "three blue squares"], "seed": 0}] and len(images) == 2
+    records = [json.loads(line) for line in (tmp_path / "ranked" / "samples.jsonl").read_text().splitlines()]
+    assert [r["rerank"] for r in records] == [2, 2]

@@ -5,7 +5,8 @@ and text diffs, judged from the pixels; captioned data: CLIP agreement).
 
 ``unconditional=256`` also judges 256 samples drawn without a prompt against the training data (``shapes``:
 unclip.eval.unconditional; give the data the pipeline was trained on, data=shapes_pairs for the demo's);
-``conditional=false`` skips the prompted evaluation."""
+``conditional=false`` skips the prompted evaluation; ``unconditional_rerank=4`` makes each sample the best of 4 by a
+caption bank of ``unconditional_captions`` training captions (``pipe.unconditional(rerank=, captions=)``)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def main(job: Job) -> None:
     if config["unconditional"]:
         n = check_count("unconditional", config["unconditional"])
         reference = check_count("unconditional_reference", config["unconditional_reference"])
-        metrics.update(evaluator.unconditional_metrics(pipe, n, seed=config["seed"], reference=reference))
+        rerank = check_count("unconditional_rerank", config["unconditional_rerank"])
+        captions = check_count("unconditional_captions", config["unconditional_captions"])
+        metrics.update(evaluator.unconditional_metrics(pipe, n, seed=config["seed"], reference=reference,
+                                                       rerank=rerank, captions=captions))
     summary = evaluator.summary(metrics)
     if summary:
         (job.run_dir / "fidelity.txt").write_text(summary + "\n")

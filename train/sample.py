@@ -4,8 +4,8 @@ Modes (``mode=``): generate (text -> images), variations (image=...), img2img (i
 (image=..., mask=...: white = paint, black = keep; prompts=[] removes what is masked) and mix
 (mix='[[red.png,0.5],[a blue square,0.5]]': image files or texts with weights). ``negative_prompt=`` steers every
 mode but mix away from a text. ``unconditional=16`` draws 16 images without any prompt instead
-(``pipe.unconditional``: every stage from its learned null caption; prompts are not read, and there is nothing to
-re-rank by). Writes each image as PNG, a grid (one row per prompt; unconditional: 8 a row), and samples.jsonl (mode,
+(``pipe.unconditional``: every stage from its learned null caption; prompts are not read); with ``rerank=4
+captions_file=<one caption a line>`` each is the best of 4 by that caption bank (e.g. the training captions). Writes each image as PNG, a grid (one row per prompt; unconditional: 8 a row), and samples.jsonl (mode,
 prompt, inputs, seed and settings per image).
 
 The run directory is this run's alone while it runs (a second run into it is refused, naming this one's process
@@ -49,11 +49,16 @@ def read_prompts(config: dict) -> list[str]:
     """``prompts`` and the lines of ``prompts_file``."""
     prompts = list(config["prompts"] or [])
     if config["prompts_file"]:
-        file = Path(config["prompts_file"])
-        if not file.exists() or file.is_dir():  # a named pipe is fine
-            raise FileNotFoundError(f"prompts_file={file} does not exist; give a text file with one prompt a line")
-        prompts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_lines(config["prompts_file"], "prompts_file", "prompt")
     return prompts
+
+
+def read_lines(path, key: str, what: str) -> list[str]:
+    """The non-blank lines of the text file ``path`` (the setting ``key``), stripped."""
+    file = Path(path)
+    if not file.exists() or file.is_dir():  # a named pipe is fine
+        raise FileNotFoundError(f"{key}={file} does not exist; give a text file with one {what} a line")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def check_request(config: dict, prompts: list[str]) -> None:
@@ -63,10 +68,17 @@ def check_request(config: dict, prompts: list[str]) -> None:
         raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
     if config.get("unconditional"):
         check_count("unconditional", config.get("unconditional"))
-        if mode != "generate" or config["rerank"] not in (None, 1) or config["negative_prompt"] is not None:
+        if mode != "generate" or config["negative_prompt"] is not None:
             raise ValueError(f"unconditional={config['unconditional']} draws images without any prompt: it takes "
-                             f"neither mode={mode}, rerank={config['rerank']} nor negative_prompt="
-                             f"{config['negative_prompt']!r}; leave them at their defaults")
+                             f"neither mode={mode} nor negative_prompt={config['negative_prompt']!r}; leave them at "
+                             "their defaults")
+        if config["rerank"] not in (None, 1):
+            check_count("rerank", config["rerank"])
+            if not config.get("captions_file"):
+                raise ValueError(f"unconditional={config['unconditional']} has no prompt to re-rank by, so "
+                                 f"rerank={config['rerank']} needs captions_file=<a caption bank, one caption a line: "
+                                 "e.g. the training captions>")
+            read_lines(config["captions_file"], "captions_file", "caption")
         return
     check_count("num_images_per_prompt", config["num_images_per_prompt"])
     needs = {"variations": ["image"], "img2img": ["image"], "inpaint": ["image", "mask"]}.get(mode, [])
@@ -86,7 +98,10 @@ def sample(pipe: Pipeline, config: dict, prompts: list[str]) -> tuple[list, list
     count = config.get("unconditional")
     if count:
         pipe.require("unconditional", f"unconditional={count}")
-        return pipe.unconditional(count, **common), [{"prompt": None}] * count
+        rerank = config["rerank"] or 1
+        bank = {"rerank": rerank, "captions": read_lines(config["captions_file"], "captions_file", "caption")} \
+            if rerank > 1 else {}
+        return pipe.unconditional(count, **bank, **common), [{"prompt": None}] * count
     pipe.require(mode, f"mode={mode}")
     negative = {"negative_prompt": config["negative_prompt"]}
     if mode == "mix":
@@ -165,7 +180,7 @@ def write_samples(run_dir: Path, pipe: Pipeline, images: list, made_by: list[dic
     for i, (image, record) in enumerate(zip(images, made_by)):
         name = f"{i:04d}.png"
         write_atomic(image_dir / name, _png(image))
-        rerank = 1 if config.get("unconditional") else config["rerank"] or pipe.settings.rerank  # nothing to rank by
+        rerank = (config["rerank"] or 1) if config.get("unconditional") else config["rerank"] or pipe.settings.rerank
         record = {"file": f"images/{name}", **record, "seed": config["seed"], "index_in_prompt": i % n,
                   "rerank": rerank, **inputs, "settings": vars(pipe.settings)}
         lines.append(json.dumps(record) + "\n")

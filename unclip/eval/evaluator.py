@@ -105,8 +105,10 @@ class DataEvaluator:
         """A whole pipeline's metrics; ``edits``: also those of the edits it supports (``pipe.supports``)."""
         raise NotImplementedError
 
-    def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024) -> dict:
-        """``n`` unconditional samples of ``pipe`` (``pipe.unconditional``) judged against the training data."""
+    def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024, rerank: int = 1,
+                              captions: int = 8192) -> dict:
+        """``n`` unconditional samples of ``pipe`` (``pipe.unconditional``; ``rerank=k``: best of k by a bank of
+        ``captions`` training captions) judged against the training data."""
         raise NotImplementedError(f"{type(self).__name__} cannot judge unconditional samples (the shapes data set's "
                                   "evaluator can: data=shapes or data=shapes_pairs); leave unconditional=0")
 

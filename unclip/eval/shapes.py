@@ -23,7 +23,7 @@ from unclip.eval.prompt_set import (
     text_to_image_fidelity,
     variations_fidelity,
 )
-from unclip.eval.unconditional import unconditional_metrics, unconditional_table
+from unclip.eval.unconditional import training_captions, unconditional_metrics, unconditional_table
 from unclip.images import from_pil, resize
 
 # The demo's sample grid: training compositions, held-out ones (purple triangle, orange circle, ...), pair scenes.
@@ -149,18 +149,23 @@ class ShapesEvaluator(DataEvaluator):
                                               calibration_sets=(real, other))
         return {f"{prefix}distribution/{key}": value for key, value in found.items()}
 
-    def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024) -> dict:
+    def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024, rerank: int = 1,
+                              captions: int = 8192) -> dict:
         """``unconditional/...``: ``n`` samples of ``pipe.unconditional`` read as scenes by the pixel judge (valid
         share, scene kinds, held-out share) and their attribute frequencies' TV distance to ``reference`` training
         images', beside a second training draw, its shuffle and the uniform distribution
-        (:mod:`unclip.eval.unconditional`)."""
+        (:mod:`unclip.eval.unconditional`). ``rerank=k``: each sample the best of k candidates by a caption bank of
+        ``captions`` training captions (``pipe.unconditional(rerank=, captions=)``)."""
         if self.train is None:
             raise ValueError("the shapes evaluator was built without its training split (train=), which unconditional "
                              "samples are compared with; give train=${data.train} (conf/data/shapes.yaml does)")
         pipe.require("unconditional", "unconditional evaluation")
-        images = pipe.unconditional(n, seed=seed, output="tensor")
+        bank = {} if rerank == 1 else {"rerank": rerank, "captions": training_captions(self.train, captions, seed)}
+        images = pipe.unconditional(n, seed=seed, output="tensor", **bank)
         heldout = getattr(getattr(self.train, "config", None), "heldout", DEFAULT_HELDOUT)
-        return unconditional_metrics(images, self.train, reference=reference, heldout=heldout, seed=seed)
+        metrics = unconditional_metrics(images, self.train, reference=reference, heldout=heldout, seed=seed)
+        return {**metrics, "unconditional/rerank": rerank,
+                **({"unconditional/bank_captions": len(set(bank["captions"]))} if bank else {})}
 
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:
         """PSNR, and the judge on every attribute of every object, named in the caption or not:

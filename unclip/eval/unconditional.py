@@ -201,6 +201,16 @@ def training_draws(training, n: int, reference: int, seed: int = 0) -> tuple[lis
     return images[:reference], images[reference:]
 
 
+def training_captions(training, n: int, seed: int = 0) -> list[str]:
+    """The captions of ``n`` training items (a map-style data set whose items hold a ``caption``), drawn from
+    ``seed``: the caption bank unconditional samples are re-ranked by (``pipe.unconditional(rerank=, captions=)``)."""
+    if len(training) < n:
+        raise ValueError(f"the training data has {len(training)} items, fewer than the {n} captions asked for the "
+                         "caption bank; give fewer (unconditional_captions=)")
+    indices = random.Random(f"unconditional/captions/{seed}").sample(range(len(training)), n)
+    return [training[i]["caption"] for i in indices]
+
+
 def unconditional_metrics(images, training, *, reference: int = 1024, heldout=DEFAULT_HELDOUT, seed: int = 0,
                           prefix: str = "unconditional/") -> dict:
     """Judge unconditional samples (PIL images, or tensors [N, 3, H, W] in [-1, 1]) against ``training`` (a
@@ -222,7 +232,10 @@ def unconditional_table(metrics: dict, prefix: str = "unconditional/") -> str:
         return "-" if value is None else f"{value:.3f}"
 
     n, floor, ref = (int(metrics.get(f"{prefix}{k}", 0)) for k in ("n", "floor_n", "reference_n"))
-    lines = [f"unconditional samples: {n}, judged from the pixels; training reference {ref}, floor draw {floor}",
+    rerank = int(metrics.get(f"{prefix}rerank", 1))
+    ranked = (f" (each the best of {rerank} by a bank of {int(metrics.get(f'{prefix}bank_captions', 0))} training "
+              "captions)" if rerank > 1 else "")
+    lines = [f"unconditional samples: {n}{ranked}, judged from the pixels; training reference {ref}, floor draw {floor}",
              "| share | samples | training (floor draw) | training (reference) |", "| --- | --- | --- | --- |"]
     for label, key in (("valid scenes", "valid"), *((f"scene: {k}", f"scene/{k}") for k in (*KINDS, "invalid")),
                        ("held-out composition", "heldout")):

@@ -260,9 +260,18 @@ def pipeline_directory_generator(path: str | Path) -> str:
 def best_of(clip, images: torch.Tensor, text_embeds: torch.Tensor, rerank: int) -> torch.Tensor:
     """CLIP re-ranking: of every ``rerank`` consecutive images [B * rerank, 3, H, W], the one whose CLIP image
     embedding is most similar to its caption's embedding (``text_embeds`` [B * rerank, D], one row per image)."""
-    scores = (clip.encode_image(images) * text_embeds.float()).sum(-1).view(-1, rerank)
-    best = scores.argmax(dim=1) + torch.arange(0, len(scores) * rerank, rerank, device=scores.device)
-    return images[best]
+    return images[group_best((clip.encode_image(images) * text_embeds.float()).sum(-1), rerank)]
+
+
+def group_best(scores: torch.Tensor, rerank: int) -> torch.Tensor:
+    """The row of the highest score in every ``rerank`` consecutive rows of ``scores`` [B * rerank]: [B] indices."""
+    return scores.view(-1, rerank).argmax(dim=1) + torch.arange(0, len(scores), rerank, device=scores.device)
+
+
+def caption_bank_scores(clip, images: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Each image's [N] CLIP similarity to its best-matching caption of ``bank`` (text embeddings [C, D]): how well
+    some caption of the bank describes it."""
+    return (clip.encode_image(images).float() @ bank.float().T).max(dim=1).values
 
 
 def candidate_chunks(rows: int, rerank: int, max_batch: int) -> list[tuple[int, int]]:
@@ -286,7 +295,7 @@ class Pipeline:
     autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16  # the precision it samples in; None: float32
     stage_lists: ClassVar[tuple[str, ...]] = ()  # stages of which it has a list (``upsampler``: ``upsamplers``)
     # settings that act against a prompt, each with its no-op value: ``unconditional`` ignores them
-    no_prompt_settings: ClassVar[dict[str, object]] = {"rerank": 1}
+    no_prompt_settings: ClassVar[dict[str, object]] = {}
 
     settings: object
     sources: dict
@@ -407,36 +416,62 @@ class Pipeline:
 
     # -- images without a prompt ------------------------------------------------------------------
     @torch.no_grad()
-    def unconditional(self, n: int = 1, *, seed: int = 0, output: str = "pil", **settings):
+    def unconditional(self, n: int = 1, *, seed: int = 0, rerank: int = 1, captions: Sequence[str] | None = None,
+                      output: str = "pil", **settings):
         """``n`` images drawn without any prompt: every stage conditioned on its learned null caption (what caption
         dropout trained), so the images follow the training data's distribution as the model learned it. Made
         ``settings.max_batch`` at a time (the first chunk's images are those of a request for only them). Settings
-        that compare with a prompt (``no_prompt_settings``: re-ranking, guidance) have nothing to act on: the
-        pipeline's own are ignored and one given here other than its no-op value is an error."""
+        that compare with a prompt (``no_prompt_settings``: the prompt's re-ranking, guidance) have nothing to act
+        on: the pipeline's own are ignored and one given here other than its no-op value is an error.
+
+        ``rerank=k`` with ``captions`` (a caption bank: the training captions, or any that describe the images
+        wanted) draws k candidates per image and keeps the one the CLIP finds most similar to its best-matching
+        caption of the bank: DALL-E's CLIP re-ranking with the bank standing in for the missing prompt. It trades
+        diversity for realism (docs/results.md#unconditional-generation measures both); candidates are ranked
+        before the upsamplers, so only the kept ones are upsampled."""
         if isinstance(n, (str, list, tuple)):
             raise TypeError(f"unconditional takes a number of images, not prompts (got {n!r:.60}); for images of "
                             "prompts call generate(prompts, n)")
         count = check_count("n", n)
+        rerank = check_count("rerank", rerank)
         for name, no_op in self.no_prompt_settings.items():
             if name in settings and settings[name] != no_op:
                 raise ValueError(f"unconditional samples have no prompt, so {name}={settings[name]!r} has nothing to "
                                  f"act on (it compares candidates or guidance with a prompt); leave it out")
+        if rerank > 1 and captions is None:
+            raise ValueError(f"unconditional samples have no prompt to re-rank by, so rerank={rerank} needs a caption "
+                             "bank to compare with: captions=[...] (e.g. the training captions)")
+        if captions is not None and rerank == 1:
+            raise ValueError("captions= is the bank unconditional samples are re-ranked by; it needs rerank=k > 1 "
+                             "(leave captions out for no re-ranking)")
+        bank = None if captions is None else self._check_prompts(captions, "captions")
         config, generator = self._prepare(seed, settings, output)
         self._check_unconditional()
-        parts = []
         with self.autocast():
-            for start in range(0, count, config.max_batch):
-                images = self._unconditional_images(min(config.max_batch, count - start), config, generator)
-                parts.append(self._output(images, output))
-        return self._joined(parts, output)
+            bank = None if bank is None else self._caption_bank(bank, config.max_batch)
+            return self._keep_best(
+                count * rerank, rerank, config, output,
+                lambda start, stop: (self._unconditional_candidates(stop - start, config, generator), None),
+                lambda images, _: caption_bank_scores(self.clip, images, bank),
+                lambda images: self._unconditional_finish(images, config, generator))
+
+    def _caption_bank(self, captions: list[str], max_batch: int) -> torch.Tensor:
+        """The CLIP text embeddings [C, D] of the distinct ``captions``, ``max_batch`` at a time."""
+        distinct = sorted(set(captions))
+        return torch.cat([self.clip.encode_text(distinct[i:i + max_batch]).embed.float()
+                          for i in range(0, len(distinct), max_batch)])
 
     def _check_unconditional(self) -> None:
         """An error naming the stage that cannot sample without a prompt (e.g. one trained without caption
         dropout), before any work."""
 
-    def _unconditional_images(self, count: int, config, generator) -> torch.Tensor:
-        """``count`` images [count, 3, S, S] in [-1, 1] without a prompt."""
+    def _unconditional_candidates(self, count: int, config, generator) -> torch.Tensor:
+        """``count`` images [count, 3, S, S] in [-1, 1] without a prompt, as they are ranked (before any upsampler)."""
         raise NotImplementedError
+
+    def _unconditional_finish(self, images: torch.Tensor, config, generator) -> torch.Tensor:
+        """What the kept candidates become (the unCLIP pipeline's: upsampled)."""
+        return images
 
     # -- images per prompt, re-ranked ------------------------------------------------------------------
     def _ranked_images(self, prompts: list[str], count: int, config, output: str,
@@ -447,27 +482,42 @@ class Pipeline:
 
         ``draw(text, first_row)``: candidate images for ``text`` (the prompts' TextCondition, one row per candidate,
         encoded ``max_batch`` prompts at a time); ``finish(images)``: what the kept images become (e.g. upsampled)."""
-        rerank = config.rerank
-        per_prompt = count * rerank
-        parts, best = [], None
-        for start, stop in candidate_chunks(len(prompts) * per_prompt, rerank, config.max_batch):
+        per_prompt = count * config.rerank
+
+        def draw_rows(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
             prompt_index = torch.arange(start, stop) // per_prompt
             first = int(prompt_index[0])
             text = self.clip.encode_text(prompts[first:int(prompt_index[-1]) + 1])
             text = text[(prompt_index - first).to(text.embed.device)]
-            images = draw(text, start).float()
+            return draw(text, start), text.embed
+
+        return self._keep_best(len(prompts) * per_prompt, config.rerank, config, output, draw_rows,
+                               lambda images, embeds: (self.clip.encode_image(images) * embeds.float()).sum(-1),
+                               finish)
+
+    def _keep_best(self, rows: int, rerank: int, config, output: str, draw: Callable, score: Callable,
+                   finish: Callable | None = None):
+        """Candidate rows ``0:rows``, ``rerank`` consecutive ones per image, drawn ``config.max_batch`` at a time
+        (``draw(start, stop) -> (images, context)``); of every ``rerank`` the one of the highest
+        ``score(images, context)`` [stop - start] is kept (ranked in parts, keeping the best so far, when a group
+        outnumbers ``max_batch``); ``finish(kept)`` is what the kept images become (e.g. upsampled)."""
+        parts, best = [], None
+        for start, stop in candidate_chunks(rows, rerank, config.max_batch):
+            images, context = draw(start, stop)
+            images = images.float()
             if rerank == 1:
                 kept = images
-            elif stop - start >= rerank:  # whole groups of candidates
-                kept = best_of(self.clip, images, text.embed, rerank)
-            else:  # a part of one image's candidates
-                scores = (self.clip.encode_image(images) * text.embed.float()).sum(-1)
-                top = int(scores.argmax())
-                if best is None or scores[top] > best[0]:
-                    best = (scores[top], images[top:top + 1])
-                if stop % rerank:
-                    continue
-                kept, best = best[1], None
+            else:
+                scores = score(images, context)
+                if stop - start >= rerank:  # whole groups of candidates
+                    kept = images[group_best(scores, rerank)]
+                else:  # a part of one image's candidates
+                    top = int(scores.argmax())
+                    if best is None or scores[top] > best[0]:
+                        best = (scores[top], images[top:top + 1])
+                    if stop % rerank:
+                        continue
+                    kept, best = best[1], None
             parts.append(self._output(finish(kept) if finish else kept, output))
         return self._joined(parts, output)
 

@@ -4,6 +4,7 @@
     images = pipe.generate(["a red circle", "a purple triangle at the top"], 4, seed=0, rerank=4)
     completed = pipe.complete(image, "a blue square", rows=3)   # keep the image's top 3 token rows, draw the rest
     samples = pipe.unconditional(16, seed=0)                    # no prompt: the null caption, no re-ranking
+    samples = pipe.unconditional(16, rerank=4, captions=training_captions)  # best of 4 by a caption bank
     pipe = DallePipeline.from_pretrained("outputs/demo-dalle/pipeline", captioner="outputs/dalle/captioner")
     captions = pipe.caption(images, n=2, rerank=8)               # image -> text (an image_first transformer)
 
@@ -126,7 +127,7 @@ class DallePipeline(Pipeline):
     settings_class: ClassVar[type] = DalleSettings
     operations: ClassVar[frozenset[str]] = frozenset({"generate", "unconditional", "complete"})
     # without a prompt: no CLIP re-ranking (nothing to compare with) and no guidance (both branches the null caption)
-    no_prompt_settings: ClassVar[dict[str, object]] = {"rerank": 1, "guidance_scale": None}
+    no_prompt_settings: ClassVar[dict[str, object]] = {"guidance_scale": None}
     demo_dir: ClassVar[str] = "demo-dalle"
     autocast_dtype: ClassVar[torch.dtype | None] = None  # it samples (and re-ranks) in float32
 
@@ -214,7 +215,7 @@ class DallePipeline(Pipeline):
     def _check_unconditional(self) -> None:
         self.transformer.check_unconditional()
 
-    def _unconditional_images(self, count: int, config: DalleSettings, generator) -> torch.Tensor:
+    def _unconditional_candidates(self, count: int, config: DalleSettings, generator) -> torch.Tensor:
         """The transformer after the null caption (temperature, top_k, top_p as set), the dVAE."""
         tokens = self.transformer.sample_unconditional(count, temperature=config.temperature, top_k=config.top_k,
                                                        top_p=config.top_p, generator=generator)

@@ -7,6 +7,7 @@
     pipe.mix([(image, 0.5), ("a blue square", 0.5)])
     pipe.generate("a circle", negative_prompt="red")
     pipe.unconditional(16, seed=0)                      # no prompt: the prior's null, the decoder's null caption
+    pipe.unconditional(16, rerank=8, captions=training_captions)  # best of 8 by a caption bank
 
 Every call takes a seed and gives the same images for it. Stages from different CLIP embedding spaces
 refuse to compose, naming both fingerprints. Each public method is a few lines over the shared steps: encode
@@ -211,7 +212,7 @@ class UnCLIPPipeline(Pipeline):
         {"generate", "unconditional", "decode", "variations", "img2img", "interpolate", "text_diff", "mix", "inpaint"})
     demo_dir: ClassVar[str] = "demo"
     # without a prompt the prior draws one candidate from its null (nothing to rank by) and has no guidance
-    no_prompt_settings: ClassVar[dict[str, object]] = {"rerank": 1, "prior_candidates": 1, "prior_guidance": 1.0}
+    no_prompt_settings: ClassVar[dict[str, object]] = {"prior_candidates": 1, "prior_guidance": 1.0}
 
     def __post_init__(self) -> None:
         clip_space: EmbeddingSpace = self.spaces.get("clip") or self.clip.space
@@ -432,13 +433,16 @@ class UnCLIPPipeline(Pipeline):
                              "caption is untrained and it cannot decode without a prompt; train it with "
                              "caption_drop_prob > 0 (the default is 0.5)")
 
-    def _unconditional_images(self, count: int, config: GenerationSettings, generator) -> torch.Tensor:
-        """The prior from its learned null (one candidate: no text embedding to rank by), the decoder with the null
-        caption (its guidance on the sampled image embedding), the upsamplers."""
+    def _unconditional_candidates(self, count: int, config: GenerationSettings, generator) -> torch.Tensor:
+        """The prior from its learned null (one candidate: no text embedding to rank by), then the decoder with the
+        null caption (its guidance on the sampled image embedding)."""
         embeds = self.prior.sample_unconditional(
             count, steps=config.prior_steps, generator=generator, cuda_graphs=config.cuda_graphs,
             sampler=config.prior_sampler, spacing=config.prior_spacing)
-        return self._render(embeds, None, config, generator)
+        return self._decode(embeds, None, config, generator)
+
+    def _unconditional_finish(self, images: torch.Tensor, config: GenerationSettings, generator) -> torch.Tensor:
+        return self._upsample(images, config, generator)
 
     @torch.no_grad()
     def decode(self, image_embeds: torch.Tensor, *, seed: int = 0, eta: float = 0.0, output: str = "pil", **settings):
