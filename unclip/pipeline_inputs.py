@@ -71,6 +71,15 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
                          f"{tensor.numel()}); give finite values")
 
 
+def check_trained_null(stage: str, setting: str, value: float, default: float) -> None:
+    """An error unless caption dropout (``setting`` = ``value``) trained ``stage``'s learned null caption, which
+    sampling without a prompt starts from."""
+    if value == 0:
+        raise ValueError(f"this {stage} was trained without caption dropout ({setting}=0), so its learned null caption "
+                         f"is untrained and it cannot sample without a prompt; train it with {setting} > 0 (the "
+                         f"default is {default})")
+
+
 def prompts_for(prompt: str | Sequence[str], count: int) -> list[str]:
     """One prompt per image: a string for every image, or a list of ``count``."""
     prompts = check_prompts(prompt)

@@ -30,6 +30,7 @@ from unclip.autoregressive.transformer import CausalTransformer, KVCache
 from unclip.autoregressive.vocabulary import NUM_SPECIAL, PAD, TextVocabulary
 from unclip.configurable import configurable
 from unclip.distributed import global_sum, world_size
+from unclip.pipeline_inputs import check_trained_null
 
 CLIP_END_OF_TEXT = 49407
 ORDERS = ("text_first", "image_first")
@@ -211,10 +212,7 @@ class TextImageTransformer(nn.Module):
 
     def check_unconditional(self) -> None:
         """An error unless caption dropout trained the null caption."""
-        if self.cond_drop_prob == 0:
-            raise ValueError("this transformer was trained without caption dropout (cond_drop_prob=0), so it has "
-                             "never seen the null caption and cannot sample without one; train it with "
-                             "cond_drop_prob > 0 (the default is 0.1)")
+        check_trained_null("transformer", "cond_drop_prob", self.cond_drop_prob, 0.1)
 
     def _sample(self, text_ids: torch.Tensor, *, temperature, top_k, top_p, guidance_scale, prime, generator,
                 use_cache) -> torch.Tensor:

@@ -39,6 +39,7 @@ from unclip.pipeline_inputs import (
     check_count,
     check_finite,
     check_mix,
+    check_trained_null,
     images_in,
     keep_masks,
     prompts_for,
@@ -428,10 +429,7 @@ class UnCLIPPipeline(Pipeline):
                              "prior's image embedding is the prompt's text embedding); use a diffusion prior trained "
                              "with caption dropout (cond_drop_prob > 0)")
         getattr(self.prior, "check_unconditional", lambda: None)()
-        if getattr(self.decoder, "caption_drop_prob", 1) == 0:
-            raise ValueError("the decoder was trained without caption dropout (caption_drop_prob=0), so its null "
-                             "caption is untrained and it cannot decode without a prompt; train it with "
-                             "caption_drop_prob > 0 (the default is 0.5)")
+        check_trained_null("decoder", "caption_drop_prob", getattr(self.decoder, "caption_drop_prob", 1), 0.5)
 
     def _unconditional_candidates(self, count: int, config: GenerationSettings, generator) -> torch.Tensor:
         """The prior from its learned null (one candidate: no text embedding to rank by), then the decoder with the

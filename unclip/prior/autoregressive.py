@@ -41,6 +41,7 @@ from torch import nn
 from unclip.autoregressive import CausalTransformer, check_sampling, draw, guided_logits
 from unclip.configurable import configurable
 from unclip.embedding import TextCondition
+from unclip.pipeline_inputs import check_trained_null
 from unclip.prior.diffusion_prior import check_prompts
 
 try:
@@ -317,10 +318,7 @@ class AutoregressivePrior(nn.Module):
 
     def check_unconditional(self) -> None:
         """An error unless caption dropout trained the learned nulls."""
-        if self.cond_drop_prob == 0:
-            raise ValueError("this autoregressive prior was trained without caption dropout (cond_drop_prob=0), so "
-                             "its learned nulls are untrained and it cannot sample without a caption; train it with "
-                             "cond_drop_prob > 0 (the default is 0.2)")
+        check_trained_null("autoregressive prior", "cond_drop_prob", self.cond_drop_prob, 0.2)
 
     @torch.no_grad()
     def sample_unconditional(self, count: int, *, generator: torch.Generator | None = None,

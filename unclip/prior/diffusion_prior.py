@@ -11,6 +11,7 @@ from torch import nn
 from unclip.configurable import configurable
 from unclip.diffusion import GaussianDiffusion, check_sampler, classifier_free_guidance, sample
 from unclip.embedding import TextCondition
+from unclip.pipeline_inputs import check_trained_null
 from unclip.prior.transformer import PriorTransformer
 
 SPACE_SETTINGS = ("embed_dim", "token_dim", "text_length")  # the transformer's sizes that the CLIP space gives
@@ -188,10 +189,7 @@ class DiffusionPrior(nn.Module):
 
     def check_unconditional(self) -> None:
         """An error unless caption dropout trained the learned null."""
-        if self.cond_drop_prob == 0:
-            raise ValueError("this prior was trained without caption dropout (cond_drop_prob=0), so its learned null "
-                             "is untrained and it cannot sample without a caption; train it with cond_drop_prob > 0 "
-                             "(the default is 0.2)")
+        check_trained_null("prior", "cond_drop_prob", self.cond_drop_prob, 0.2)
 
     @torch.no_grad()
     def sample_unconditional(self, count: int, **sampling) -> torch.Tensor:
