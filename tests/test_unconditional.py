@@ -149,6 +149,27 @@ def test_unclip_unconditional_rerank_ranks_before_the_upsamplers_and_in_parts_be
     assert torch.equal(upsampled[0][0], candidates[int(torch.cat([s for _, s in ranked]).argmax())])
 
 
+def test_unclip_unconditional_prior_candidates_keep_the_prior_sample_a_bank_caption_describes_best(pipe, monkeypatch):
+    drawn, decoded = [], []
+    sample, decode = pipe.prior.sample_unconditional, pipe._decode
+    monkeypatch.setattr(pipe.prior, "sample_unconditional", lambda n, **kw: drawn.append(sample(n, **kw)) or drawn[-1])
+    monkeypatch.setattr(pipe, "_decode", lambda embeds, *a, **kw: decoded.append(embeds) or decode(embeds, *a, **kw))
+    images = pipe.unconditional(2, seed=0, prior_candidates=3, captions=BANK, output="tensor", **FAST)
+    assert images.shape == (2, 3, 32, 32)
+    [embeds], [kept] = drawn, decoded  # 2 x 3 prior samples, 2 decoded
+    scores = (embeds @ pipe._caption_bank(BANK, 8).T).max(dim=1).values.view(2, 3)
+    assert torch.equal(kept, embeds[scores.argmax(dim=1) + torch.tensor([0, 3])])
+    # the pipeline's own prior_candidates (for prompts) are not used without a bank, nor when not given with one
+    drawn.clear(), decoded.clear()
+    pipe.settings, before = pipe._settings({**FAST, "prior_candidates": 4}), pipe.settings
+    try:
+        pipe.unconditional(2, seed=0, output="tensor")
+        pipe.unconditional(2, seed=0, rerank=2, captions=BANK, output="tensor")
+    finally:
+        pipe.settings = before
+    assert [len(e) for e in drawn] == [2, 4]
+
+
 @pytest.mark.parametrize("call,error,message", [
     (lambda p: p.unconditional(0), ValueError, "n must be a whole number >= 1, got 0"),
     (lambda p: p.unconditional(-2), ValueError, "n must be a whole number >= 1, got -2"),
@@ -178,8 +199,8 @@ def test_settings_that_need_a_prompt_or_untrained_nulls_are_refused_naming_them(
     with pytest.raises(ValueError, match="guidance_scale=3.0 has nothing to act on"):
         dalle.unconditional(2, guidance_scale=3.0)
     assert dalle.unconditional(1, guidance_scale=None, rerank=1)  # the no-op values are fine
-    with pytest.raises(ValueError, match="prior_candidates=3 has nothing to act on"):  # also when re-ranking
-        pipe.unconditional(2, rerank=2, captions=["a red circle"], prior_candidates=3, **FAST)
+    with pytest.raises(ValueError, match=r"prior_candidates=3 has nothing to act on .*with a caption bank"):
+        pipe.unconditional(2, rerank=2, prior_candidates=3, **FAST)
     passthrough = UnCLIPPipeline(clip=pipe.clip, prior=PassthroughPrior(), decoder=pipe.decoder)
     with pytest.raises(ValueError, match=r"the prior \(PassthroughPrior\) cannot sample without a prompt"):
         passthrough.unconditional(1)
@@ -282,6 +303,13 @@ def test_the_evaluators_judge_a_pipelines_samples_or_say_why_not(pipe, dalle, tr
     ranked = evaluator.unconditional_metrics(dalle, 4, reference=8, rerank=2, captions=40)
     assert ranked["unconditional/rerank"] == 2 and 1 < ranked["unconditional/bank_captions"] <= 40
     assert "each the best of 2 by a bank of" in evaluator.summary(ranked)
+    pipe.settings, before = pipe._settings(FAST), pipe.settings
+    try:
+        ranked = evaluator.unconditional_metrics(pipe, 2, reference=8, prior_candidates=2, captions=20)
+    finally:
+        pipe.settings = before
+    assert (ranked["unconditional/rerank"], ranked["unconditional/prior_candidates"]) == (1, 2)
+    assert "each its image embedding the best of 2 prior samples by a bank of" in evaluator.summary(ranked)
     bank = training_captions(training, 40, seed=0)
     assert len(bank) == 40 and bank == training_captions(training, 40, seed=0) != training_captions(training, 40, 1)
     with pytest.raises(ValueError, match="the training data has 10 items, fewer than the 40 captions"):

@@ -6,7 +6,8 @@ and text diffs, judged from the pixels; captioned data: CLIP agreement).
 ``unconditional=256`` also judges 256 samples drawn without a prompt against the training data (``shapes``:
 unclip.eval.unconditional; give the data the pipeline was trained on, data=shapes_pairs for the demo's);
 ``conditional=false`` skips the prompted evaluation; ``unconditional_rerank=4`` makes each sample the best of 4 by a
-caption bank of ``unconditional_captions`` training captions (``pipe.unconditional(rerank=, captions=)``)."""
+caption bank of ``unconditional_captions`` training captions (``pipe.unconditional(rerank=, captions=)``), and
+``unconditional_prior_candidates=4`` (unCLIP) each candidate's image embedding the best of 4 prior samples by it."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def main(job: Job) -> None:
         n = check_count("unconditional", config["unconditional"])
         reference = check_count("unconditional_reference", config["unconditional_reference"])
         rerank = check_count("unconditional_rerank", config["unconditional_rerank"])
+        prior_candidates = check_count("unconditional_prior_candidates", config["unconditional_prior_candidates"])
         captions = check_count("unconditional_captions", config["unconditional_captions"])
         metrics.update(evaluator.unconditional_metrics(pipe, n, seed=config["seed"], reference=reference,
-                                                       rerank=rerank, captions=captions))
+                                                       rerank=rerank, prior_candidates=prior_candidates,
+                                                       captions=captions))
     summary = evaluator.summary(metrics)
     if summary:
         (job.run_dir / "fidelity.txt").write_text(summary + "\n")

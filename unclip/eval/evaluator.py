@@ -106,9 +106,10 @@ class DataEvaluator:
         raise NotImplementedError
 
     def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024, rerank: int = 1,
-                              captions: int = 8192) -> dict:
-        """``n`` unconditional samples of ``pipe`` (``pipe.unconditional``; ``rerank=k``: best of k by a bank of
-        ``captions`` training captions) judged against the training data."""
+                              prior_candidates: int = 1, captions: int = 8192) -> dict:
+        """``n`` unconditional samples of ``pipe`` (``pipe.unconditional``; ``rerank=k``, ``prior_candidates=m``:
+        best of k images, of m prior samples, by a bank of ``captions`` training captions) judged against the training
+        data."""
         raise NotImplementedError(f"{type(self).__name__} cannot judge unconditional samples (the shapes data set's "
                                   "evaluator can: data=shapes or data=shapes_pairs); leave unconditional=0")
 

@@ -150,21 +150,24 @@ class ShapesEvaluator(DataEvaluator):
         return {f"{prefix}distribution/{key}": value for key, value in found.items()}
 
     def unconditional_metrics(self, pipe, n: int, *, seed: int = 0, reference: int = 1024, rerank: int = 1,
-                              captions: int = 8192) -> dict:
+                              prior_candidates: int = 1, captions: int = 8192) -> dict:
         """``unconditional/...``: ``n`` samples of ``pipe.unconditional`` read as scenes by the pixel judge (valid
         share, scene kinds, held-out share) and their attribute frequencies' TV distance to ``reference`` training
         images', beside a second training draw, its shuffle and the uniform distribution
         (:mod:`unclip.eval.unconditional`). ``rerank=k``: each sample the best of k candidates by a caption bank of
-        ``captions`` training captions (``pipe.unconditional(rerank=, captions=)``)."""
+        ``captions`` training captions (``pipe.unconditional(rerank=, captions=)``); ``prior_candidates=m`` (unCLIP):
+        each candidate's image embedding the best of m prior samples by that bank."""
         if self.train is None:
             raise ValueError("the shapes evaluator was built without its training split (train=), which unconditional "
                              "samples are compared with; give train=${data.train} (conf/data/shapes.yaml does)")
         pipe.require("unconditional", "unconditional evaluation")
-        bank = {} if rerank == 1 else {"rerank": rerank, "captions": training_captions(self.train, captions, seed)}
+        bank = {} if rerank == prior_candidates == 1 else {
+            "rerank": rerank, "captions": training_captions(self.train, captions, seed),
+            **({"prior_candidates": prior_candidates} if prior_candidates > 1 else {})}
         images = pipe.unconditional(n, seed=seed, output="tensor", **bank)
         heldout = getattr(getattr(self.train, "config", None), "heldout", DEFAULT_HELDOUT)
         metrics = unconditional_metrics(images, self.train, reference=reference, heldout=heldout, seed=seed)
-        return {**metrics, "unconditional/rerank": rerank,
+        return {**metrics, "unconditional/rerank": rerank, "unconditional/prior_candidates": prior_candidates,
                 **({"unconditional/bank_captions": len(set(bank["captions"]))} if bank else {})}
 
     def reconstruction_metrics(self, reconstruct, items: dict[str, int], image_size: int | None = None) -> dict:

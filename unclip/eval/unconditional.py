@@ -232,9 +232,11 @@ def unconditional_table(metrics: dict, prefix: str = "unconditional/") -> str:
         return "-" if value is None else f"{value:.3f}"
 
     n, floor, ref = (int(metrics.get(f"{prefix}{k}", 0)) for k in ("n", "floor_n", "reference_n"))
-    rerank = int(metrics.get(f"{prefix}rerank", 1))
-    ranked = (f" (each the best of {rerank} by a bank of {int(metrics.get(f'{prefix}bank_captions', 0))} training "
-              "captions)" if rerank > 1 else "")
+    rerank, prior = int(metrics.get(f"{prefix}rerank", 1)), int(metrics.get(f"{prefix}prior_candidates", 1))
+    best = " and ".join([*([f"the best of {rerank}"] if rerank > 1 else []),
+                         *([f"its image embedding the best of {prior} prior samples"] if prior > 1 else [])])
+    ranked = (f" (each {best} by a bank of {int(metrics.get(f'{prefix}bank_captions', 0))} training captions)"
+              if best else "")
     lines = [f"unconditional samples: {n}{ranked}, judged from the pixels; training reference {ref}, floor draw {floor}",
              "| share | samples | training (floor draw) | training (reference) |", "| --- | --- | --- | --- |"]
     for label, key in (("valid scenes", "valid"), *((f"scene: {k}", f"scene/{k}") for k in (*KINDS, "invalid")),

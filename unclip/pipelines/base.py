@@ -296,6 +296,8 @@ class Pipeline:
     stage_lists: ClassVar[tuple[str, ...]] = ()  # stages of which it has a list (``upsampler``: ``upsamplers``)
     # settings that act against a prompt, each with its no-op value: ``unconditional`` ignores them
     no_prompt_settings: ClassVar[dict[str, object]] = {}
+    # of those, the ones a caption bank gives something to rank by (unconditional(captions=...))
+    bank_settings: ClassVar[tuple[str, ...]] = ()
 
     settings: object
     sources: dict
@@ -422,28 +424,37 @@ class Pipeline:
         dropout trained), so the images follow the training data's distribution as the model learned it. Made
         ``settings.max_batch`` at a time (the first chunk's images are those of a request for only them). Settings
         that compare with a prompt (``no_prompt_settings``: the prompt's re-ranking, guidance) have nothing to act
-        on: the pipeline's own are ignored and one given here other than its no-op value is an error.
+        on: the pipeline's own are ignored and one given here other than its no-op value is an error (but see
+        ``bank_settings``).
 
         ``rerank=k`` with ``captions`` (a caption bank: the training captions, or any that describe the images
         wanted) draws k candidates per image and keeps the one the CLIP finds most similar to its best-matching
         caption of the bank: DALL-E's CLIP re-ranking with the bank standing in for the missing prompt. It trades
         diversity for realism (docs/results.md#unconditional-generation measures both); candidates are ranked
-        before the upsamplers, so only the kept ones are upsampled."""
+        before the upsamplers, so only the kept ones are upsampled. With a bank, the unCLIP pipeline also takes
+        ``prior_candidates=m``: each candidate's image embedding is the best of m prior samples by the bank (its
+        similarity to the best-matching caption), before anything is decoded."""
         if isinstance(n, (str, list, tuple)):
             raise TypeError(f"unconditional takes a number of images, not prompts (got {n!r:.60}); for images of "
                             "prompts call generate(prompts, n)")
         count = check_count("n", n)
         rerank = check_count("rerank", rerank)
         for name, no_op in self.no_prompt_settings.items():
-            if name in settings and settings[name] != no_op:
+            if name in settings and settings[name] != no_op and not (captions is not None and name in self.bank_settings):
+                ranks = "; with a caption bank (captions=) it ranks by the bank" if name in self.bank_settings else ""
                 raise ValueError(f"unconditional samples have no prompt, so {name}={settings[name]!r} has nothing to "
-                                 f"act on (it compares candidates or guidance with a prompt); leave it out")
+                                 f"act on (it compares candidates or guidance with a prompt){ranks}; leave it out")
+        ranked_by_bank = [name for name in self.bank_settings if settings.get(name, self.no_prompt_settings[name])
+                          != self.no_prompt_settings[name]]
+        # the pipeline's own (prompted) values of these are not used: only those given here
+        settings = {**{name: no_op for name, no_op in self.no_prompt_settings.items()}, **settings}
         if rerank > 1 and captions is None:
             raise ValueError(f"unconditional samples have no prompt to re-rank by, so rerank={rerank} needs a caption "
                              "bank to compare with: captions=[...] (e.g. the training captions)")
-        if captions is not None and rerank == 1:
-            raise ValueError("captions= is the bank unconditional samples are re-ranked by; it needs rerank=k > 1 "
-                             "(leave captions out for no re-ranking)")
+        if captions is not None and rerank == 1 and not ranked_by_bank:
+            uses = " or ".join(["rerank=k > 1", *(f"{name} > 1" for name in self.bank_settings)])
+            raise ValueError(f"captions= is the bank unconditional samples are re-ranked by; it needs {uses} (leave "
+                             "captions out for no re-ranking)")
         bank = None if captions is None else self._check_prompts(captions, "captions")
         config, generator = self._prepare(seed, settings, output)
         self._check_unconditional()
@@ -451,7 +462,7 @@ class Pipeline:
             bank = None if bank is None else self._caption_bank(bank, config.max_batch)
             return self._keep_best(
                 count * rerank, rerank, config, output,
-                lambda start, stop: (self._unconditional_candidates(stop - start, config, generator), None),
+                lambda start, stop: (self._unconditional_candidates(stop - start, config, generator, bank), None),
                 lambda images, _: caption_bank_scores(self.clip, images, bank),
                 lambda images: self._unconditional_finish(images, config, generator))
 
@@ -465,8 +476,9 @@ class Pipeline:
         """An error naming the stage that cannot sample without a prompt (e.g. one trained without caption
         dropout), before any work."""
 
-    def _unconditional_candidates(self, count: int, config, generator) -> torch.Tensor:
-        """``count`` images [count, 3, S, S] in [-1, 1] without a prompt, as they are ranked (before any upsampler)."""
+    def _unconditional_candidates(self, count: int, config, generator, bank: torch.Tensor | None) -> torch.Tensor:
+        """``count`` images [count, 3, S, S] in [-1, 1] without a prompt, as they are ranked (before any upsampler);
+        ``bank``: the caption bank's text embeddings [C, D] when re-ranking (None: none)."""
         raise NotImplementedError
 
     def _unconditional_finish(self, images: torch.Tensor, config, generator) -> torch.Tensor:

@@ -215,7 +215,7 @@ class DallePipeline(Pipeline):
     def _check_unconditional(self) -> None:
         self.transformer.check_unconditional()
 
-    def _unconditional_candidates(self, count: int, config: DalleSettings, generator) -> torch.Tensor:
+    def _unconditional_candidates(self, count: int, config: DalleSettings, generator, bank) -> torch.Tensor:
         """The transformer after the null caption (temperature, top_k, top_p as set), the dVAE."""
         tokens = self.transformer.sample_unconditional(count, temperature=config.temperature, top_k=config.top_k,
                                                        top_p=config.top_p, generator=generator)

@@ -45,7 +45,7 @@ from unclip.pipeline_inputs import (
     prompts_for,
     unit_embeds,
 )
-from unclip.pipelines.base import Pipeline, in_chunks, read_pipeline_file
+from unclip.pipelines.base import Pipeline, group_best, in_chunks, read_pipeline_file
 
 # RePaint's resampling passes a step when inpainting with a plain decoder (an inpainting decoder needs none).
 DEFAULT_JUMPS = 3
@@ -214,6 +214,7 @@ class UnCLIPPipeline(Pipeline):
     demo_dir: ClassVar[str] = "demo"
     # without a prompt the prior draws one candidate from its null (nothing to rank by) and has no guidance
     no_prompt_settings: ClassVar[dict[str, object]] = {"prior_candidates": 1, "prior_guidance": 1.0}
+    bank_settings: ClassVar[tuple[str, ...]] = ("prior_candidates",)
 
     def __post_init__(self) -> None:
         clip_space: EmbeddingSpace = self.spaces.get("clip") or self.clip.space
@@ -431,12 +432,18 @@ class UnCLIPPipeline(Pipeline):
         getattr(self.prior, "check_unconditional", lambda: None)()
         check_trained_null("decoder", "caption_drop_prob", getattr(self.decoder, "caption_drop_prob", 1), 0.5)
 
-    def _unconditional_candidates(self, count: int, config: GenerationSettings, generator) -> torch.Tensor:
-        """The prior from its learned null (one candidate: no text embedding to rank by), then the decoder with the
-        null caption (its guidance on the sampled image embedding)."""
+    def _unconditional_candidates(self, count: int, config: GenerationSettings, generator,
+                                  bank: torch.Tensor | None) -> torch.Tensor:
+        """The prior from its learned null, then the decoder with the null caption (its guidance on the sampled
+        image embedding). With a caption bank, each embedding is the best of ``prior_candidates`` prior samples by
+        its similarity to its best-matching caption (DALL-E 2's prior candidates, the bank standing in for the
+        prompt; the pipeline's own prior_candidates are for prompts and not used here)."""
+        m = config.prior_candidates if bank is not None else 1
         embeds = self.prior.sample_unconditional(
-            count, steps=config.prior_steps, generator=generator, cuda_graphs=config.cuda_graphs,
+            count * m, steps=config.prior_steps, generator=generator, cuda_graphs=config.cuda_graphs,
             sampler=config.prior_sampler, spacing=config.prior_spacing)
+        if m > 1:
+            embeds = embeds[group_best((embeds.float() @ bank.T).max(dim=1).values, m)]
         return self._decode(embeds, None, config, generator)
 
     def _unconditional_finish(self, images: torch.Tensor, config: GenerationSettings, generator) -> torch.Tensor:
