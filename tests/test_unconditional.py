@@ -336,7 +336,9 @@ def test_sample_job_draws_unconditional_samples(pipe, tmp_path):
     assert [(r["prompt"], r["mode"], r["rerank"]) for r in records] == [(None, "unconditional", 1)] * 3
     assert Image.open(tmp_path / records[0]["file"]).size == (32, 32) and Image.open(grid).size[0] > 3 * 32
     for bad, shown in (({"mode": "variations"}, "mode=variations"),
-                       ({"rerank": 4}, r"rerank=4 needs captions_file=<a caption bank"),
+                       ({"rerank": 4}, r"rerank=4, prior_candidates=None need captions_file=<a caption bank"),
+                       ({"prior_candidates": 3}, r"rerank=None, prior_candidates=3 need captions_file="),
+                       ({"prior_candidates": 0}, "prior_candidates must be a whole number >= 1, got 0"),
                        ({"rerank": 0, "captions_file": "x"}, "rerank must be a whole number >= 1, got 0"),
                        ({"unconditional": -1}, "unconditional must be a whole number >= 1, got -1")):
         with pytest.raises(ValueError, match=shown):
@@ -346,7 +348,7 @@ def test_sample_job_draws_unconditional_samples(pipe, tmp_path):
     # re-ranked by a caption bank from a file: each image the best of 2
     bank = tmp_path / "captions.txt"
     bank.write_text("a red circle\n\nthree blue squares\n")
-    ranked = {**config, "rerank": 2, "captions_file": str(bank), "unconditional": 2}
+    ranked = {**config, "rerank": 2, "prior_candidates": 3, "captions_file": str(bank), "unconditional": 2}
     job.check_request(ranked, [])
     seen = []
     original = pipe.unconditional
@@ -358,6 +360,7 @@ def test_sample_job_draws_unconditional_samples(pipe, tmp_path):
     finally:
         pipe.settings = before
         del pipe.unconditional
-    assert seen == [{"rerank": 2, "captions": ["a red circle", "three blue squares"], "seed": 0}] and len(images) == 2
+    assert seen == [{"rerank": 2, "captions": ["a red circle", "three blue squares"], "prior_candidates": 3,
+                     "seed": 0}] and len(images) == 2
     records = [json.loads(line) for line in (tmp_path / "ranked" / "samples.jsonl").read_text().splitlines()]
     assert [r["rerank"] for r in records] == [2, 2]

@@ -5,7 +5,8 @@ Modes (``mode=``): generate (text -> images), variations (image=...), img2img (i
 (mix='[[red.png,0.5],[a blue square,0.5]]': image files or texts with weights). ``negative_prompt=`` steers every
 mode but mix away from a text. ``unconditional=16`` draws 16 images without any prompt instead
 (``pipe.unconditional``: every stage from its learned null caption; prompts are not read); with ``rerank=4
-captions_file=<one caption a line>`` each is the best of 4 by that caption bank (e.g. the training captions). Writes each image as PNG, a grid (one row per prompt; unconditional: 8 a row), and samples.jsonl (mode,
+captions_file=<one caption a line>`` each is the best of 4 by that caption bank (e.g. the training captions), and
+with ``prior_candidates=4`` (unCLIP) its image embedding the best of 4 prior samples by it. Writes each image as PNG, a grid (one row per prompt; unconditional: 8 a row), and samples.jsonl (mode,
 prompt, inputs, seed and settings per image).
 
 The run directory is this run's alone while it runs (a second run into it is refused, naming this one's process
@@ -72,12 +73,15 @@ def check_request(config: dict, prompts: list[str]) -> None:
             raise ValueError(f"unconditional={config['unconditional']} draws images without any prompt: it takes "
                              f"neither mode={mode} nor negative_prompt={config['negative_prompt']!r}; leave them at "
                              "their defaults")
-        if config["rerank"] not in (None, 1):
-            check_count("rerank", config["rerank"])
+        prior_candidates = config.get("prior_candidates")
+        for key in ("rerank", "prior_candidates"):
+            if config.get(key) is not None:
+                check_count(key, config[key])
+        if config["rerank"] not in (None, 1) or prior_candidates not in (None, 1):
             if not config.get("captions_file"):
                 raise ValueError(f"unconditional={config['unconditional']} has no prompt to re-rank by, so "
-                                 f"rerank={config['rerank']} needs captions_file=<a caption bank, one caption a line: "
-                                 "e.g. the training captions>")
+                                 f"rerank={config['rerank']}, prior_candidates={prior_candidates} need captions_file=<a "
+                                 "caption bank, one caption a line: e.g. the training captions>")
             read_lines(config["captions_file"], "captions_file", "caption")
         return
     check_count("num_images_per_prompt", config["num_images_per_prompt"])
@@ -98,9 +102,10 @@ def sample(pipe: Pipeline, config: dict, prompts: list[str]) -> tuple[list, list
     count = config.get("unconditional")
     if count:
         pipe.require("unconditional", f"unconditional={count}")
-        rerank = config["rerank"] or 1
-        bank = {"rerank": rerank, "captions": read_lines(config["captions_file"], "captions_file", "caption")} \
-            if rerank > 1 else {}
+        rerank, prior_candidates = config["rerank"] or 1, config.get("prior_candidates") or 1
+        bank = {"rerank": rerank, "captions": read_lines(config["captions_file"], "captions_file", "caption"),
+                **({"prior_candidates": prior_candidates} if prior_candidates > 1 else {})} \
+            if rerank > 1 or prior_candidates > 1 else {}
         return pipe.unconditional(count, **bank, **common), [{"prompt": None}] * count
     pipe.require(mode, f"mode={mode}")
     negative = {"negative_prompt": config["negative_prompt"]}
