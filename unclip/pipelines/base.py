@@ -271,7 +271,12 @@ def group_best(scores: torch.Tensor, rerank: int) -> torch.Tensor:
 def caption_bank_scores(clip, images: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Each image's [N] CLIP similarity to its best-matching caption of ``bank`` (text embeddings [C, D]): how well
     some caption of the bank describes it."""
-    return (clip.encode_image(images).float() @ bank.float().T).max(dim=1).values
+    return bank_similarity(clip.encode_image(images), bank)
+
+
+def bank_similarity(image_embeds: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Each CLIP image embedding's [N] cosine with its best-matching caption of ``bank`` (text embeddings [C, D])."""
+    return (image_embeds.float() @ bank.float().T).max(dim=1).values
 
 
 def candidate_chunks(rows: int, rerank: int, max_batch: int) -> list[tuple[int, int]]:
@@ -455,11 +460,11 @@ class Pipeline:
             uses = " or ".join(["rerank=k > 1", *(f"{name} > 1" for name in self.bank_settings)])
             raise ValueError(f"captions= is the bank unconditional samples are re-ranked by; it needs {uses} (leave "
                              "captions out for no re-ranking)")
-        bank = None if captions is None else self._check_prompts(captions, "captions")
+        bank_captions = None if captions is None else self._check_prompts(captions, "captions")
         config, generator = self._prepare(seed, settings, output)
         self._check_unconditional()
         with self.autocast():
-            bank = None if bank is None else self._caption_bank(bank, config.max_batch)
+            bank = None if bank_captions is None else self._caption_bank(bank_captions, config.max_batch)
             return self._keep_best(
                 count * rerank, rerank, config, output,
                 lambda start, stop: (self._unconditional_candidates(stop - start, config, generator, bank), None),

@@ -45,7 +45,7 @@ from unclip.pipeline_inputs import (
     prompts_for,
     unit_embeds,
 )
-from unclip.pipelines.base import Pipeline, group_best, in_chunks, read_pipeline_file
+from unclip.pipelines.base import Pipeline, bank_similarity, group_best, in_chunks, read_pipeline_file
 
 # RePaint's resampling passes a step when inpainting with a plain decoder (an inpainting decoder needs none).
 DEFAULT_JUMPS = 3
@@ -443,7 +443,7 @@ class UnCLIPPipeline(Pipeline):
             count * m, steps=config.prior_steps, generator=generator, cuda_graphs=config.cuda_graphs,
             sampler=config.prior_sampler, spacing=config.prior_spacing)
         if m > 1:
-            embeds = embeds[group_best((embeds.float() @ bank.T).max(dim=1).values, m)]
+            embeds = embeds[group_best(bank_similarity(embeds, bank), m)]
         return self._decode(embeds, None, config, generator)
 
     def _unconditional_finish(self, images: torch.Tensor, config: GenerationSettings, generator) -> torch.Tensor:
