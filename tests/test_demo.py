@@ -135,17 +135,14 @@ def test_preset_auto_picks_the_gpu_preset_only_where_cuda_is(monkeypatch):
 
 
 @pytest.mark.parametrize("preset", ["full", "quick", "gpu"])
-def test_every_presets_stage_settings_compose_into_their_jobs_and_build(preset):
+def test_every_presets_decoder_and_cascade_upsampler_build(preset):
     import _job  # noqa: F401  (registers the structured configs)
     from hydra import compose, initialize_config_dir
 
     from unclip.config import build
 
     presets = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "demo.yaml"))["presets"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        for stage in ("clip", "prior", "decoder", "upsampler"):
-            cfg = compose(config_name=f"train_{stage}", overrides=["experiment=shapes", *presets[preset][stage]])
-            assert cfg.trainer.max_steps >= 1
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):  # every stage composes: the test below
         cascade = compose(config_name="train_upsampler", overrides=[
             "experiment=shapes", "upsampler=unet_64_256", "data.image_size=256", *presets[preset]["upsampler_hr"]])
         decoder = compose(config_name="train_decoder", overrides=["experiment=shapes", *presets[preset]["decoder"]])
@@ -154,6 +151,44 @@ def test_every_presets_stage_settings_compose_into_their_jobs_and_build(preset):
     upsampler = build(OmegaConf.to_container(cascade.upsampler, resolve=True))
     assert (upsampler.low_res_size, upsampler.image_size, upsampler.train_crop) == (64, 256, 64)
     assert upsampler.unet.convolutional and cascade.trainer.max_steps >= 1
+
+
+# The demo's stages and the jobs their preset overrides go to (train/demo.py: unclip_stages, upsampler_stages,
+# dalle_stages); the cascade's second upsampler also takes upsampler=unet_64_256 first.
+PRESET_STAGE_JOBS = {"presets": {"clip": "train_clip", "embed": "train_embed", "prior": "train_prior",
+                                 "decoder": "train_decoder", "upsampler": "train_upsampler",
+                                 "upsampler_hr": "train_upsampler"},
+                     "dalle_presets": {"dvae": "train_dvae", "dalle": "train_dalle"}}
+
+
+@pytest.mark.parametrize("table,data", [(table, "data=shapes_pairs") for table in sorted(PRESET_STAGE_JOBS)]
+                         + [("presets", "data=folder")])
+def test_every_demo_preset_override_is_a_setting_of_its_stage_job(table, data):
+    """A preset's override that names no setting of its job (a typo, a key missing from the stage's YAML) would stop
+    `make demo` at that stage, minutes in; here it fails at once. The unCLIP presets also run on a user's own images
+    (`data=folder`), whose data config lacks the shapes-only keys."""
+    import _job  # noqa: F401  (registers the structured configs)
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        demo = OmegaConf.to_container(compose(config_name="demo"), resolve=True)
+        for preset, stages in demo[table].items():
+            for stage, job in PRESET_STAGE_JOBS[table].items():
+                first = ["upsampler=unet_64_256"] if stage == "upsampler_hr" else []
+                data_choice = [data, "data.root=/a/folder"] if data == "data=folder" else [data]
+                overrides = ["experiment=shapes", *data_choice, *first, *stages[stage]]
+                try:
+                    cfg = compose(config_name=job, overrides=overrides)
+                except Exception as error:  # hydra's: the override names no key of the job's config
+                    pytest.fail(f"{table}.{preset}.{stage} does not compose with {job}: {error}")
+                OmegaConf.to_container(cfg, resolve=True)
+                assert "trainer" not in cfg or cfg.trainer.max_steps >= 1
+                if (preset, stage, data) == ("quick", "clip", "data=shapes_pairs"):  # a quick CLIP of 32-px singles
+                    assert (cfg.clip.model_cfg.vision_cfg.image_size, cfg.data.train_pair_fraction) == (32, 0)
+                if (preset, stage) == ("quick", "decoder"):  # the quick decoder's settings arrive
+                    decoder = cfg.decoder
+                    assert (decoder.loss_weighting, decoder.spatial_embed_grid, decoder.standardise_embed) == (
+                        "min_snr", 8, True)
 
 
 def test_a_pipeline_without_upsamplers_keeps_a_per_upsampler_setting_as_its_first_entry():
