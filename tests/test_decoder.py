@@ -84,6 +84,19 @@ def test_saved_configs_record_the_upsampling_width():
     assert up.config["unet"]["upsample_width"] == "next"
 
 
+def test_a_decoder_saves_its_min_snr_floor_and_trains_with_it(tmp_path):
+    """decoder.min_snr_floor reaches the diffusion's loss weights and comes back from a checkpoint."""
+    decoder = Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none", unet=TINY_UNET,
+                      objective="v", loss_weighting="min_snr", min_snr_floor=0.5)
+    t = torch.tensor([decoder.diffusion.num_steps - 1])
+    assert decoder.diffusion.loss_weight(t).item() > 0.45  # plain min-SNR: ~0 at the last step
+    loaded = load_stage(save_stage(tmp_path / "decoder", decoder, stage="decoder", space=None), stage="decoder").model
+    assert loaded.diffusion.min_snr_floor == 0.5 and loaded.config == decoder.config
+    with pytest.raises(ValueError, match="min_snr_floor=0.5 floors the min_snr weighting, but loss_weighting is 'none'"):
+        Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none", unet=TINY_UNET,
+                loss_weighting="none", min_snr_floor=0.5)
+
+
 def test_the_image_embedding_settings_stand_beside_unet_and_a_checkpoint_saved_with_them_inside_loads(tmp_path):
     decoder = Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none", unet=TINY_UNET,
                       num_image_tokens=2)

@@ -88,6 +88,13 @@ def test_diffusion_config_is_validated():
         GaussianDiffusion(10, clip_denoised=(1.0, -1.0))
     with pytest.raises(ValueError, match="betas"):
         GaussianDiffusion(None, betas=torch.tensor([0.1, 1.5]))
+    for floor in (-0.5, 6.0, True, "1"):
+        with pytest.raises(ValueError, match=rf"min_snr_floor must be a number in \[0, 5\].*got {floor!r}"):
+            GaussianDiffusion(10, objective="v", loss_weighting="min_snr", min_snr_floor=floor)
+    with pytest.raises(ValueError, match="min_snr_floor=0.5 floors the min_snr weighting, but loss_weighting is 'none'"):
+        GaussianDiffusion(10, objective="v", min_snr_floor=0.5)
+    with pytest.raises(ValueError, match="min_snr_floor=1.0 with objective='eps'.*use objective 'v' or 'x0'"):
+        GaussianDiffusion(10, objective="eps", loss_weighting="min_snr", min_snr_floor=1.0)
 
 
 # -- closed forms ------------------------------------------------------------------------------------------
@@ -206,10 +213,11 @@ def test_training_loss_draws_t_and_noise_from_the_generator():
     assert t.dtype == torch.long and t.min() == 0 and t.max() == 99
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_min_snr_weighting_is_min_snr_times_x0_error_for_every_objective(objective):
-    """Min-SNR-5 (Hang et al. 2023): whatever the parameterisation, loss = min(snr, 5) * |x0_pred - x0|^2."""
-    diffusion = GaussianDiffusion(1000, objective=objective, loss_weighting="min_snr")
+@pytest.mark.parametrize("objective,floor", [*((objective, 0.0) for objective in OBJECTIVES), ("v", 0.5), ("x0", 1.0)])
+def test_min_snr_weighting_is_min_snr_times_x0_error_for_every_objective(objective, floor):
+    """Min-SNR-5 (Hang et al. 2023): whatever the parameterisation, loss = min(snr, 5) * |x0_pred - x0|^2; with a
+    floor (the quick demo's decoder), max(min(snr, 5), floor) * |x0_pred - x0|^2: the high-noise steps keep weight."""
+    diffusion = GaussianDiffusion(1000, objective=objective, loss_weighting="min_snr", min_snr_floor=floor)
     t = torch.tensor([20, 100, 300, 600, 950])
     generator = torch.Generator().manual_seed(4)
     x0, noise = torch.randn(5, 6, generator=generator), torch.randn(5, 6, generator=generator)
@@ -224,8 +232,13 @@ def test_min_snr_weighting_is_min_snr_times_x0_error_for_every_objective(objecti
 
     loss = diffusion.training_loss(model_fn, x0, t=t, noise=noise)
     snr = (abar / (1 - abar)).squeeze(1)
-    expected = snr.clamp(max=5) * (x0_error.double() ** 2).mean(1)
+    expected = snr.clamp(min=floor, max=5) * (x0_error.double() ** 2).mean(1)
     assert torch.allclose(loss.double(), expected, rtol=1e-3)
+    if floor:  # t = 950 (snr ~0.006) is floored; t = 20 and 100 (snr > 5) are capped, as without a floor
+        plain = GaussianDiffusion(1000, objective=objective, loss_weighting="min_snr").loss_weight(t)
+        floored = diffusion.loss_weight(t)
+        assert floored[-1] > 10 * plain[-1] and torch.equal(floored[:2], plain[:2])
+        assert diffusion.respace(torch.arange(0, 1000, 10)).min_snr_floor == floor
 
 
 def test_works_under_bfloat16_autocast_and_returns_float32():

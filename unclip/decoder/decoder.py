@@ -83,6 +83,7 @@ class Decoder(nn.Module):
         schedule: str = "cosine",
         objective: str = "v",
         loss_weighting: str = "min_snr",
+        min_snr_floor: float = 0.0,
         image_embed_drop_prob: float = 0.1,
         caption_drop_prob: float = 0.5,
         standardise_embed: bool = False,
@@ -122,7 +123,8 @@ class Decoder(nn.Module):
             torch.nn.init.zeros_(self.unet.input_conv.weight[:, 3:])
         self.image_size = image_size
         self.image_embed_dim = image_embed_dim
-        self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-1.0, 1.0))
+        self.diffusion = GaussianDiffusion(num_steps, schedule, objective, loss_weighting, clip_denoised=(-1.0, 1.0),
+                                           min_snr_floor=min_snr_floor)
         self.image_embed_drop_prob = image_embed_drop_prob
         self.caption_drop_prob = caption_drop_prob
         self.standardise_embed = standardise_embed

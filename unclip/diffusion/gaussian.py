@@ -39,6 +39,9 @@ class GaussianDiffusion:
         loss_weighting: ``"none"`` (plain MSE on the objective) or ``"min_snr"`` (Hang et al. 2023,
             min-SNR-gamma with gamma = 5: every objective is weighted so that its loss equals
             ``min(snr, 5) * |x0_pred - x0|^2``).
+        min_snr_floor: with ``"min_snr"``, the least weight a step's x0 error keeps, ``max(min(snr, 5), floor)``
+            (0: plain min-SNR). Min-SNR gives the high-noise steps, where an image's layout is decided, almost no
+            weight (for v, ``snr / (snr + 1)`` as snr goes to 0); a floor of 1 gives them plain v-MSE's.
         clip_denoised: ``(low, high)`` to clamp predicted x0 to while sampling (e.g. ``(-1, 1)`` for
             images), or None (the prior's embeddings are unbounded).
         betas: explicit betas [T] instead of ``schedule`` (``num_steps`` must then match or be None).
@@ -52,11 +55,23 @@ class GaussianDiffusion:
         loss_weighting: str = "none",
         clip_denoised: tuple[float, float] | None = None,
         betas: torch.Tensor | None = None,
+        min_snr_floor: float = 0.0,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown diffusion objective {objective!r}; expected one of {list(OBJECTIVES)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {list(LOSS_WEIGHTINGS)}")
+        if isinstance(min_snr_floor, bool) or not isinstance(min_snr_floor, (int, float)) or not (
+                0 <= min_snr_floor <= MIN_SNR_GAMMA):
+            raise ValueError(f"min_snr_floor must be a number in [0, {MIN_SNR_GAMMA:g}] (min-SNR's cap), "
+                             f"got {min_snr_floor!r}")
+        if min_snr_floor and loss_weighting != "min_snr":
+            raise ValueError(f"min_snr_floor={min_snr_floor!r} floors the min_snr weighting, but loss_weighting is "
+                             f"{loss_weighting!r}: set loss_weighting='min_snr' or min_snr_floor=0")
+        if min_snr_floor and objective == "eps":
+            raise ValueError(f"min_snr_floor={min_snr_floor!r} with objective='eps' would weight the noisiest steps' "
+                             f"noise error by floor / snr (~1e9 at the end of a cosine schedule): use objective 'v' "
+                             f"or 'x0', or min_snr_floor=0")
         if clip_denoised is not None:
             if len(clip_denoised) != 2 or not float(clip_denoised[0]) < float(clip_denoised[1]):
                 raise ValueError(f"clip_denoised must be (low, high) with low < high or None, got {clip_denoised!r}")
@@ -76,6 +91,7 @@ class GaussianDiffusion:
 
         self.num_steps, self.schedule, self.objective = len(betas), schedule, objective
         self.loss_weighting, self.clip_denoised = loss_weighting, clip_denoised
+        self.min_snr_floor = float(min_snr_floor)
 
         # The schedule, float64 [T]. Index t is the step that produces x_t.
         self.betas = betas
@@ -102,7 +118,8 @@ class GaussianDiffusion:
         return (
             f"GaussianDiffusion(num_steps={self.num_steps}, schedule={self.schedule!r}, "
             f"objective={self.objective!r}, loss_weighting={self.loss_weighting!r}, "
-            f"clip_denoised={self.clip_denoised!r})"
+            + (f"min_snr_floor={self.min_snr_floor!r}, " if self.min_snr_floor else "")
+            + f"clip_denoised={self.clip_denoised!r})"
         )
 
     def respace(self, timesteps: torch.Tensor) -> "GaussianDiffusion":
@@ -122,6 +139,7 @@ class GaussianDiffusion:
             loss_weighting=self.loss_weighting,
             clip_denoised=self.clip_denoised,
             betas=1 - abar / abar_prev,
+            min_snr_floor=self.min_snr_floor,
         )
 
     # -- helpers ----------------------------------------------------------------------------------------
@@ -252,8 +270,8 @@ class GaussianDiffusion:
         if self.loss_weighting == "none":
             return torch.ones(t.shape, dtype=torch.float32, device=t.device)
         snr = self._gather("snr", t, t)
-        clipped = snr.clamp(max=MIN_SNR_GAMMA)
-        # Each weight turns the objective's squared error into min(snr, gamma) * |x0_pred - x0|^2:
+        clipped = snr.clamp(min=self.min_snr_floor, max=MIN_SNR_GAMMA)
+        # Each weight turns the objective's squared error into max(min(snr, gamma), floor) * |x0_pred - x0|^2:
         # |eps err|^2 = snr |x0 err|^2 and |v err|^2 = (snr + 1) |x0 err|^2.
         if self.objective == "eps":
             return clipped / snr
