@@ -69,20 +69,20 @@ def test_demo_trains_every_stage_on_a_folder_and_samples_its_captions(tmp_path):
     report = (out / "report.html").read_text()  # the demo's page: its stages, curves, grid and metrics
     assert all(part in report for part in ("distribution metrics", "decoder: training curves", "samples", "fid_clip"))
     assert "composing the pipeline" in (out / "demo.log").read_text()
-    # The demo's generation settings (conf/generation/reranked.yaml, then the command line's) reach its stages'
-    # evaluations and are saved with its pipeline, so the pipeline samples as the demo measured it.
+    # The demo's generation settings (conf/generation/reranked.yaml, the preset's own, then the command line's) reach
+    # its stages' evaluations and are saved with its pipeline, so the pipeline samples as the demo measured it.
     settings = json.loads((out / "pipeline" / "pipeline.json").read_text())["settings"]
-    assert settings["rerank"] == 4 and settings["decoder_steps"] == 2
+    assert settings["rerank"] == 4 and settings["decoder_steps"] == 2 and settings["prior_guidance"] == 3.0  # quick's
     for stage in ("prior", "decoder", "upsampler"):
         generation = OmegaConf.load(out / stage / ".hydra" / "config.yaml").generation
-        assert {key: generation[key] for key in ("rerank", "prior_steps", "decoder_steps")} == {
-            key: settings[key] for key in ("rerank", "prior_steps", "decoder_steps")}, stage
+        keys = ("rerank", "prior_steps", "decoder_steps", "prior_guidance")
+        assert {key: generation[key] for key in keys} == {key: settings[key] for key in keys}, stage
 
     # Again, at 128 px: a cascade. Every stage above is skipped (a 128-px demo's earlier stages are the 64-px demo's
     # jobs) and a second upsampler, 64 -> 128 px, trains; the pipeline goes through both, and is judged also without
     # the last one. `minutes` still counts every stage's training.
     proc = _run("train/demo.py", "data=folder", f"data.root={folder}", "data.val_fraction=0.3", f"out={out}", *TINY,
-                "data.image_size=128", "generation.upsampler_steps=[2,1]",
+                "data.image_size=128", "generation.upsampler_steps=[2,1]", "generation.prior_guidance=2.0",
                 "presets.quick.upsampler_hr=['trainer.batch_size=4','trainer.preview_every=0','evaluation.val_items=2']")
     again = json.loads(proc.stdout.strip().splitlines()[-1])
     log = (out / "demo.log").read_text()
@@ -92,9 +92,23 @@ def test_demo_trains_every_stage_on_a_folder_and_samples_its_captions(tmp_path):
     assert cascade.evaluation.steps == 1 and cascade.upsampler.train_crop == 64
     settings = json.loads((out / "pipeline" / "pipeline.json").read_text())
     assert len(settings["stages"]["upsamplers"]) == 2 and settings["settings"]["upsampler_steps"] == [2, 1]
+    assert settings["settings"]["prior_guidance"] == 2.0  # the command line's, over the quick preset's 3.0
     assert Image.open(out / "grid.png").size[1] == 130 * len(prompts) + 2  # 128-px rows now
     assert {"val_clip_score", "at_64px/val_clip_score", "upsampler_128/psnr_val"} <= set(again)
     assert again["minutes"] >= sum(metrics[f"{stage}/minutes"] for stage in STAGES) + again["upsampler_128/minutes"]
+
+
+def test_a_presets_generation_settings_yield_to_the_command_line_and_must_be_generation_settings():
+    from demo import preset_generation
+
+    config = {"preset": "quick", "generation": {"prior_guidance": 1.0, "rerank": 4}}
+    preset = {"generation": {"prior_guidance": 3.0, "rerank": 8}}
+    assert preset_generation(config, preset, ["generation=reranked"]) == {"prior_guidance": 3.0, "rerank": 8}
+    assert preset_generation(config, preset, ["generation.rerank=2"]) == {"prior_guidance": 3.0}
+    assert preset_generation(config, {}, []) == {}
+    with pytest.raises(ValueError, match=r"presets.quick.generation: \['prior_guidence'\] name no generation setting; "
+                                         r"expected some of \['prior_guidance', 'rerank'\]"):
+        preset_generation(config, {"generation": {"prior_guidence": 3.0}}, [])
 
 
 def test_a_data_choice_a_stage_cannot_use_is_an_error(tmp_path):
@@ -187,8 +201,10 @@ def test_every_demo_preset_override_is_a_setting_of_its_stage_job(table, data):
                     assert (cfg.clip.model_cfg.vision_cfg.image_size, cfg.data.train_pair_fraction) == (32, 0)
                 if (preset, stage) == ("quick", "decoder"):  # the quick decoder's settings arrive
                     decoder = cfg.decoder
-                    assert (decoder.loss_weighting, decoder.spatial_embed_grid, decoder.standardise_embed) == (
-                        "min_snr", 8, True)
+                    assert (decoder.loss_weighting, decoder.min_snr_floor, decoder.spatial_embed_grid,
+                            decoder.standardise_embed, cfg.trainer.lr) == ("min_snr", 0.5, 8, True, 1.0e-3)
+                if (preset, stage) == ("quick", "prior"):  # 600 steps: cosine to the true embedding 0.88, not 0.82
+                    assert cfg.trainer.max_steps == 600
 
 
 def test_a_pipeline_without_upsamplers_keeps_a_per_upsampler_setting_as_its_first_entry():

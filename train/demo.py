@@ -82,7 +82,7 @@ def upsampler_stages(config: dict, preset: dict, decoder_size: int, sizes: list[
     """The upsamplers' jobs: ``upsampler`` (decoder_size -> sizes[0]) and, in a cascade, ``upsampler_<size>`` (from
     there, ``upsampler=unet_64_256``). Every stage before the last sees the data at the first upsampler's size (so
     they are the jobs a ``cascade_size``-px demo runs); the last one at the data's."""
-    images, generation = _images(config), forwarded_overrides("generation")
+    images, generation = _images(config), generation_overrides(config, preset)
     settings, stages, low = GenerationSettings(**config["generation"]), {}, decoder_size
     for index, size in enumerate(sizes):
         name = "upsampler" if index == 0 else f"upsampler_{size}"
@@ -95,6 +95,26 @@ def upsampler_stages(config: dict, preset: dict, decoder_size: int, sizes: list[
                                       *steps, *_steps(config, name)])
         low = size
     return stages
+
+
+def preset_generation(config: dict, preset: dict, command_line: list[str]) -> dict:
+    """The preset's own sampling settings (its ``generation:``, e.g. the quick preset's prior_guidance) that the command
+    line (``command_line``: the run's ``generation.<key>=`` overrides) does not set: there the user's value wins."""
+    own = dict(preset.get("generation") or {})
+    unknown = sorted(set(own) - set(config["generation"]))
+    if unknown:
+        raise ValueError(f"presets.{config['preset']}.generation: {unknown} name no generation setting; expected "
+                         f"some of {sorted(config['generation'])}")
+    given = {o.split("=")[0].split(".", 1)[1] for o in command_line if "." in o.split("=")[0]}
+    return {key: value for key, value in own.items() if key not in given}
+
+
+def generation_overrides(config: dict, preset: dict) -> list[str]:
+    """What the stages' jobs are given so that they evaluate as the demo's pipeline samples: the command line's
+    generation choice and settings, then the preset's own."""
+    command_line = forwarded_overrides("generation")
+    own = preset_generation(config, preset, command_line)
+    return [*command_line, *(f"generation.{key}={value}" for key, value in own.items())]
 
 
 def _steps(config: dict, stage: str) -> list[str]:
@@ -123,7 +143,7 @@ def unclip_stages(config: dict, preset: dict, out: Path) -> dict[str, tuple[str,
     decoder_size, sizes = image_sizes(config)
     # A cascade's earlier stages see the data at the first upsampler's size: the same jobs as a demo at that size.
     at = [f"data.image_size={sizes[0]}"] if len(sizes) > 1 else []
-    data, generation = [*forwarded_overrides("experiment", "data"), *at], forwarded_overrides("generation")
+    data, generation = [*forwarded_overrides("experiment", "data"), *at], generation_overrides(config, preset)
     images, clip = [*_images(config), *at], f"clip_checkpoint={out / 'clip'}"
     log.info(f"data={choice('data')} at {config['data']['image_size']} px: the decoder makes {decoder_size}-px "
              f"images" + (f", upsampled to {' then '.join(f'{s}' for s in sizes)} px" if sizes else ", no upsampler"))
@@ -208,6 +228,7 @@ def main(job: Job) -> None:
     if config["preset"] not in config["presets"]:
         raise ValueError(f"preset must be one of {sorted(config['presets'])}, got {config['preset']!r}")
     preset = config["presets"][config["preset"]]
+    config["generation"].update(preset_generation(config, preset, forwarded_overrides("generation")))
     job.require_data("evaluator")
     evaluator = build(config["data"]["evaluator"], pipeline_items=preset["eval_items"])
     generator, recipe = recipe_of(config["generator"])
