@@ -61,8 +61,10 @@ def test_demo_config_composes_with_every_preset(experiment):
     settings.check()
     assert settings.rerank > 1  # the demo's pipeline keeps the CLIP's favourite of several candidates
     for name, preset in cfg["presets"].items():
-        assert set(preset) - {"with_upsampler"} == {"clip", "embed", "prior", "decoder", "upsampler", "upsampler_hr",
-                                                     "eval_items"}, name
+        assert set(preset) - {"with_upsampler", "generation"} == {"clip", "embed", "prior", "decoder", "upsampler",
+                                                                   "upsampler_hr", "eval_items"}, name
+        GenerationSettings(**{**cfg["generation"], **preset.get("generation", {})}).check()  # its own, valid ones
+    assert cfg["presets"]["quick"]["generation"] == {"prior_guidance": 3.0}
     evaluator = {"shapes": "unclip.eval.shapes.ShapesEvaluator", "emoji": "unclip.eval.captions.CaptionsEvaluator"}
     assert cfg["data"]["evaluator"]["_target_"] == evaluator[experiment]  # the data says how it is judged
     assert cfg["data"]["train"]["_target_"].endswith({"shapes": "ShapesDataset", "emoji": "EmojiDataset"}[experiment])
