@@ -176,6 +176,11 @@ def refuse_added_keys(cfg: DictConfig) -> None:
             )
 
 
+def given_settings(overrides, prefix: str) -> set[str]:
+    """The keys below ``prefix`` (e.g. ``"pipeline.settings."``) that the command-line ``overrides`` set."""
+    return {o.lstrip("+~").split("=", 1)[0][len(prefix):] for o in overrides if o.lstrip("+~").startswith(prefix)}
+
+
 def keep_only_given_settings_of_a_saved_pipeline(cfg: DictConfig, overrides) -> None:
     """``pipeline.path=DIR`` samples with the settings saved in DIR/pipeline.json; only the
     ``pipeline.settings.*`` the command line gives replace them. (The node's other settings are the composed
@@ -183,8 +188,7 @@ def keep_only_given_settings_of_a_saved_pipeline(cfg: DictConfig, overrides) -> 
     node = cfg.get("pipeline")
     if not (OmegaConf.is_dict(node) and node.get("path") and OmegaConf.is_dict(node.get("settings"))):
         return
-    prefix = "pipeline.settings."
-    given = {o.lstrip("+~").split("=", 1)[0][len(prefix):] for o in overrides if o.lstrip("+~").startswith(prefix)}
+    given = given_settings(overrides, "pipeline.settings.")
     settings = OmegaConf.to_container(node.settings, resolve=True)
     with open_dict(cfg):
         cfg.pipeline.settings = {key: value for key, value in settings.items() if key in given}

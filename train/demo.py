@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from _job import choice, forwarded_overrides, hydra_job
+from _job import choice, forwarded_overrides, given_settings, hydra_job
 
 from unclip.config import build
 from unclip.images import save_grid
@@ -105,7 +105,7 @@ def preset_generation(config: dict, preset: dict, command_line: list[str]) -> di
     if unknown:
         raise ValueError(f"presets.{config['preset']}.generation: {unknown} name no generation setting; expected "
                          f"some of {sorted(config['generation'])}")
-    given = {o.split("=")[0].split(".", 1)[1] for o in command_line if "." in o.split("=")[0]}
+    given = given_settings(command_line, "generation.")
     return {key: value for key, value in own.items() if key not in given}
 
 
