@@ -65,6 +65,7 @@ def test_demo_config_composes_with_every_preset(experiment):
                                                                    "upsampler_hr", "eval_items"}, name
         GenerationSettings(**{**cfg["generation"], **preset.get("generation", {})}).check()  # its own, valid ones
     assert cfg["presets"]["quick"]["generation"] == {"prior_guidance": 3.0}
+    assert cfg["presets"]["full"]["generation"] == {"decoder_guidance": 1.5}  # the full decoder composes guided less
     evaluator = {"shapes": "unclip.eval.shapes.ShapesEvaluator", "emoji": "unclip.eval.captions.CaptionsEvaluator"}
     assert cfg["data"]["evaluator"]["_target_"] == evaluator[experiment]  # the data says how it is judged
     assert cfg["data"]["train"]["_target_"].endswith({"shapes": "ShapesDataset", "emoji": "EmojiDataset"}[experiment])
