@@ -66,9 +66,22 @@ def test_demo_config_composes_with_every_preset(experiment):
         GenerationSettings(**{**cfg["generation"], **preset.get("generation", {})}).check()  # its own, valid ones
     assert cfg["presets"]["quick"]["generation"] == {"prior_guidance": 3.0}
     assert cfg["presets"]["full"]["generation"] == {"decoder_guidance": 1.5}  # the full decoder composes guided less
+    from unclip.pipelines import DalleSettings
+    dalle = DalleSettings(**cfg["dalle_generation"])  # generator=dalle's pipeline settings, valid
+    dalle.check()
+    assert (dalle.rerank, dalle.guidance_scale) == (16, 1.5)  # DALL-E's demo: the best of 16, guided draws
     evaluator = {"shapes": "unclip.eval.shapes.ShapesEvaluator", "emoji": "unclip.eval.captions.CaptionsEvaluator"}
     assert cfg["data"]["evaluator"]["_target_"] == evaluator[experiment]  # the data says how it is judged
     assert cfg["data"]["train"]["_target_"].endswith({"shapes": "ShapesDataset", "emoji": "EmojiDataset"}[experiment])
+
+
+@pytest.mark.parametrize("job,pairs", [("train_dalle", 0.35), ("train_decoder", 0.5), ("train_dvae", 0.2)])
+def test_a_stage_experiment_raises_its_training_pair_share_and_leaves_the_judged_splits(job, pairs):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name=job, overrides=["experiment=shapes", "data=shapes_pairs"]),
+                                     resolve=True)
+    assert cfg["data"]["train"]["pair_fraction"] == pairs  # the transformer / decoder learn pairs from more of them
+    assert cfg["data"]["val"]["pair_fraction"] == cfg["data"]["heldout"]["pair_fraction"] == 0.2  # shapes_pairs'
 
 
 @pytest.mark.parametrize("job", ["train_clip", "train_embed", "train_decoder", "train_upsampler"])

@@ -141,7 +141,10 @@ def test_the_demo_trains_dalle_end_to_end_and_judges_it(tmp_path):
     out = tmp_path / "demo"
     run_job(["train/demo.py", "generator=dalle", "preset=quick", "steps.clip=2", "steps.dvae=2", "steps.dalle=2",
           "images_per_prompt=1", f"out={out}", *TINY_DEMO], out)
-    assert json.loads((out / "pipeline" / "pipeline.json").read_text())["generator"] == "dalle"
+    saved = json.loads((out / "pipeline" / "pipeline.json").read_text())
+    assert saved["generator"] == "dalle"
+    # conf/demo.yaml's dalle_generation travels with the pipeline: it samples and is judged at them
+    assert (saved["settings"]["rerank"], saved["settings"]["guidance_scale"]) == (16, 1.5)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["generator"] == "dalle"
     assert {"val_colour_shape_acc", "fidelity/val/all", "fidelity/heldout/all", "fidelity/pair/all", "grid/n",
