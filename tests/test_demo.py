@@ -203,6 +203,8 @@ def test_every_demo_preset_override_is_a_setting_of_its_stage_job(table, data):
                     decoder = cfg.decoder
                     assert (decoder.loss_weighting, decoder.min_snr_floor, decoder.spatial_embed_grid,
                             decoder.standardise_embed, cfg.trainer.lr) == ("min_snr", 0.5, 8, True, 1.0e-3)
+                if stage == "decoder":  # the shapes experiment's decoder reads its embedding on a grid, standardised
+                    assert (cfg.decoder.spatial_embed_grid, cfg.decoder.standardise_embed) == (8, True)
                 if (preset, stage) == ("quick", "prior"):  # 600 steps: cosine to the true embedding 0.88, not 0.82
                     assert cfg.trainer.max_steps == 600
 
