@@ -112,3 +112,22 @@ def test_the_image_embedding_settings_stand_beside_unet_and_a_checkpoint_saved_w
                                          r"settings stand beside unet: in the decoder's config \(e.g. "
                                          r"decoder.num_image_tokens=...\)"):
         Decoder(image_size=16, image_embed_dim=32, text_length=16, unet={**TINY_UNET, "num_image_tokens": 2})
+
+
+def test_a_decoder_reading_its_embedding_standardised_on_a_grid_keeps_the_fit_in_its_checkpoint(tmp_path):
+    """The shapes experiment's decoder (decoder.standardise_embed, decoder.spatial_embed_grid): the training embeddings'
+    statistics travel in the checkpoint, so the loaded decoder samples what the trained one did."""
+    torch.manual_seed(0)
+    decoder = Decoder(image_size=16, image_embed_dim=32, text_length=16, caption="none", unet=TINY_UNET,
+                      spatial_embed_grid=4, standardise_embed=True)
+    embeds = torch.nn.functional.normalize(torch.randn(64, 32) * 0.1 + 1.0, dim=-1)
+    decoder.fit_normalisation(embeds)
+    condition = decoder.unet.conditions["image"]
+    assert torch.allclose(condition.embed_mean, embeds.mean(0)) and torch.allclose(condition.embed_std, embeds.std(0))
+    loaded = load_stage(save_stage(tmp_path / "decoder", decoder, stage="decoder", space=None), stage="decoder").model
+    assert torch.equal(loaded.unet.conditions["image"].embed_std, condition.embed_std)
+    sample = lambda model: model.sample(embeds[:2], steps=2, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    assert torch.equal(sample(loaded), sample(decoder))
+    with pytest.raises(ValueError, match=r"standardise_embed fits .* on \[N >= 2, 32\] training image embeddings, "
+                                         r"got \[1, 32\]"):
+        decoder.fit_normalisation(embeds[:1])
