@@ -64,6 +64,9 @@ def test_prior_checkpoint_keeps_its_normalisation():
         loaded = load_stage(path, stage="prior").model
     torch.testing.assert_close(loaded.embed_mean, prior.embed_mean)
     torch.testing.assert_close(loaded.embed_std, prior.embed_std)
+    with pytest.raises(ValueError, match=r"the diffusion prior fits .* on \[N >= 2, 32\] training image embeddings, "
+                                         r"got \[1, 32\]"):  # one embedding's std is NaN
+        prior.fit_normalisation(torch.randn(1, 32))
 
 
 def test_embedding_shards_round_trip_and_refuse_other_spaces(tmp_path):

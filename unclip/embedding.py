@@ -66,6 +66,18 @@ class EmbeddingSpace:
             )
 
 
+def per_dimension_statistics(image_embeds: torch.Tensor, *, dim: int, fitter: str,
+                             remedy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-dimension mean and std (floored at 1e-4) of training image embeddings [N >= 2, dim], with which the
+    prior and a ``standardise_embed`` decoder standardise every embedding. One embedding has no std (NaN), so fewer
+    than two are refused, naming ``fitter`` and the ``remedy``."""
+    if image_embeds.ndim != 2 or image_embeds.shape[0] < 2:
+        raise ValueError(f"{fitter} fits each dimension's mean and std on [N >= 2, {dim}] training image embeddings, "
+                         f"got {list(image_embeds.shape)}: {remedy}")
+    image_embeds = image_embeds.float()
+    return image_embeds.mean(0), image_embeds.std(0).clamp_min(1e-4)
+
+
 def fingerprint_of(config: dict, state_dict: dict[str, torch.Tensor]) -> str:
     """A stable hash of a model's config and weights (16 hex digits)."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())

@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from unclip.diffusion.timesteps import timestep_embedding
+from unclip.embedding import per_dimension_statistics
 
 
 @dataclass
@@ -105,12 +106,11 @@ class ImageEmbedCondition(Condition):
     @torch.no_grad()
     def fit_normalisation(self, image_embeds: Tensor) -> None:
         if self.standardise:
-            if image_embeds.ndim != 2 or image_embeds.shape[0] < 2:  # one embedding has no std (NaN)
-                raise ValueError(f"standardise_embed fits each dimension's mean and std on [N >= 2, "
-                                 f"{self.image_embed_dim}] training image embeddings, got {list(image_embeds.shape)}: "
-                                 "give the data more training items or set decoder.standardise_embed=false")
-            self.embed_mean.copy_(image_embeds.float().mean(0))
-            self.embed_std.copy_(image_embeds.float().std(0).clamp_min(1e-4))
+            mean, std = per_dimension_statistics(
+                image_embeds, dim=self.image_embed_dim, fitter="standardise_embed",
+                remedy="give the data more training items or set decoder.standardise_embed=false")
+            self.embed_mean.copy_(mean)
+            self.embed_std.copy_(std)
 
     def forward(self, batch: int, image_size: int, device, image_embed=None, drop_image_embed=None) -> Conditioning:
         drop = drop_flags("drop_image_embed", drop_image_embed, batch, device)

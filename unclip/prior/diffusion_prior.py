@@ -10,7 +10,7 @@ from torch import nn
 
 from unclip.configurable import configurable
 from unclip.diffusion import GaussianDiffusion, check_sampler, classifier_free_guidance, sample
-from unclip.embedding import TextCondition
+from unclip.embedding import TextCondition, per_dimension_statistics
 from unclip.pipeline_inputs import check_trained_null
 from unclip.prior.transformer import PriorTransformer
 
@@ -86,9 +86,10 @@ class DiffusionPrior(nn.Module):
         """Measure the per-dimension mean and std of (unit-norm) image embeddings [N, D]. ``text_embeds``: the
         fitting hook the priors share passes the pairs' text embeddings (the autoregressive prior's dot-product
         buckets); this prior does not use them. Returns what a job reports of the fit (nothing here)."""
-        image_embeds = image_embeds.float()
-        self.embed_mean.copy_(image_embeds.mean(0))
-        self.embed_std.copy_(image_embeds.std(0).clamp_min(1e-4))
+        mean, std = per_dimension_statistics(image_embeds, dim=self.embed_mean.shape[0], fitter="the diffusion prior",
+                                             remedy="give it more training pairs (normalisation_items, the shards)")
+        self.embed_mean.copy_(mean)
+        self.embed_std.copy_(std)
         return {}
 
     def standardise(self, image_embed: torch.Tensor) -> torch.Tensor:
