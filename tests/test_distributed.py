@@ -280,3 +280,17 @@ def test_accelerate_launch_multi_gpu_on_a_cpu_machine_trains_one_run_on_two_proc
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     state = json.loads((run / "checkpoints" / "step-00000002" / "trainer.json").read_text())
     assert state["num_processes"] == 2
+
+
+def test_a_finished_job_leaves_its_process_group(tmp_path):
+    """A job launched on several processes leaves the process group when it is done (``_job.end_process_group``,
+    run by every ``@hydra_job`` after ``main``): left to the interpreter's exit, gloo's threads could abort a
+    finished run ("terminate called without an active exception"). Outside a launch it does nothing."""
+    import torch.distributed as dist
+    from _job import end_process_group
+
+    end_process_group()  # no process group: nothing to leave
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()

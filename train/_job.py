@@ -150,10 +150,22 @@ def hydra_job(config_name: str) -> Callable[[Callable[[Job], None]], Callable[[]
             refuse_added_keys(cfg)
             keep_only_given_settings_of_a_saved_pipeline(cfg, HydraConfig.get().overrides.task)
             main(start_job(OmegaConf.to_container(cfg, resolve=True), HydraConfig.get().runtime.output_dir))
+            end_process_group()
 
         return hydra.main(version_base=None, config_path="../conf", config_name=config_name)(task)
 
     return decorate
+
+
+def end_process_group() -> None:
+    """Leave a multi-process launch's process group (``accelerate launch``, torchrun) once the job is done. Left to
+    the interpreter's exit, gloo's worker threads could be torn down while still joinable: the process then aborted
+    ("terminate called without an active exception", SIGABRT) after a finished run, failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process leaves while another still talks to it
+        dist.destroy_process_group()
 
 
 def refuse_added_keys(cfg: DictConfig) -> None:
