@@ -239,3 +239,11 @@ def test_samplers_bad_flags_end_in_one_sentence(tmp_path, monkeypatch, capsys, f
     with pytest.raises(SystemExit):
         load_bench("samplers").arguments()
     assert "none is not a saved pipeline (no pipeline.json)" in capsys.readouterr().err
+
+
+def test_clip_training_quick_times_both_attention_kernels():
+    out = last_json(run("clip_training.py", "--quick", "--threads", "1"))
+    assert out["batch"] == 8 and out["precision"] in ("bf16", "fp32")
+    for kernel in ("math", "sdpa"):
+        assert out[kernel]["step_s"] > 0 and out[kernel]["backward_s"] > 0
+    assert out["math_over_sdpa"] > 0

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from unclip.attention_kernels import cpu_math_attention
 from unclip.clip.base import ClipEncoderBase, strip_special
 from unclip.configurable import configurable, plain
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
@@ -117,9 +118,10 @@ class OpenClipEncoder(ClipEncoderBase):
         tokens = tokens.to(device)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"token ids must be [B, {self.context_length}], got {tuple(tokens.shape)}")
-        out = self.model.forward_intermediates(
-            text=tokens, text_indices=1, normalize=False, normalize_intermediates=True
-        )
+        with cpu_math_attention(device, when=torch.is_grad_enabled()):  # training: see unclip.attention_kernels
+            out = self.model.forward_intermediates(
+                text=tokens, text_indices=1, normalize=False, normalize_intermediates=True
+            )
         token_embeds = out["text_intermediates"][-1]  # [B, T, Dt] after the final layer norm
         embed = F.normalize(out["text_features"].float(), dim=-1)
         # Real tokens: everything up to and including the end token (the highest id in each row).
@@ -129,7 +131,8 @@ class OpenClipEncoder(ClipEncoderBase):
 
     # -- images -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.model.encode_image(self.preprocess(images.to(self.device)))
+        with cpu_math_attention(self.device, when=torch.is_grad_enabled()):  # training: see unclip.attention_kernels
+            features = self.model.encode_image(self.preprocess(images.to(self.device)))
         return F.normalize(features.float(), dim=-1)
 
 

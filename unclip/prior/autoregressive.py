@@ -31,30 +31,25 @@ prior rebuilds from its config alone.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.attention_kernels import cpu_math_attention
 from unclip.autoregressive import CausalTransformer, check_sampling, draw, guided_logits
 from unclip.configurable import configurable
 from unclip.embedding import TextCondition
 from unclip.pipeline_inputs import check_trained_null
 from unclip.prior.diffusion_prior import check_prompts
 
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # torch < 2.3: let SDPA choose
-    sdpa_kernel = None
-
 
 def _attention_kernel(device: torch.device):
     """The math attention kernel on the CPU, as the diffusion prior's network uses it: the CPU flash kernel's
     backward is the slower one at these short sequences (measured: a bf16 training step of the demo's size 1.6 s
     -> 1.4 s on a busy core)."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and sdpa_kernel else contextlib.nullcontext()
+    return cpu_math_attention(device)
 
 
 @torch.no_grad()

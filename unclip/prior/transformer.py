@@ -20,7 +20,6 @@ embedding is projected as is (its scale carries the noise level).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -30,13 +29,9 @@ from einops import rearrange
 from torch import nn
 
 from unclip.activation_checkpointing import Checkpointed
+from unclip.attention_kernels import cpu_math_attention
 from unclip.configurable import configurable
 from unclip.diffusion.timesteps import timestep_embedding
-
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # torch < 2.3: let SDPA choose
-    sdpa_kernel = None
 
 NUM_SPECIAL = 4  # text embed, timestep, noised image embed, query
 
@@ -47,9 +42,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> to
     At these short sequences the CPU flash kernel's reduced-precision backward is ~1.7x slower than
     the math kernel (torch 2.14, measured: ~12% of a training step); elsewhere SDPA picks its kernel.
     """
-    reduced_on_cpu = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-    backend = sdpa_kernel(SDPBackend.MATH) if reduced_on_cpu and sdpa_kernel else contextlib.nullcontext()
-    with backend:
+    with cpu_math_attention(q.device, when=q.dtype in (torch.bfloat16, torch.float16)):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 

@@ -1,0 +1,65 @@
+"""The CPU attention kernel: training steps of the CLIP and the prior take the math kernel (the CPU flash kernel's
+backward is the slow one at these sequence lengths, bench/clip_training.py), sampling keeps SDPA's own choice, and
+the kernel changes the speed, not what is trained."""
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from unclip.attention_kernels import cpu_math_attention
+from unclip.clip import ContrastiveLoss
+
+FLASH = "_scaled_dot_product_flash_attention"
+
+
+def attention_ops(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+def batch(n=4):
+    return {"image": torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+            "caption": ["a red circle", "a blue square at the top", "two green triangles", "a small pink diamond"][:n]}
+
+
+def test_the_math_kernel_is_chosen_on_the_cpu_only_where_asked():
+    q = k = v = torch.randn(2, 2, 8, 16)
+    flash = attention_ops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert any(FLASH in op for op in flash)  # without the context, this torch picks flash on the CPU
+    with cpu_math_attention("cpu"):
+        assert not any(FLASH in op for op in attention_ops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)))
+    for device, when in (("cpu", False), ("cuda", True)):
+        with cpu_math_attention(device, when=when):
+            assert attention_ops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == flash
+
+
+def test_a_clip_training_step_uses_the_math_kernel_and_encoding_keeps_flash(micro_clip):
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ContrastiveLoss()(micro_clip, batch())["loss"]
+        loss.backward()
+
+    trained = attention_ops(step)
+    assert trained and not any(FLASH in op for op in trained)  # forward and backward
+    with torch.no_grad():
+        encoded = attention_ops(lambda: (micro_clip.encode_image(batch()["image"]), micro_clip.encode_text(batch()["caption"])))
+    assert any(FLASH in op for op in encoded)
+
+
+def test_the_kernel_changes_the_speed_not_the_gradients(micro_clip, monkeypatch):
+    import contextlib
+
+    import unclip.clip.open_clip_encoder as module
+
+    def grads():
+        micro_clip.zero_grad(set_to_none=True)
+        ContrastiveLoss()(micro_clip, batch())["loss"].backward()  # fp32: the kernels agree to rounding
+        return {n: p.grad.clone() for n, p in micro_clip.named_parameters() if p.grad is not None}
+
+    math = grads()
+    monkeypatch.setattr(module, "cpu_math_attention", lambda *a, **k: contextlib.nullcontext())
+    flash = grads()
+    assert math.keys() == flash.keys() and len(math) > 10
+    for name in math:
+        scale = flash[name].abs().max().item()
+        assert (math[name] - flash[name]).abs().max().item() <= 1e-4 * scale + 1e-7, name
