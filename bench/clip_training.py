@@ -1,5 +1,5 @@
-"""Training-step time of the demo's CLIP with each CPU attention kernel: the math one (what training uses on the CPU,
-``unclip.attention_kernels``) against the kernel SDPA picks itself (flash).
+"""Training-step time of the demo's CLIP with each CPU attention kernel: the math one (what the Trainer uses for a CLIP
+on the CPU, ``unclip.attention_kernels``) against the kernel SDPA picks itself (flash).
 
     python bench/clip_training.py              # conf/clip/tiny_vit.yaml, 64 items + 64 twins at 64 px, as the demo
     python bench/clip_training.py --steps 30   # more alternated rounds
@@ -19,13 +19,12 @@ import statistics
 from contextlib import nullcontext
 from itertools import product
 from pathlib import Path
-from unittest import mock
 
 import common
 import torch
 from omegaconf import OmegaConf
 
-import unclip.clip.open_clip_encoder as open_clip_encoder
+from unclip.attention_kernels import training_attention
 from unclip.clip import ContrastiveLoss
 from unclip.config import build
 from unclip.data.shapes import COLOURS, SHAPES
@@ -69,12 +68,12 @@ def main() -> None:
     batch = {"image": torch.rand(args.batch, 3, 64, 64),
              "caption": [captions[i % len(captions)] for i in range(args.batch)]}
     step = common.train_step(model, ContrastiveLoss(), args, args.precision)
-    kernels = {"math": nullcontext(),  # the library's own choice on the CPU
-               "sdpa": mock.patch.object(open_clip_encoder, "cpu_math_attention", lambda *a, **k: nullcontext())}
+    kernels = {"math": lambda: training_attention(model, args.device),  # the Trainer's choice for a CLIP
+               "sdpa": nullcontext}
     times = {k: [] for k in KERNELS}
     for i in range(args.warmup + args.steps):
         for kernel in KERNELS:
-            with kernels[kernel]:
+            with kernels[kernel]():
                 _, seconds = step(batch)
             if i >= args.warmup:
                 times[kernel].append(seconds)

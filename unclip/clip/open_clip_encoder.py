@@ -9,7 +9,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from unclip.attention_kernels import cpu_math_attention
 from unclip.clip.base import ClipEncoderBase, strip_special
 from unclip.configurable import configurable, plain
 from unclip.embedding import EmbeddingSpace, TextCondition, fingerprint_of
@@ -31,6 +30,10 @@ class OpenClipEncoder(ClipEncoderBase):
     ``checkpoint`` optionally names a local open_clip weights file (.pt, .bin or .safetensors).
     Nothing is ever downloaded.
     """
+
+    # The Trainer runs this model's training steps (forward, backward, any recomputation) with the CPU's math
+    # attention kernel: its flash kernel's backward was 45% of a demo CLIP step (unclip.attention_kernels).
+    math_attention_on_cpu = True
 
     def __init__(
         self,
@@ -118,10 +121,9 @@ class OpenClipEncoder(ClipEncoderBase):
         tokens = tokens.to(device)
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"token ids must be [B, {self.context_length}], got {tuple(tokens.shape)}")
-        with cpu_math_attention(device, when=torch.is_grad_enabled()):  # training: see unclip.attention_kernels
-            out = self.model.forward_intermediates(
-                text=tokens, text_indices=1, normalize=False, normalize_intermediates=True
-            )
+        out = self.model.forward_intermediates(
+            text=tokens, text_indices=1, normalize=False, normalize_intermediates=True
+        )
         token_embeds = out["text_intermediates"][-1]  # [B, T, Dt] after the final layer norm
         embed = F.normalize(out["text_features"].float(), dim=-1)
         # Real tokens: everything up to and including the end token (the highest id in each row).
@@ -131,8 +133,7 @@ class OpenClipEncoder(ClipEncoderBase):
 
     # -- images -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        with cpu_math_attention(self.device, when=torch.is_grad_enabled()):  # training: see unclip.attention_kernels
-            features = self.model.encode_image(self.preprocess(images.to(self.device)))
+        features = self.model.encode_image(self.preprocess(images.to(self.device)))
         return F.normalize(features.float(), dim=-1)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unclip.activation_checkpointing import checkpointable_layers, enable_activation_checkpointing
+from unclip.attention_kernels import training_attention
 from unclip.checkpoint import (
     CHECKPOINTS,
     LATEST,
@@ -286,7 +287,7 @@ class Trainer:
         acc, finite, logs = self.accelerator, True, {}
         for _ in range(self.config.grad_accum):
             batch = to_device(next(batches), acc.device)
-            with acc.accumulate(self.wrapped):
+            with acc.accumulate(self.wrapped), training_attention(self.model, acc.device):
                 out = self.wrapped(batch)
                 finite = self._finite_everywhere(out["loss"]) and finite  # every process votes every time
                 if finite:
