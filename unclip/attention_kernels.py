@@ -23,12 +23,15 @@ except ImportError:  # torch < 2.3: let SDPA choose
     sdpa_kernel = None
 
 
+def math_attention() -> contextlib.AbstractContextManager:
+    """A context in which ``F.scaled_dot_product_attention`` uses its math kernel on every device (an older torch:
+    SDPA's own choice)."""
+    return sdpa_kernel(SDPBackend.MATH) if sdpa_kernel is not None else contextlib.nullcontext()
+
+
 def cpu_math_attention(device: torch.device | str, when: bool = True) -> contextlib.AbstractContextManager:
-    """A context in which ``F.scaled_dot_product_attention`` uses its math kernel, on the CPU and where ``when``;
-    elsewhere (another device, ``when`` false, an older torch) SDPA's own choice."""
-    if when and sdpa_kernel is not None and torch.device(device).type == "cpu":
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+    """The math kernel (:func:`math_attention`) on the CPU and where ``when``; elsewhere SDPA's own choice."""
+    return math_attention() if when and torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 def training_attention(model: object, device: torch.device | str) -> contextlib.AbstractContextManager:

@@ -13,12 +13,13 @@ unknown GPUs have none (give one with ``parse_peak``: a number, or a key of ``PE
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from unclip.attention_kernels import math_attention
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,9 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     flash attention), and the math kernel's products count the full attention on every device and precision."""
     from torch.utils.flop_counter import FlopCounterMode  # here: importing it imports triton (0.1 s a job start)
 
-    with _math_attention(), FlopCounterMode(display=False) as counter:
+    with math_attention(), FlopCounterMode(display=False) as counter:
         result = fn()
     return result, counter.get_total_flops()
-
-
-def _math_attention():
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None:

@@ -37,19 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# cpu_math_attention, as the diffusion prior: at these short sequences the CPU flash kernel's backward is the slower
+# one (a bf16 training step of the demo's size 1.6 s -> 1.4 s, a busy core)
 from unclip.attention_kernels import cpu_math_attention
 from unclip.autoregressive import CausalTransformer, check_sampling, draw, guided_logits
 from unclip.configurable import configurable
 from unclip.embedding import TextCondition
 from unclip.pipeline_inputs import check_trained_null
 from unclip.prior.diffusion_prior import check_prompts
-
-
-def _attention_kernel(device: torch.device):
-    """The math attention kernel on the CPU, as the diffusion prior's network uses it: the CPU flash kernel's
-    backward is the slower one at these short sequences (measured: a bf16 training step of the demo's size 1.6 s
-    -> 1.4 s on a busy core)."""
-    return cpu_math_attention(device)
 
 
 @torch.no_grad()
@@ -234,7 +229,7 @@ class AutoregressivePrior(nn.Module):
         ids = self.quantise(image_embed)
         prefix = self._prefix(text_embed.float(), batch.get("token_embeds"), batch.get("mask"),
                               self.dot_ids(image_embed, text_embed), drop)
-        with _attention_kernel(prefix.device):
+        with cpu_math_attention(prefix.device):
             hidden = self.transformer(torch.cat([prefix, self.bucket_embed(ids[:, :-1]).to(prefix.dtype)], dim=1))
         logits = self.head(hidden[:, self.prefix_length - 1:])
         return {"loss": F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())}
@@ -304,7 +299,7 @@ class AutoregressivePrior(nn.Module):
                        top_k=self.top_k if top_k is None else top_k, top_p=self.top_p if top_p is None else top_p)
         check_sampling(**filters, vocab_size=self.num_buckets)
         guided = guidance_scale != 1
-        with _attention_kernel(self.embed_mean.device):
+        with cpu_math_attention(self.embed_mean.device):
             ids = self._draw_ids(self._sampling_prefix(text, negative, num_candidates, guided, generator),
                                  guidance_scale if guided else None, filters, generator)
         candidates = self.dequantise(ids).view(len(text), num_candidates, -1)
@@ -336,7 +331,7 @@ class AutoregressivePrior(nn.Module):
         filters = dict(temperature=self.temperature if temperature is None else temperature,
                        top_k=self.top_k if top_k is None else top_k, top_p=self.top_p if top_p is None else top_p)
         check_sampling(**filters, vocab_size=self.num_buckets)
-        with _attention_kernel(device):
+        with cpu_math_attention(device):
             ids = self._draw_ids(prefix, None, filters, generator)
         return self.dequantise(ids)
 
