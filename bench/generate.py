@@ -11,8 +11,9 @@ The stages have the benchmark sizes, at random weights (the time does not depend
 decoder of conf/decoder/unet_64.yaml (64 px, with its caption transformer), no upsampler (``--size 256``: the 64 -> 256
 stage of conf/upsampler/unet_64_256.yaml after it). ``--pipeline DIR`` times a saved pipeline instead, with its own
 settings (re-ranking included; the step flags then override them only where given). Times the median of
-``--runs`` calls of ``generate`` (bf16 autocast, as the pipeline samples) after one untimed call; on CUDA with
-and without CUDA graphs. Prints a line per setting, then one JSON line. Issue 16's goal, on a GPU: <= 0.25 s.
+``--runs`` calls of ``generate`` (at the pipeline's precision: bf16 where the device computes it natively, else
+float32) after one untimed call; on CUDA with and without CUDA graphs. Prints a line per setting, then one JSON
+line. Issue 16's goal, on a GPU: <= 0.25 s.
 """
 
 from __future__ import annotations

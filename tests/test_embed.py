@@ -90,6 +90,11 @@ def test_embed_run_again_into_its_directory_reports_and_keeps_only_the_new_items
     again = _embed(run, clip, "splits.train=8", "splits.val=8", "splits.heldout=8")
     assert (again["items_train"], again["items_val"], again["items_heldout"]) == (8, 8, 8)
     assert len(EmbeddingShards(run / "train")) == 8 and len(EmbeddingShards(run / "val")) == 8  # what the prior reads
+    # a bad bf16 is refused before any work: the last run's shards and metrics stay
+    proc = subprocess.run([sys.executable, "train/embed.py", f"hydra.run.dir={run}", f"clip_checkpoint={clip}",
+                           "data.image_size=32", "bf16=maybe"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "bf16 must be true, false or auto, got 'maybe'" in proc.stderr
+    assert (run / "metrics.json").exists() and len(EmbeddingShards(run / "train")) == 8
     # a re-run that fails once started leaves neither old shards nor a metrics.json saying the stage is done
     proc = subprocess.run([sys.executable, "train/embed.py", f"hydra.run.dir={run}", f"clip_checkpoint={clip}",
                            "data.image_size=32", "batch_size=0"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -14,6 +14,7 @@ from stages import micro_stages
 from unclip.data.cleaning import load_image
 from unclip.images import from_pil, resize, to_pil, to_rgb, to_tensor
 from unclip.pipelines import UnCLIPPipeline
+from unclip.training import precision
 
 
 def _png(image: Image.Image) -> bytes:
@@ -40,12 +41,15 @@ def test_transparency_goes_on_white_and_tensors_round_trip_through_pil():
     assert np.array_equal(np.asarray(to_pil(tensor[None])[0]), array)
 
 
-def test_the_pipeline_and_its_clip_say_where_they_run():
+def test_the_pipeline_and_its_clip_say_where_they_run_and_it_samples_in_bf16_only_where_native(monkeypatch):
     clip, prior, decoder, upsampler = micro_stages()
     pipe = UnCLIPPipeline(clip=clip, prior=prior, decoder=decoder, upsamplers=[upsampler])
     assert clip.device == pipe.device == torch.device("cpu")
-    with pipe.autocast():
-        assert torch.is_autocast_enabled("cpu")
+    for native in (True, False):  # a CPU without native bf16 emulates it, several times slower than float32
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        with pipe.autocast():
+            assert torch.is_autocast_enabled("cpu") is native
+            assert not native or torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def test_resize_shrinks_by_block_means_and_grows_by_bicubic_kept_in_range():

@@ -58,6 +58,16 @@ def test_the_rule_on_the_cpu_follows_its_native_bf16():
     assert auto.choose_mixed_precision("cpu", never)[0] == expected
 
 
+def test_a_pipeline_samples_in_bf16_only_where_the_device_computes_it_natively():
+    assert auto.sampling_dtype("cpu", torch.bfloat16, bf16_supported=True) == torch.bfloat16
+    assert auto.sampling_dtype("cpu", torch.bfloat16, bf16_supported=False) is None  # emulated: float32
+    assert auto.sampling_dtype("cuda", torch.bfloat16, bf16_supported=False) is None
+    assert auto.sampling_dtype("mps", torch.bfloat16, bf16_supported=True) is None  # no measured rule there
+    assert auto.sampling_dtype("cpu", None, bf16_supported=True) is None  # a pipeline that samples in float32
+    expected = torch.bfloat16 if auto.cpu_has_native_bf16() else None
+    assert auto.sampling_dtype("cpu", torch.bfloat16) == expected
+
+
 def test_the_rule_on_cuda_takes_bf16_from_one_tflop_a_step():
     threshold = auto.BF16_MIN_STEP_TFLOP * 1e12
     assert auto.choose_mixed_precision("cuda", lambda: 4.1e12, bf16_supported=True)[0] == "bf16"  # prior, batch 512

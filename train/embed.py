@@ -27,6 +27,7 @@ from unclip.data.embeddings import (
     write_embedding_shards,
 )
 from unclip.jobs import Job
+from unclip.training.precision import sampling_dtype
 
 
 class FirstItems(torch.utils.data.IterableDataset):
@@ -52,6 +53,11 @@ def main(job: Job) -> None:
     screen = config["filter"]
     check_filter(screen["min_clip_score"], screen["drop_fraction"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = config["bf16"]
+    if bf16 not in (True, False, "auto"):
+        raise ValueError(f"bf16 must be true, false or auto, got {bf16!r}")
+    if bf16 == "auto":  # where the device computes bf16 natively (an emulated bf16 CPU encodes several times slower)
+        bf16 = sampling_dtype(device, torch.bfloat16) is not None
     encoder = load_stage(config["clip_checkpoint"], stage="clip").model.to(device).eval()
     data = build(config["data"])
     metrics = {"space": encoder.space.fingerprint}
@@ -65,7 +71,7 @@ def main(job: Job) -> None:
         if split not in data:
             print(f"embed: this data set has no split {split!r}; skipped", flush=True)
             continue
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=config["bf16"]):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             paths = write_embedding_shards(
                 job.run_dir / split, encoder, first(data[split], length), collate_fn=collate_dicts,
                 shard_size=config["shard_size"], batch_size=config["batch_size"], desc=f"embed {split}",

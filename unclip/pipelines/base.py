@@ -32,6 +32,7 @@ from unclip.checkpoint import (  # STAGE_FILES: what loading a stage may read, s
 from unclip.embedding import TextCondition
 from unclip.images import to_pil
 from unclip.pipeline_inputs import check_count, check_output, check_prompts, check_seed
+from unclip.training.precision import sampling_dtype
 from unclip.weights import CheckpointError
 
 PIPELINE_FILE = "pipeline.json"
@@ -297,7 +298,8 @@ class Pipeline:
     settings_class: ClassVar[type]
     operations: ClassVar[frozenset[str]]  # the methods that make images, e.g. {"generate", "inpaint"}
     demo_dir: ClassVar[str]  # where train/demo.py trains it (outputs/<demo_dir>)
-    autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16  # the precision it samples in; None: float32
+    autocast_dtype: ClassVar[torch.dtype | None] = torch.bfloat16  # the precision it samples in where the
+    # device computes it natively (float32 elsewhere: autocast()); None: float32
     stage_lists: ClassVar[tuple[str, ...]] = ()  # stages of which it has a list (``upsampler``: ``upsamplers``)
     # settings that act against a prompt, each with its no-op value: ``unconditional`` ignores them
     no_prompt_settings: ClassVar[dict[str, object]] = {}
@@ -334,11 +336,11 @@ class Pipeline:
         return self
 
     def autocast(self):
-        """The pipeline's precision (``autocast_dtype`` on CPU and CUDA), for code that calls its stages directly
+        """The pipeline's precision (``autocast_dtype`` on CPU and CUDA where the device computes it natively:
+        ``unclip.training.precision.sampling_dtype``; float32 elsewhere), for code that calls its stages directly
         (the evaluators' CLIP scores) as the pipeline does."""
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.device.type in ("cpu", "cuda"))
+        dtype = sampling_dtype(self.device.type, self.autocast_dtype)
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     # -- construction and saving -------------------------------------------------------------------
     @classmethod
