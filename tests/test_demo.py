@@ -148,6 +148,22 @@ def test_preset_auto_picks_the_gpu_preset_only_where_cuda_is(monkeypatch):
     assert resolve_preset("quick") == "quick"  # a named preset is kept, GPU or not
 
 
+def test_the_demo_says_when_a_cpu_without_native_bf16_will_train_slower(monkeypatch):
+    import demo
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: False)
+    note = demo.precision_note("quick")
+    assert "no native bf16" in note and "float32" in note and "on-a-cpu-without-native-bf16" in note
+    assert demo.precision_note("gpu") is None  # meant for a GPU: the CPU's bf16 is not the point
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: True)
+    assert demo.precision_note("full") is None and demo.precision_note("quick") is None
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.precision_note("full") is None  # stages train on the GPU
+
+
 @pytest.mark.parametrize("preset", ["full", "quick", "gpu"])
 def test_every_presets_decoder_and_cascade_upsampler_build(preset):
     import _job  # noqa: F401  (registers the structured configs)
