@@ -13,6 +13,9 @@ bf16 overtakes fp32 once fp32's arithmetic outlasts bf16's ~21 ms of launches, n
   loss stays under ~1.6x), so the threshold sits at the low end of the measured crossover.
 - Any other device: fp32.
 
+Sampling (``sampling_dtype``: the pipelines' autocast, ``train/embed.py``'s ``bf16=auto``) takes bf16 by the same
+native-bf16 check, on the CPU and on CUDA, whatever the step's size.
+
 The step's FLOPs are counted (``unclip.flops.count_flops``, forward and backward) on the CPU on the first
 ``COUNT_ITEMS`` items of the data set and scaled to the batch, before the run's processes connect: every process
 and every resumption counts the same number and so chooses the same precision. The count also gives the log
@@ -146,7 +149,7 @@ def sampling_dtype(device_type: str, wanted: torch.dtype | None, bf16_supported:
 
     bf16 only where the device computes it natively: a CPU without native bf16 (no AVX512-BF16 or AMX, e.g. an AVX2
     AMD EPYC) emulates it, and the demo's quick pipeline sampled 6.8x slower in bf16 than in float32 there (20.2 s
-    against 2.9 s for 4 prompts, re-ranked 4 each), where a CPU with native bf16 samples faster in it. Other devices
+    against 2.9 s for 4 prompts, re-ranked 4 each); a CPU with native bf16 keeps bf16, as before. Other devices
     than the CPU and CUDA: float32."""
     if wanted is None or device_type not in ("cpu", "cuda"):
         return None
