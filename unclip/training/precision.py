@@ -61,16 +61,26 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def device_has_bf16(device_type: str, bf16_supported: bool | None = None) -> bool:
+    """Whether ``device_type`` computes bf16 natively (``bf16_supported``, where given, answers instead): the CPU by
+    oneDNN's check, CUDA by the GPU's; no other device."""
+    if bf16_supported is not None:
+        return bf16_supported
+    if device_type == "cpu":
+        return cpu_has_native_bf16()
+    return device_type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def choose_mixed_precision(device_type: str, step_flops: Callable[[], float | None],
                            bf16_supported: bool | None = None) -> tuple[str, str]:
     """``(precision, reason)`` by the rule above; ``step_flops()`` is called only where the rule needs it."""
     if device_type == "cpu":
-        if cpu_has_native_bf16() if bf16_supported is None else bf16_supported:
+        if device_has_bf16("cpu", bf16_supported):
             return "bf16", "the CPU computes bf16 natively"
         return "no", "the CPU has no native bf16"
     if device_type != "cuda":
         return "no", f"no measured rule for {device_type}"
-    if not (torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported):
+    if not device_has_bf16("cuda", bf16_supported):
         return "no", "the GPU has no bf16"
     flops = step_flops()
     if flops is None:
@@ -153,9 +163,6 @@ def sampling_dtype(device_type: str, wanted: torch.dtype | None, bf16_supported:
     than the CPU and CUDA: float32."""
     if wanted is None or device_type not in ("cpu", "cuda"):
         return None
-    if wanted == torch.bfloat16:
-        if bf16_supported is None:
-            bf16_supported = cpu_has_native_bf16() if device_type == "cpu" else torch.cuda.is_bf16_supported()
-        if not bf16_supported:
-            return None
+    if wanted == torch.bfloat16 and not device_has_bf16(device_type, bf16_supported):
+        return None
     return wanted
